@@ -1,0 +1,1 @@
+"""Calibration data, samplers and routing statistics (installed as moecompress.calibration)."""
