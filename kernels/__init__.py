@@ -1,1 +1,54 @@
-"""Triton decode kernels (installed as moecompress.kernels)."""
+"""Triton decode kernels (installed as moecompress.kernels).
+
+Public API (nothing here imports triton; kernels load on first use):
+
+    backend(device) -> "triton" | "torch"         MOECOMPRESS_KERNELS=torch|triton forces one
+    packed_linear(x (B, K), packed) -> (B, N)     y = x @ W^T without a dense W (x's dtype)
+    decode(packed), decode_int(packed) -> (N, K)  Triton decode, bit-exact with codecs.decode
+    prepare_experts(experts, biases) -> PreparedExperts     group by format and stack, once per layer
+    moe_experts_forward(hidden, top_k_index, top_k_weights, experts, glu, biases) -> (T, H)
+    moe_reference(...)                            the torch reference of the same
+
+Kernels accelerate the codecs' torch reference, they never define it; tests run them on the CPU under
+TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+
+def backend(device=None) -> str:
+    from .dispatch import backend as _backend
+    return _backend(device)
+
+
+def packed_linear(x, packed):
+    from .dispatch import packed_linear as _fn
+    return _fn(x, packed)
+
+
+def decode(packed):
+    from .dispatch import decode as _fn
+    return _fn(packed)
+
+
+def decode_int(packed):
+    from .dispatch import decode_int as _fn
+    return _fn(packed)
+
+
+def prepare_experts(experts, biases=None):
+    from .moe import prepare_experts as _fn
+    return _fn(experts, biases)
+
+
+def moe_experts_forward(hidden, top_k_index, top_k_weights, experts, glu=None, biases=None):
+    from .moe import moe_experts_forward as _fn
+    return _fn(hidden, top_k_index, top_k_weights, experts, glu, biases)
+
+
+def moe_reference(hidden, top_k_index, top_k_weights, experts, glu=None, biases=None):
+    from .moe import moe_reference as _fn
+    return _fn(hidden, top_k_index, top_k_weights, experts, glu, biases)
+
+
+__all__ = ["backend", "packed_linear", "decode", "decode_int", "prepare_experts", "moe_experts_forward",
+           "moe_reference"]

@@ -1,2 +1,23 @@
-"""moecompress: compression and quantization for trained Mixture-of-Experts checkpoints."""
+"""moecompress: compression and quantization for trained Mixture-of-Experts checkpoints.
+
+    import moecompress
+    model = moecompress.load("./mixtral-w4")       # a transformers causal LM with packed experts
+    moecompress.quantize("./Mixtral-8x7B", "./mixtral-w4", moecompress.QuantizeConfig(bits=4))
+"""
 __version__ = "0.1.0"
+
+
+def load(path, device="cpu", dtype=None):
+    """Load a packed checkpoint as a transformers causal LM whose experts stay packed."""
+    from .runtime import load as _load
+    return _load(path, device=device, dtype=dtype)
+
+
+def __getattr__(name):  # lazy: `import moecompress` does no work and needs neither triton nor CUDA
+    if name in ("quantize", "evaluate"):
+        from . import api
+        return getattr(api, name)
+    if name in ("QuantizeConfig", "CalibConfig"):
+        from . import config
+        return getattr(config, name)
+    raise AttributeError(name)

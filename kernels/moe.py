@@ -1,0 +1,268 @@
+"""MoE experts forward on packed weights: tokens sorted and grouped by expert, one launch per format.
+
+hidden: (T, H), top_k_index / top_k_weights: (T, k), experts[e] = {"gate": (I, H), "up": (I, H),
+"down": (H, I)} PackedTensors (None = pruned expert, contributes nothing).
+
+    y[t] = sum_j w[t, j] * down_e(glu(gate_e(x_t), up_e(x_t))),   e = top_k_index[t, j]
+
+Routing (device-side, no host sync): the T*k (token, slot) pairs are sorted by expert and each
+expert's run is padded to a multiple of the block size BM (vLLM `moe_align_block_size`). Every block
+then belongs to one expert. Experts are grouped by (codec, bit width, group size, shape): each group's
+weights are stacked into (E_g, N, .) tensors once (`prepare_experts`) and a single grouped launch
+covers all blocks of the group's experts, so a mixed-precision layer costs one launch per format and
+stage. Gate and up share one launch when their formats match (their packed rows are concatenated
+into a (2I, H) matrix: the formats are row-wise, so concatenation is exact). The activation `glu`
+is an arbitrary torch callable, applied between the two stages.
+
+Numerics (same in the reference): stage-1 outputs are rounded to hidden's dtype, the activation
+runs in hidden's dtype, the down projection and the weighted sum accumulate in fp32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from moecompress.codecs import PackedTensor, decode as reference_decode
+from moecompress.errors import MoeCompressError
+
+from .dispatch import _check_packed, _check_triton_device, backend, packed_linear
+
+Glu = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+GROUPED_CODECS = ("int",)  # grouped Triton launch; other codecs loop over experts (packed_linear each)
+
+
+def silu_glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+@dataclass
+class ExpertGroup:
+    """Experts of one stage that share a format: weights stacked along a leading expert axis."""
+
+    codec: str
+    attrs: dict
+    shape: tuple[int, int]  # (N, K) of one member
+    col_off: int  # first output column this group writes
+    experts: list[int]  # global expert ids, in stacking order
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (E_g, ...) stacked
+    members: list[PackedTensor] = field(default_factory=list)  # per-expert packed (loop fallback)
+
+
+class PreparedExperts(NamedTuple):
+    num_experts: int
+    hidden: int  # H
+    inter: int  # I
+    stage1: list[ExpertGroup]  # gate / up (fused into 2I columns where formats match)
+    stage2: list[ExpertGroup]  # down
+    bias1: torch.Tensor | None  # (E + 1, 2I), last row zeros (padding / pruned)
+    bias2: torch.Tensor | None  # (E + 1, H)
+
+
+def _fmt(p: PackedTensor) -> tuple:
+    return (p.codec, tuple(sorted(p.attrs.items())))
+
+
+def _group(items: list[tuple[int, int, PackedTensor]]) -> list[ExpertGroup]:
+    groups: dict[tuple, ExpertGroup] = {}
+    for e, off, p in items:
+        key = (_fmt(p), tuple(p.shape), off)
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = ExpertGroup(p.codec, dict(p.attrs), tuple(p.shape), off, [])
+        g.experts.append(e)
+        g.members.append(p)
+    for g in groups.values():
+        if g.codec in GROUPED_CODECS:
+            g.tensors = {k: torch.stack([m.tensors[k] for m in g.members]).contiguous() for k in g.members[0].tensors}
+    return list(groups.values())
+
+
+def _cat_rows(a: PackedTensor, b: PackedTensor) -> PackedTensor:
+    # Row-wise formats: stacking the rows of two same-format matrices is the packed form of cat([A, B]).
+    return PackedTensor(a.codec, (a.shape[0] + b.shape[0], a.shape[1]),
+                        {k: torch.cat([a.tensors[k], b.tensors[k]]) for k in a.tensors}, dict(a.attrs))
+
+
+def _stack_bias(biases, live, E, width, parts, like) -> torch.Tensor | None:
+    if biases is None or all(b is None for b in biases):
+        return None
+    out = torch.zeros((E + 1, width), dtype=torch.float32, device=like.device)
+    for e, b in enumerate(biases):
+        if b is None or e not in live:  # a pruned expert contributes nothing, bias included
+            continue
+        off = 0
+        for name, n in parts:
+            if b.get(name) is not None:
+                out[e, off:off + n] = b[name].float()
+            off += n
+    return out
+
+
+def prepare_experts(experts: list, biases: list | None = None) -> PreparedExperts:
+    """Validate, group by format and stack the experts of one layer (do this once per layer)."""
+    if isinstance(experts, PreparedExperts):
+        return experts
+    E = len(experts)
+    live = [(e, x) for e, x in enumerate(experts) if x is not None]
+    if not live:
+        raise MoeCompressError("every expert of this layer is pruned; keep at least one expert per layer")
+    I, H = live[0][1]["gate"].shape
+    stage1, stage2 = [], []
+    for e, ex in live:
+        for name, shape in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I))):
+            p = ex.get(name)
+            _check_packed(p)
+            if tuple(p.shape) != shape:
+                raise MoeCompressError(f"expert {e} {name} is {tuple(p.shape)}, expected {shape}: all experts of a "
+                                       f"layer must share hidden {H} and expert width {I}")
+        if _fmt(ex["gate"]) == _fmt(ex["up"]):
+            stage1.append((e, 0, _cat_rows(ex["gate"], ex["up"])))
+        else:
+            stage1 += [(e, 0, ex["gate"]), (e, I, ex["up"])]
+        stage2.append((e, 0, ex["down"]))
+    if biases is not None and len(biases) != E:
+        raise MoeCompressError(f"got {len(biases)} bias entries for {E} experts; give one (or None) per expert")
+    live_ids = {e for e, _ in live}
+    like = live[0][1]["gate"].tensors["scales"] if "scales" in live[0][1]["gate"].tensors else \
+        next(iter(live[0][1]["gate"].tensors.values()))
+    return PreparedExperts(E, H, I, _group(stage1), _group(stage2),
+                           _stack_bias(biases, live_ids, E, 2 * I, (("gate", I), ("up", I)), like),
+                           _stack_bias(biases, live_ids, E, H, (("down", H),), like))
+
+
+class Routing(NamedTuple):
+    block_m: int
+    order: torch.Tensor  # (M,) slot ids t*k+j sorted by expert
+    pos: torch.Tensor  # (M,) padded row of each sorted slot
+    rows1: torch.Tensor  # (P,) int32 token row per padded row, -1 = padding
+    rows2: torch.Tensor  # (P,) int32 padded row itself, -1 = padding
+    block_expert: torch.Tensor  # (P // block_m,) global expert of each block, E = none
+    row_expert: torch.Tensor  # (P,) global expert of each padded row, E = none
+
+
+def route(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> Routing:
+    """Sort the (token, slot) pairs by expert and pad every expert's run to a multiple of block_m."""
+    T, k = top_k_index.shape
+    E, BM = num_experts, block_m
+    flat = top_k_index.reshape(-1).long()  # (T, k) -> (M,)
+    M = flat.numel()
+    dev = flat.device
+    counts = torch.bincount(flat, minlength=E)  # (E,)
+    padded = (counts + BM - 1) // BM * BM
+    pend = torch.cumsum(padded, 0)
+    order = torch.argsort(flat, stable=True)
+    se = flat[order]
+    cstart = torch.cumsum(counts, 0) - counts
+    pos = (pend - padded)[se] + (torch.arange(M, device=dev) - cstart[se])
+    nblocks = (M + BM - 1) // BM + E  # upper bound on sum(ceil(count / BM)): no host sync needed
+    P = nblocks * BM
+    slot = torch.full((P,), -1, dtype=torch.long, device=dev)
+    slot[pos] = order
+    valid = slot >= 0
+    rows1 = torch.where(valid, slot // k, -1).to(torch.int32)
+    rows2 = torch.where(valid, torch.arange(P, device=dev), -1).to(torch.int32)
+    block_expert = torch.searchsorted(pend, torch.arange(nblocks, device=dev) * BM, right=True)  # E past the end
+    return Routing(BM, order, pos, rows1, rows2, block_expert, block_expert.repeat_interleave(BM))
+
+
+def _block_m(M: int, E: int, on_gpu: bool) -> int:
+    per = max(1, -(-M // E))  # mean (token, slot) pairs per expert
+    bm = 1 << (per - 1).bit_length()
+    if 8 < bm < 16:
+        bm = 16
+    return min(bm, 64 if on_gpu else 16)
+
+
+def _run_stage(groups: list[ExpertGroup], x: torch.Tensor, rows: torch.Tensor, r: Routing, out: torch.Tensor,
+               num_experts: int) -> None:
+    from .intq_triton import int_matmul
+    for g in groups:
+        N, K = g.shape
+        lut = torch.full((num_experts + 1,), -1, dtype=torch.int32, device=x.device)  # global -> local, E -> -1
+        lut[torch.tensor(g.experts, device=x.device)] = torch.arange(len(g.experts), dtype=torch.int32, device=x.device)
+        blk = lut[r.block_expert]  # (nblocks,) local expert or -1
+        if g.codec in GROUPED_CODECS:
+            t = g.tensors
+            int_matmul(x, t["qweight"], t["scales"], t["zeros"], N, K, g.attrs["bits"], g.attrs["group_size"],
+                       out=out, col_off=g.col_off, rows=rows, block_expert=blk, block_m=r.block_m)
+        else:  # per-expert loop (one host sync per expert) for codecs without a grouped kernel yet
+            row_blk = blk.repeat_interleave(r.block_m)
+            for j, p in enumerate(g.members):
+                sel = torch.nonzero((row_blk == j) & (rows >= 0)).flatten()
+                if sel.numel():
+                    out[sel, g.col_off:g.col_off + N] = packed_linear(x[rows[sel].long()], p).to(out.dtype)
+
+
+def moe_experts_forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                        experts, glu: Glu | None = None, biases: list | None = None) -> torch.Tensor:
+    """Routed experts on packed weights: (T, H) -> (T, H) in hidden's dtype.
+
+    experts: list of {"gate", "up", "down"} PackedTensor dicts (None = pruned) or `prepare_experts(...)`
+    (prepare once per layer: the list form stacks the weights on every call). biases: optional list of
+    {"gate": (I,), "up": (I,), "down": (H,)} per expert.
+    """
+    glu = glu or silu_glu
+    _check_moe_inputs(hidden, top_k_index, top_k_weights, experts)
+    if backend(hidden.device) == "torch":
+        return moe_reference(hidden, top_k_index, top_k_weights, experts, glu, biases)
+    _check_triton_device(hidden)
+    px = prepare_experts(experts, biases)
+    T, H = hidden.shape
+    if T == 0:
+        return hidden.new_zeros((0, H))
+    I, E = px.inter, px.num_experts
+    r = route(top_k_index, E, _block_m(top_k_index.numel(), E, hidden.is_cuda))
+    P = r.rows1.numel()
+    h = torch.zeros((P, 2 * I), dtype=hidden.dtype, device=hidden.device)
+    _run_stage(px.stage1, hidden.contiguous(), r.rows1, r, h, E)
+    if px.bias1 is not None:
+        h += px.bias1[r.row_expert].to(h.dtype)
+    act = glu(h[:, :I], h[:, I:]).contiguous()  # (P, 2I) -> (P, I)
+    y = torch.zeros((P, H), dtype=torch.float32, device=hidden.device)
+    _run_stage(px.stage2, act, r.rows2, r, y, E)
+    if px.bias2 is not None:
+        y += px.bias2[r.row_expert]
+    w = top_k_weights.reshape(-1)[r.order].float()  # (M,) weights in sorted order
+    out = torch.zeros((T, H), dtype=torch.float32, device=hidden.device)
+    out.index_add_(0, r.order // top_k_index.shape[1], y[r.pos] * w[:, None])
+    return out.to(hidden.dtype)
+
+
+def _check_moe_inputs(hidden, idx, w, experts) -> None:
+    if hidden.dim() != 2 or idx.dim() != 2 or idx.shape != w.shape or idx.shape[0] != hidden.shape[0]:
+        raise MoeCompressError(f"moe_experts_forward: want hidden (T, H), top_k_index and top_k_weights (T, k); got "
+                               f"{tuple(hidden.shape)}, {tuple(idx.shape)}, {tuple(w.shape)}")
+    E = experts.num_experts if isinstance(experts, PreparedExperts) else len(experts)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= E):
+        raise MoeCompressError(f"top_k_index has expert ids outside [0, {E}); the router and the expert list disagree")
+
+
+def moe_reference(hidden, top_k_index, top_k_weights, experts, glu: Glu | None = None, biases=None) -> torch.Tensor:
+    """Torch reference: decode each routed expert, matmul, gate-weighted sum with index_add."""
+    glu = glu or silu_glu
+    if isinstance(experts, PreparedExperts):
+        raise MoeCompressError("moe_reference needs the list of expert dicts, not prepared experts")
+    T, H = hidden.shape
+    dt = hidden.dtype
+    out = torch.zeros((T, H), dtype=torch.float32, device=hidden.device)
+    for e in torch.unique(top_k_index).tolist():
+        ex = experts[e]
+        if ex is None:
+            continue
+        tok, slot = torch.nonzero(top_k_index == e, as_tuple=True)
+        x = hidden[tok].float()
+        b = (biases[e] if biases is not None else None) or {}
+        gate = (x @ reference_decode(ex["gate"]).to(x.device).T).to(dt)
+        up = (x @ reference_decode(ex["up"]).to(x.device).T).to(dt)
+        if b.get("gate") is not None:
+            gate = gate + b["gate"].to(dt)
+        if b.get("up") is not None:
+            up = up + b["up"].to(dt)
+        y = glu(gate, up).float() @ reference_decode(ex["down"]).to(x.device).T
+        if b.get("down") is not None:
+            y = y + b["down"].float()
+        out.index_add_(0, tok, y * top_k_weights[tok, slot, None].float())
+    return out.to(dt)

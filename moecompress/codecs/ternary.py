@@ -1,0 +1,268 @@
+"""Ternary codecs "ternary" (dense, 1.6 bits) and "sub1" (dictionary-coded, below 1 bit at high sparsity).
+
+Both store ternary codes t in {0, 1, 2} (0 -> lo, 1 -> 0, 2 -> hi; see quant/ternary.py) of W: (N, K)
+with per-row-per-group levels; group size g divides K (QuantSpec group_size 0 means g = K, one group
+per row, as QMoE). Decode: W[n, k] = lo[n, k//g] if t == 0, 0 if t == 1, hi[n, k//g] if t == 2.
+
+"ternary":
+    trits   uint8 (N, ceil(K/5))  5 trits per byte, byte = sum_i t[5j+i] * 3^i (3^5 = 243 <= 256);
+                                   the row is padded with zero trits (t = 1) to a multiple of 5
+    lo, hi  float16 (N, K//g)
+
+"sub1" (codes in sub1_dict.py): pairs s = 3 t[2i] + t[2i+1] per row (odd K padded with a zero trit),
+each row greedily longest-match coded against a shared prefix-closed dictionary:
+    codewords   int16 (M,)        the 16-bit codewords (uint16 bit pattern), row after row
+    row_counts  uint8 / int16 / int32 (N,)   codewords per row, the narrowest type that holds ceil(K/2)
+                                   (a row never needs more codewords than symbols); row n starts at
+                                   offset sum(row_counts[:n]), so rows decode in parallel after a cumsum
+    lo, hi      float16 (N, K//g)
+    dictionary  uint8 (D, 3)      the shared dictionary (sub1_dict.to_tensor); attrs["dictionary_id"] is
+                                   its content hash. The SAME tensor is in every PackedTensor that
+                                   shares it: a writer stores it once per id (e.g. under
+                                   "moecompress.sub1_dictionary.<id>") and drops it from each tensor's
+                                   entries; a reader attaches it back by id. `split_shared` /
+                                   `attach_shared` do both halves.
+
+`encode_ternary` picks, per tensor, whichever of "sub1" and "ternary" is smaller in real bytes (the
+shared dictionary not counted, it is amortised over the model) and records both sizes in
+attrs["sizes"]. `nbytes(shape, spec)` of "sub1" cannot see the data: it estimates the codewords from an
+assumed fraction of zeros, spec option "zero_fraction" (default 0.9), as CODER_OVERHEAD times the iid
+ternary entropy, and returns the smaller of that and the dense size (the automatic choice).
+`encoded_nbytes(packed)` is exact.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import MoeCompressError, PackedFormatError
+from ..quant.ternary import ZERO_CODE, ternary_values
+from . import PackedTensor, QuantSpec, register_codec
+from . import sub1_dict as sd
+
+POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
+OPTIONS = {"zero_fraction": float, "threshold": float, "fit": str}
+CODER_OVERHEAD = 1.15  # measured codeword bits / order-0 entropy on the fixture, small rows; see benchmarks/sub1bit.py
+SHARED = ("dictionary",)
+
+
+def _group(K: int, group_size: int) -> int:
+    g = K if group_size == 0 else group_size
+    if g <= 0 or K % g:
+        raise MoeCompressError(f"group size {group_size} does not divide the input dimension {K}; "
+                               f"use 0 (one group per row, QMoE) or a divisor of {K}")
+    return g
+
+
+def _validate(spec: QuantSpec) -> None:
+    if spec.bits != 1:
+        raise MoeCompressError(f"codec {spec.codec!r} stores ternary weights: set bits=1, got {spec.bits}")
+    if spec.group_size < 0:
+        raise MoeCompressError(f"group size must be >= 0 (0 = one group per row), got {spec.group_size}")
+    for k, v in spec.options:
+        if k not in OPTIONS or not isinstance(v, (OPTIONS[k], int) if OPTIONS[k] is float else OPTIONS[k]):
+            raise MoeCompressError(f"codec {spec.codec!r}: bad option {k}={v!r}; known options "
+                                   f"{', '.join(f'{n} ({t.__name__})' for n, t in OPTIONS.items())}")
+    zf = spec.option("zero_fraction", 0.9)
+    if not 0 <= zf <= 1:
+        raise MoeCompressError(f"zero_fraction must be in [0, 1], got {zf}")
+
+
+def _check_levels(packed: PackedTensor, name: str) -> int:
+    N, K = packed.shape
+    g = packed.attrs.get("group_size")
+    if not isinstance(g, int) or g <= 0 or K % g:
+        raise PackedFormatError(f"{name} codec: bad group_size {g!r} for shape {packed.shape}")
+    for k in ("lo", "hi"):
+        t = packed.tensors.get(k)
+        if t is None or tuple(t.shape) != (N, K // g) or t.dtype != torch.float16:
+            got = None if t is None else (tuple(t.shape), t.dtype)
+            raise PackedFormatError(f"{name} codec: tensor {k!r} should be {(N, K // g)} float16, found {got}")
+    return g
+
+
+def _values(codes: torch.Tensor, packed: PackedTensor) -> torch.Tensor:
+    N, K = packed.shape
+    g = packed.attrs["group_size"]
+    lo = packed.tensors["lo"].float().repeat_interleave(g, dim=1)  # (N, K//g) -> (N, K)
+    hi = packed.tensors["hi"].float().repeat_interleave(g, dim=1)
+    return ternary_values(codes, lo, hi)
+
+
+# ---- dense: 5 trits per byte ----------------------------------------------------------------------
+
+def pack_trits(t: torch.Tensor) -> torch.Tensor:
+    """t: (N, K) in {0,1,2} -> (N, ceil(K/5)) uint8, 5 trits per byte, little-endian base 3."""
+    N, K = t.shape
+    t = torch.nn.functional.pad(t.to(torch.int32), (0, (-K) % 5), value=ZERO_CODE).view(N, -1, 5)  # (N, K/5, 5)
+    return (t * POW3).sum(-1).to(torch.uint8)
+
+
+def unpack_trits(b: torch.Tensor, K: int) -> torch.Tensor:
+    """(N, ceil(K/5)) uint8 -> (N, K) int32 trits; inverse of pack_trits."""
+    N = b.shape[0]
+    t = (b.to(torch.int32).unsqueeze(-1) // POW3) % 3  # (N, K/5, 5)
+    return t.view(N, -1)[:, :K]
+
+
+@register_codec
+class TernaryCodec:
+    name = "ternary"
+
+    def validate(self, spec: QuantSpec) -> None:
+        _validate(spec)
+
+    def nbytes(self, shape, spec: QuantSpec) -> int:
+        N, K = shape
+        g = _group(K, spec.group_size)
+        return N * math.ceil(K / 5) + 2 * 2 * N * (K // g)
+
+    def encode(self, codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, group_size: int = 0) -> PackedTensor:
+        """codes: (N, K) in {0,1,2}; lo, hi: (N, K//g) levels. group_size 0 = one group per row."""
+        N, K = codes.shape
+        g = _group(K, group_size)
+        _check_inputs(codes, lo, hi, g)
+        return PackedTensor("ternary", (N, K), {
+            "trits": pack_trits(codes),
+            "lo": lo.to(torch.float16).contiguous(),
+            "hi": hi.to(torch.float16).contiguous(),
+        }, {"group_size": g})
+
+    def codes(self, packed: PackedTensor) -> torch.Tensor:
+        return unpack_trits(packed.tensors["trits"], packed.shape[1])
+
+    def decode(self, packed: PackedTensor) -> torch.Tensor:
+        return _values(self.codes(packed), packed)
+
+    def check(self, packed: PackedTensor) -> None:
+        N, K = packed.shape
+        _check_levels(packed, "ternary")
+        t = packed.tensors.get("trits")
+        if t is None or tuple(t.shape) != (N, math.ceil(K / 5)) or t.dtype != torch.uint8:
+            got = None if t is None else (tuple(t.shape), t.dtype)
+            raise PackedFormatError(f"ternary codec: tensor 'trits' should be {(N, math.ceil(K / 5))} uint8, found {got}")
+        if bool((t >= 243).any()):
+            raise PackedFormatError("ternary codec: a byte of 'trits' is >= 243, not 5 base-3 digits")
+
+
+def _check_inputs(codes, lo, hi, g):
+    N, K = codes.shape
+    assert lo.shape == hi.shape == (N, K // g), (lo.shape, hi.shape, N, K, g)
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 2):
+        raise MoeCompressError("ternary codes must be in {0, 1, 2} (0 -> lo, 1 -> 0, 2 -> hi)")
+
+
+# ---- sub1: dictionary-coded pairs -----------------------------------------------------------------
+
+def count_dtype(K: int) -> torch.dtype:
+    """Narrowest dtype for per-row codeword counts: a row has at most ceil(K/2) codewords."""
+    k2 = (K + 1) // 2
+    return torch.uint8 if k2 <= 255 else torch.int16 if k2 <= 32767 else torch.int32
+
+
+@register_codec
+class Sub1Codec:
+    name = "sub1"
+
+    def validate(self, spec: QuantSpec) -> None:
+        _validate(spec)
+
+    def nbytes(self, shape, spec: QuantSpec) -> int:
+        """Estimate (the data is unknown): codewords at CODER_OVERHEAD x the iid ternary entropy of
+        spec option zero_fraction (default 0.9), plus counts and levels; capped by the dense size
+        because encode_ternary falls back to it. The shared dictionary is not included."""
+        N, K = shape
+        g = _group(K, spec.group_size)
+        bits = N * K * sd.trit_entropy(spec.option("zero_fraction", 0.9)) * CODER_OVERHEAD
+        est = 2 * math.ceil(bits / 16) + N * count_dtype(K).itemsize + 2 * 2 * N * (K // g)
+        return min(est, TernaryCodec().nbytes(shape, spec))
+
+    def encode(self, codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dictionary: torch.Tensor,
+               group_size: int = 0) -> PackedTensor:
+        """codes: (N, K) in {0,1,2}; lo, hi: (N, K//g); dictionary: stored uint8 (D, 3)."""
+        N, K = codes.shape
+        g = _group(K, group_size)
+        _check_inputs(codes, lo, hi, g)
+        parse = sd.encode_rows(codes, dictionary)
+        return PackedTensor("sub1", (N, K), {
+            "codewords": torch.where(parse.codewords >= 32768, parse.codewords - 65536, parse.codewords).to(torch.int16),  # uint16 bits
+            "row_counts": parse.row_counts.to(count_dtype(K)),
+            "lo": lo.to(torch.float16).contiguous(),
+            "hi": hi.to(torch.float16).contiguous(),
+            "dictionary": dictionary,
+        }, {"group_size": g, "dictionary_id": sd.dictionary_id(dictionary)})
+
+    def codes(self, packed: PackedTensor) -> torch.Tensor:
+        N, K = packed.shape
+        cw = packed.tensors["codewords"].to(torch.int64) & 0xFFFF
+        return sd.decode_rows(cw, packed.tensors["dictionary"], N, K)
+
+    def decode(self, packed: PackedTensor) -> torch.Tensor:
+        return _values(self.codes(packed), packed)
+
+    def check(self, packed: PackedTensor) -> None:
+        N, K = packed.shape
+        _check_levels(packed, "sub1")
+        d = packed.tensors.get("dictionary")
+        if d is None:
+            raise PackedFormatError("sub1 codec: the shared 'dictionary' tensor is missing (attach_shared it)")
+        sd.from_tensor(d)
+        if packed.attrs.get("dictionary_id") != sd.dictionary_id(d):
+            raise PackedFormatError("sub1 codec: the attached dictionary does not match attrs['dictionary_id']")
+        cw, rc = packed.tensors.get("codewords"), packed.tensors.get("row_counts")
+        if cw is None or cw.dim() != 1 or cw.dtype != torch.int16:
+            raise PackedFormatError("sub1 codec: tensor 'codewords' should be 1-D int16")
+        if rc is None or tuple(rc.shape) != (N,) or rc.dtype != count_dtype(K):
+            raise PackedFormatError(f"sub1 codec: tensor 'row_counts' should be ({N},) {count_dtype(K)}")
+        rc = rc.to(torch.int64)
+        cw = cw.to(torch.int64) & 0xFFFF
+        if bool((rc < 0).any()) or int(rc.sum()) != cw.numel():
+            raise PackedFormatError(f"sub1 codec: row_counts sum to {int(rc.sum())}, not the {cw.numel()} codewords")
+        if cw.numel() and int(cw.max()) >= d.shape[0]:
+            raise PackedFormatError(f"sub1 codec: codeword {int(cw.max())} is outside the {d.shape[0]}-entry dictionary")
+        per_row = sd.row_symbol_counts(cw, rc, d)
+        if not bool((per_row == (K + 1) // 2).all()):
+            raise PackedFormatError(f"sub1 codec: some row does not expand to {(K + 1) // 2} pair symbols")
+
+
+# ---- choice, sizes, sharing -----------------------------------------------------------------------
+
+def encoded_nbytes(packed: PackedTensor, count_shared: bool = False) -> int:
+    """Exact bytes of a packed ternary tensor; the shared dictionary only if count_shared."""
+    return sum(t.numel() * t.element_size() for k, t in packed.tensors.items() if count_shared or k not in SHARED)
+
+
+def encode_ternary(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, group_size: int = 0,
+                   dictionary: torch.Tensor | None = None) -> PackedTensor:
+    """Pack ternary codes as "sub1" or "ternary", whichever is smaller (dictionary not counted).
+
+    Without a dictionary the result is dense "ternary". attrs["sizes"] records both sizes in bytes.
+    """
+    dense = TernaryCodec().encode(codes, lo, hi, group_size)
+    if dictionary is None:
+        return dense
+    sub1 = Sub1Codec().encode(codes, lo, hi, dictionary, group_size)
+    sizes = {"sub1": encoded_nbytes(sub1), "ternary": encoded_nbytes(dense)}
+    best = sub1 if sizes["sub1"] < sizes["ternary"] else dense
+    best.attrs["sizes"] = sizes
+    return best
+
+
+def split_shared(packed: PackedTensor) -> tuple[PackedTensor, dict[str, torch.Tensor]]:
+    """Writer half: -> (packed without shared tensors, {"moecompress.sub1_dictionary.<id>": tensor})."""
+    if "dictionary" not in packed.tensors:
+        return packed, {}
+    rest = {k: v for k, v in packed.tensors.items() if k not in SHARED}
+    key = f"moecompress.sub1_dictionary.{packed.attrs['dictionary_id']}"
+    return PackedTensor(packed.codec, packed.shape, rest, dict(packed.attrs)), {key: packed.tensors["dictionary"]}
+
+
+def attach_shared(packed: PackedTensor, shared: dict[str, torch.Tensor]) -> PackedTensor:
+    """Reader half: put the shared dictionary named by attrs["dictionary_id"] back into a sub1 tensor."""
+    if packed.codec != "sub1":
+        return packed
+    key = f"moecompress.sub1_dictionary.{packed.attrs.get('dictionary_id')}"
+    if key not in shared:
+        raise PackedFormatError(f"sub1 tensor refers to dictionary {key!r}, which the checkpoint does not hold")
+    return PackedTensor(packed.codec, packed.shape, {**packed.tensors, "dictionary": shared[key]}, dict(packed.attrs))

@@ -1,0 +1,85 @@
+"""Run configurations: frozen dataclasses validated on construction, persisted with a format_version.
+
+The CLI takes its defaults from here, so the two cannot drift.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .errors import MoeCompressError
+
+FORMAT_VERSION = 1
+METHODS = ("gptq", "rtn", "ternary")
+SAMPLERS = ("random", "balanced", "ebss")
+ALLOCATIONS = ("uniform", "lp")
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    sources: tuple[str, ...] = ()   # empty: the built-in mixed-domain text
+    nsamples: int = 128
+    seqlen: int = 256
+    seed: int = 0
+    sampler: str = "random"
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.nsamples < 1:
+            raise MoeCompressError(f"--nsamples must be at least 1, got {self.nsamples}")
+        if self.seqlen < 8:
+            raise MoeCompressError(f"--seqlen must be at least 8, got {self.seqlen}")
+        if self.sampler not in SAMPLERS:
+            raise MoeCompressError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    bits: float = 4
+    group_size: int | None = None    # None: 128, or the largest of 64/32/16 dividing every expert width
+    method: str = "gptq"
+    allocation: str = "uniform"
+    percdamp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    affinity: bool = False           # AGQ: weight each token's Hessian term by its gate weight
+    min_tokens: int = 16             # fewer routed tokens than this: round-to-nearest fallback
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise MoeCompressError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.allocation not in ALLOCATIONS:
+            raise MoeCompressError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.method == "ternary":
+            if self.bits not in (1, 1.0, 1.6, 2):
+                raise MoeCompressError("--method ternary stores experts below 2 bits: use --bits 1")
+        elif self.allocation == "uniform" and self.bits not in (2, 3, 4, 8):
+            hint = " (fractional budgets need --allocation lp)" if self.bits != int(self.bits) else ""
+            raise MoeCompressError(f"unsupported bit width {self.bits:g}: choose 2, 3, 4 or 8{hint}")
+        if self.allocation == "lp" and not 1 <= self.bits <= 8:
+            raise MoeCompressError(f"--bits {self.bits:g} is not a usable average budget: use a value between 2 and 8")
+        if self.group_size is not None and self.group_size < 1:
+            raise MoeCompressError(f"--group-size must be positive, got {self.group_size}")
+        if not 0 <= self.percdamp < 1:
+            raise MoeCompressError(f"--percdamp must be in [0, 1), got {self.percdamp}")
+        if self.min_tokens < 0:
+            raise MoeCompressError(f"--min-tokens must be >= 0, got {self.min_tokens}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def resolve_group_size(requested: int | None, widths: list[int]) -> int:
+    """The group size to use for expert input widths `widths` (all must be divisible)."""
+    if requested is not None:
+        bad = sorted({k for k in widths if k % requested})
+        if bad:
+            raise MoeCompressError(f"group size {requested} does not divide the expert input dimension {bad[0]}; "
+                                   f"choose a divisor of {bad[0]} such as " +
+                                   ", ".join(str(g) for g in (128, 64, 32, 16) if all(k % g == 0 for k in widths)))
+        return requested
+    for g in (128, 64, 32, 16, 8):
+        if all(k % g == 0 for k in widths):
+            return g
+    raise MoeCompressError(f"no group size in 128/64/32/16/8 divides the expert widths {sorted(set(widths))}; pass --group-size")

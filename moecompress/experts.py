@@ -1,0 +1,137 @@
+"""`MoEExperts`: a drop-in replacement for a family's fused experts module.
+
+transformers v5 calls a MoE block's experts as `experts(hidden_states (T, H), top_k_index (T, k),
+top_k_weights (T, k)) -> (T, H)`. This module computes the same thing from canonical per-expert
+weights, each either a dense (out, in) tensor or a `PackedTensor` decoded on the fly, only for experts
+that received tokens:
+
+    y = sum_{j < k} w_tj * down_e( glu(gate_e(x_t), up_e(x_t)) ),  e = top_k_index[t, j]
+
+An optional observer sees each expert's routed inputs, intermediate activations and gate weights (that
+is how calibration collects Hessians and routing statistics without a second copy of the math).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import PROJS
+from .codecs import PackedTensor, decode
+from .errors import MoeCompressError
+
+
+class Observer(Protocol):
+    def __call__(self, expert: int, tokens: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None: ...
+
+
+def make_glu(arch_glu: str, config) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The gated activation of a family: glu(gate_out, up_out) -> intermediate."""
+    if arch_glu == "gptoss":
+        alpha, limit = float(config.swiglu_alpha), float(config.swiglu_limit)
+
+        def gptoss_glu(g, u):
+            g = g.clamp(max=limit)
+            u = u.clamp(min=-limit, max=limit)
+            return (u + 1) * (g * torch.sigmoid(g * alpha))
+        return gptoss_glu
+    from transformers.activations import ACT2FN
+    act = ACT2FN[getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", "silu")]
+    return lambda g, u: act(g) * u
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """MOECOMPRESS_KERNELS=torch|triton forces a path; by default Triton on CUDA, the torch reference on CPU."""
+    mode = os.environ.get("MOECOMPRESS_KERNELS", "auto").lower()
+    if mode not in ("auto", "torch", "triton"):
+        raise MoeCompressError(f"MOECOMPRESS_KERNELS must be torch, triton or auto, not {mode!r}")
+    return mode == "triton" or (mode == "auto" and x.is_cuda)
+
+
+def _linear(x: torch.Tensor, w, bias=None) -> torch.Tensor:
+    if isinstance(w, PackedTensor):
+        if use_triton(x):
+            from .kernels import packed_linear  # lazy: the torch path never imports triton
+            y = packed_linear(x, w)
+        else:
+            y = F.linear(x, decode(w).to(device=x.device, dtype=x.dtype))
+    else:
+        y = F.linear(x, w.to(x.dtype))
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+class MoEExperts(nn.Module):
+    """weights[e] is {"gate", "up", "down"} -> Tensor | PackedTensor, or None for an expert that is gone."""
+
+    def __init__(self, weights: list[dict | None], glu: Callable, biases: list[dict] | None = None):
+        super().__init__()
+        self.num_experts = len(weights)
+        self.weights = weights
+        self.biases = biases
+        self.glu = glu
+        self.observer: Observer | None = None
+        self._register()
+
+    def _register(self):
+        # Register every tensor as a non-persistent buffer so .to(device) moves packed data too.
+        for e, w in enumerate(self.weights):
+            if w is None:
+                continue
+            for p in PROJS:
+                v = w[p]
+                if isinstance(v, PackedTensor):
+                    for k, t in v.tensors.items():
+                        self.register_buffer(f"e{e}_{p}_{k}", t, persistent=False)
+                else:
+                    self.register_buffer(f"e{e}_{p}", v, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for e, w in enumerate(self.weights):  # re-point the dicts at the moved buffers
+            if w is None:
+                continue
+            for p in PROJS:
+                v = w[p]
+                if isinstance(v, PackedTensor):
+                    v.tensors = {k: getattr(self, f"e{e}_{p}_{k}") for k in v.tensors}
+                else:
+                    w[p] = getattr(self, f"e{e}_{p}")
+        return self
+
+    def set_dense(self, e: int, proj: str, weight: torch.Tensor) -> None:
+        self.weights[e][proj] = weight
+        self.register_buffer(f"e{e}_{proj}", weight, persistent=False)
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (T_e, H) -> (intermediate (T_e, I), output (T_e, H)), before the gate weight."""
+        w = self.weights[e]
+        b = self.biases[e] if self.biases else {}
+        h = self.glu(_linear(x, w["gate"], b.get("gate")), _linear(x, w["up"], b.get("up")))
+        return h, _linear(h, w["down"], b.get("down"))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # group the (token, slot) pairs by expert
+        counts = torch.bincount(flat.clamp(0, self.num_experts), minlength=self.num_experts + 1)
+        k = top_k_index.shape[-1]
+        start = 0
+        for e, n in enumerate(counts.tolist()[: self.num_experts]):
+            if n == 0:
+                continue
+            sel = order[start:start + n]
+            start += n
+            if self.weights[e] is None:
+                continue
+            tok = sel // k  # (n,) token of each routed pair
+            slot = sel % k
+            x = hidden_states[tok]
+            w = top_k_weights[tok, slot]
+            h, y = self.expert_forward(e, x)
+            if self.observer is not None:
+                self.observer(e, tok, x, h, w)
+            out.index_add_(0, tok, (y * w[:, None].to(y.dtype)).to(out.dtype))
+        return out

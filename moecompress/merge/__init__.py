@@ -1,0 +1,56 @@
+"""Expert pruning and merging: fewer experts per MoE layer, decided from calibration statistics.
+
+Pure tensor functions per method (one file each): prune.py (frequency, REAP), average.py (plain
+mean), msmoe.py (M-SMoE), hcsmoe.py (HC-SMoE); shared pieces: stats.py (LayerStats), align.py
+(Hungarian neuron alignment), router.py (router rows of merged groups), counts.py (adaptive
+per-layer counts for --ratio), reduction.py (LayerReduction). `reduce_layer` dispatches by name.
+"""
+from __future__ import annotations
+
+import torch
+
+from .reduction import LayerReduction, check_target
+from .stats import LayerStats, compute_layer_stats
+
+PRUNE_METHODS = ("frequency", "reap")
+MERGE_METHODS = ("average", "msmoe", "hcsmoe")
+METHODS = PRUNE_METHODS + MERGE_METHODS
+# method -> neuron alignment used by default (measured in benchmarks/merge.py)
+DEFAULT_ALIGN = {"average": None, "msmoe": "weight", "hcsmoe": "weight"}
+
+
+def reduce_layer(
+    method: str,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    router_weight: torch.Tensor,
+    router_bias: torch.Tensor | None,
+    stats: LayerStats,
+    num_keep: int,
+    *,
+    top_k: int | None = None,
+    align: str | None | type(...) = ...,
+    router_mode: str = "lse",
+    refit: bool = True,
+) -> LayerReduction:
+    """Reduce one layer's E experts (gate_up (E, 2I, H), down (E, H, I), router (E, H)) to num_keep."""
+    from .average import average_layer
+    from .hcsmoe import hcsmoe_layer
+    from .msmoe import msmoe_layer
+    from .prune import prune_layer
+    from ..errors import MoeCompressError
+
+    if method not in METHODS:
+        raise MoeCompressError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    args = (gate_up, down, router_weight, router_bias, stats, num_keep)
+    if method in PRUNE_METHODS:
+        return prune_layer(*args, method=method, top_k=top_k)
+    if method == "average":
+        return average_layer(*args, top_k=top_k, router_mode=router_mode)
+    al = DEFAULT_ALIGN[method] if align is ... else align
+    fn = msmoe_layer if method == "msmoe" else hcsmoe_layer
+    return fn(*args, top_k=top_k, align=al, router_mode=router_mode, refit=refit)
+
+
+__all__ = ["LayerStats", "LayerReduction", "compute_layer_stats", "reduce_layer", "check_target",
+           "METHODS", "PRUNE_METHODS", "MERGE_METHODS"]

@@ -1,0 +1,116 @@
+"""The quantize pass: calibrate and quantize a checkpoint one decoder layer at a time.
+
+For each decoder layer (sequentially: layer i+1 sees layer i's quantized output):
+  1. run the calibration activations through the layer, collecting each expert's input Hessian and
+     routing statistics (tokens routed, summed gate weight);
+  2. quantize gate and up of every expert (batched GPTQ over experts that share a spec), put the
+     dequantized weights back;
+  3. run again to collect Hessians of the down projection's inputs, which now come from the quantized
+     gate/up (true-sequential), and quantize down;
+  4. run the quantized layer to produce the next layer's inputs; write the layer's shard.
+Experts with fewer than `min_tokens` routed tokens fall back to round-to-nearest (an identity Hessian);
+they are listed in a warning and in the manifest.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..arch import PROJS
+from ..codecs import PackedTensor, QuantSpec, get_codec
+from ..quant.gptq import GPTQConfig, GPTQResult, gptq, rtn
+from ..quant.grids import AsymmetricGrid
+from .calibrate import HessianCollector, expert_chunks
+
+log = logging.getLogger("moecompress")
+HESSIAN_BUDGET = 1 << 30
+
+
+@dataclass
+class LayerRecord:
+    layer: int
+    tokens: list[int]
+    gate_sum: list[float]
+    fallback: list[int]
+    seconds: float
+    specs: dict = field(default_factory=dict)
+
+
+def grid_for(spec: QuantSpec):
+    if spec.codec == "int":
+        return AsymmetricGrid(spec.bits)
+    from ..quant import ternary  # the sub-1-bit grids
+    return ternary.grid_for(spec)
+
+
+def encode(spec: QuantSpec, res_codes, scale, zero) -> PackedTensor:
+    """Pack one (N, K) matrix's codes and grid parameters with the spec's codec."""
+    return get_codec(spec.codec).encode(res_codes, scale, zero, spec)
+
+
+def _quantize_group(W: torch.Tensor, Hs: torch.Tensor | None, spec: QuantSpec, method: str, gcfg: GPTQConfig) -> GPTQResult:
+    grid = grid_for(spec)
+    gs = spec.group_size if spec.codec == "int" else (spec.group_size or W.shape[-1])
+    if method == "rtn" or Hs is None:
+        return rtn(W, grid, gs)
+    return gptq(W, Hs, grid, gs, gcfg)
+
+
+def quantize_moe_layer(streamer, layer, hidden, kwargs, *, layer_idx: int, specs: dict, method: str,
+                       gcfg: GPTQConfig, affinity: bool, min_tokens: int, batch_size: int):
+    """Quantize the experts of one materialized MoE layer in place.
+
+    specs: {expert: QuantSpec}. Returns ({(expert, proj): PackedTensor}, LayerRecord).
+    """
+    from ..layerwise import find_experts
+    t0 = time.time()
+    _, ex = find_experts(layer)
+    E = ex.num_experts
+    experts = list(range(E))
+    packed: dict[tuple[int, str], PackedTensor] = {}
+    record = None
+    fallback: list[int] = []
+    for stage, projs, which in ((0, ("gate", "up"), "x"), (1, ("down",), "h")):
+        K = ex.weights[0][projs[0]].shape[1]
+        need_h = method != "rtn"
+        chunks = expert_chunks(experts, K, HESSIAN_BUDGET) if need_h else [experts]
+        for chunk in chunks:
+            col = HessianCollector(E, K, which, subset=chunk if need_h else [], affinity=affinity)
+            if need_h or record is None:  # round-to-nearest needs one pass, for the statistics
+                ex.observer = col
+                streamer.run_layer(layer, hidden, kwargs, batch_size)
+                ex.observer = None
+            if record is None:
+                fallback = [e for e in experts if int(col.tokens[e]) < min_tokens]
+                record = LayerRecord(layer_idx, col.tokens.tolist(), [round(float(g), 6) for g in col.gate_sum], fallback, 0.0)
+            # batch experts that share a spec (and so a grid and group size)
+            by_spec: dict[QuantSpec, list[int]] = {}
+            for e in chunk:
+                by_spec.setdefault(specs[e], []).append(e)
+            for spec, group in by_spec.items():
+                W = torch.stack([torch.cat([ex.weights[e][p] for p in projs]) for e in group]).float()  # (G, N, K)
+                Hs = None
+                if need_h:
+                    Hs = col.stacked(group)
+                    for j, e in enumerate(group):  # too few tokens: identity Hessian == round-to-nearest
+                        if e in fallback:
+                            Hs[j] = torch.eye(K)
+                res = _quantize_group(W, Hs, spec, method, gcfg)
+                rows = [ex.weights[group[0]][p].shape[0] for p in projs]
+                for j, e in enumerate(group):
+                    r0 = 0
+                    for p, n in zip(projs, rows):
+                        sl = slice(r0, r0 + n)
+                        r0 += n
+                        packed[(e, p)] = encode(spec, res.codes[j, sl], res.scale[j, sl], res.zero[j, sl])
+                        ex.set_dense(e, p, res.deq[j, sl].to(streamer.dtype))
+    record.seconds = round(time.time() - t0, 3)
+    record.specs = {e: specs[e].label for e in experts}
+    if fallback and method != "rtn":
+        log.warning("layer %d: expert%s %s got fewer than %d calibration tokens (%s): quantized by round-to-nearest",
+                    layer_idx, "s" if len(fallback) > 1 else "", ", ".join(map(str, fallback)), min_tokens,
+                    ", ".join(str(record.tokens[e]) for e in fallback))
+    return packed, record

@@ -1,0 +1,149 @@
+"""GPTQ, batched over the experts of a layer that share a shape.
+
+W: (E, N, K) expert weights (out, in), H: (E, K, K) input Hessians, H = sum_t c_t x_t x_t^T.
+GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers") quantizes the columns of W one at a time and spreads each column's rounding error over
+the columns not yet quantized, using the upper Cholesky factor of H^-1:
+
+    err_j = (w_j - q(w_j)) / [H^-1]_jj,     W[:, j+1:] -= err_j [H^-1]_{j, j+1:}
+
+with relative damping (lambda = percdamp * mean diag H), lazy block updates, optional act-order
+(columns by decreasing H_jj; groups then keep their static, original-order grid) and groupwise grids.
+Every step is a batched tensor op over E, so a layer's experts cost one batched Cholesky, not a Python
+loop per expert. A grid object (see grids.py) decides how a group of columns is rounded, so the same
+loop serves integer and ternary codes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from .grids import GridParams
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    percdamp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+
+    def __post_init__(self):
+        if not 0 <= self.percdamp < 1:
+            raise ValueError(f"percdamp must be in [0, 1), got {self.percdamp}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+
+class GPTQResult(NamedTuple):
+    codes: torch.Tensor   # (E, N, K) int32 grid codes, original column order
+    scale: torch.Tensor   # (E, N, K // g) fp32
+    zero: torch.Tensor    # (E, N, K // g) fp32
+    deq: torch.Tensor     # (E, N, K) float32 dequantized weight
+    loss: torch.Tensor    # (E,) sum over columns of err^2 / [H^-1]_jj / 2 (GPTQ's proxy loss)
+
+
+def _prepare_hessian(W: torch.Tensor, H: torch.Tensor, percdamp: float):
+    """Dead inputs (H_jj == 0) get H_jj = 1 and W[:, j] = 0; then relative damping."""
+    H = H.clone()
+    E, K, _ = H.shape
+    diag = torch.diagonal(H, dim1=1, dim2=2)  # (E, K) view
+    dead = diag == 0
+    diag[dead] = 1.0
+    W = W.masked_fill(dead[:, None, :], 0.0)
+    damp = percdamp * diag.mean(-1)  # (E,)
+    diag += damp[:, None]
+    return W, H
+
+
+def _inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1, batched; on failure add more damping and retry."""
+    eye = torch.eye(H.shape[-1], dtype=H.dtype)
+    for extra in (0.0, 1e-4, 1e-3, 1e-2, 1e-1):
+        Hd = H + extra * torch.diagonal(H, dim1=1, dim2=2).mean(-1)[:, None, None] * eye
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info.abs().sum()) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info.abs().sum()) == 0:
+                return U
+    raise FloatingPointError("Hessian is not positive definite even after extra damping")
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, grid, group_size: int, config: GPTQConfig = GPTQConfig()) -> GPTQResult:
+    """Quantize W: (E, N, K) against Hessians H: (E, K, K) with `grid`, groups of `group_size` along K."""
+    E, N, K = W.shape
+    assert K % group_size == 0, (K, group_size)
+    G = K // group_size
+    W = W.float()
+    W, H = _prepare_hessian(W, H.float(), config.percdamp)
+
+    if config.act_order:
+        perm = torch.argsort(torch.diagonal(H, dim1=1, dim2=2), dim=-1, descending=True, stable=True)  # (E, K)
+        # static groups: grids fitted on the original columns before any error feedback
+        static = [grid.fit(W[:, :, g * group_size:(g + 1) * group_size]) for g in range(G)]
+        static_scale = torch.stack([p.scale for p in static])  # (G, E, N)
+        static_zero = torch.stack([p.zero for p in static])
+        W = torch.gather(W, 2, perm[:, None, :].expand(E, N, K))
+        H = torch.gather(torch.gather(H, 1, perm[:, :, None].expand(E, K, K)), 2, perm[:, None, :].expand(E, K, K))
+    U = _inverse_cholesky(H)  # (E, K, K) upper
+
+    scale = torch.zeros(E, N, G)
+    zero = torch.zeros(E, N, G)
+    codes = torch.zeros(E, N, K, dtype=torch.int32)
+    Q = torch.zeros_like(W)
+    loss = torch.zeros(E)
+    # blocks hold whole groups so each group's grid is fitted on error-updated columns
+    B = max(config.block_size // group_size, 1) * group_size
+    params: GridParams | None = None
+    ar = torch.arange(E)
+    for i1 in range(0, K, B):
+        i2 = min(i1 + B, K)
+        W1 = W[:, :, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            w = W1[:, :, i]  # (E, N)
+            d = U1[:, i, i]  # (E,)
+            if config.act_order:
+                orig = perm[:, j]  # (E,) original column index per expert
+                g = orig // group_size
+                p = GridParams(static_scale[g, ar], static_zero[g, ar])  # (E, N) each
+            else:
+                if j % group_size == 0:
+                    params = grid.fit(W1[:, :, i:i + group_size])
+                    scale[:, :, j // group_size] = params.scale
+                    zero[:, :, j // group_size] = params.zero
+                p = params
+            q, wq = grid.quantize(w, p)
+            Q[:, :, j] = wq
+            codes[:, :, j] = q
+            err = (w - wq) / d[:, None]  # (E, N)
+            loss += ((w - wq) ** 2 / d[:, None] ** 2).sum(-1) / 2
+            W1[:, :, i:] -= err[:, :, None] * U1[:, None, i, i:]
+            Err1[:, :, i] = err
+        W[:, :, i2:] -= torch.bmm(Err1, U[:, i1:i2, i2:])
+
+    if config.act_order:
+        inv = torch.argsort(perm, dim=-1)
+        Q = torch.gather(Q, 2, inv[:, None, :].expand(E, N, K))
+        codes = torch.gather(codes, 2, inv[:, None, :].expand(E, N, K))
+        scale = static_scale.permute(1, 2, 0).contiguous()  # (G, E, N) -> (E, N, G)
+        zero = static_zero.permute(1, 2, 0).contiguous()
+    return GPTQResult(codes, scale, zero, Q, loss)
+
+
+def rtn(W: torch.Tensor, grid, group_size: int) -> GPTQResult:
+    """Round-to-nearest on the same grid: the naive baseline. W: (E, N, K)."""
+    E, N, K = W.shape
+    G = K // group_size
+    Wg = W.float().reshape(E, N, G, group_size)  # (E, N, K) -> (E, N, G, g)
+    p = grid.fit(Wg.permute(0, 2, 1, 3).reshape(E * G, N, group_size))  # one grid per (expert, group)
+    scale = p.scale.view(E, G, N).permute(0, 2, 1)  # (E*G, N) -> (E, N, G)
+    zero = p.zero.view(E, G, N).permute(0, 2, 1)
+    s = scale.repeat_interleave(group_size, dim=2)  # (E, N, K)
+    z = zero.repeat_interleave(group_size, dim=2)
+    q, deq = grid.quantize(W.float().reshape(E, N * K), GridParams(s.reshape(E, N * K), z.reshape(E, N * K)))
+    return GPTQResult(q.view(E, N, K), scale.contiguous(), zero.contiguous(), deq.view(E, N, K), torch.zeros(E))
