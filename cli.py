@@ -55,7 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--min-tokens", type=int, default=Q.min_tokens,
                    help=f"experts with fewer routed calibration tokens fall back to round-to-nearest (default {Q.min_tokens})")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
+    q.add_argument("--dry-run", action="store_true", help="print the calibration coverage table and stop (nothing is quantized)")
     add_calib_args(q)
+
+    cs = sub.add_parser("calib-stats", help="expert coverage of a calibration set (tokens and gate mass per expert)")
+    cs.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: the built-in demo model)")
+    cs.add_argument("--threshold", type=int, default=Q.min_tokens,
+                    help=f"flag experts with fewer routed tokens than this (default {Q.min_tokens})")
+    cs.add_argument("--json", default=None, help="write the coverage as JSON here")
+    add_calib_args(cs)
 
     e = sub.add_parser("eval", help="perplexity of an original or packed checkpoint")
     e.add_argument("model", help="checkpoint or packed directory")
@@ -63,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", type=int, default=256, help="window length (default 256)")
     e.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens only")
     e.add_argument("--json", default=None, help="write the results as JSON here")
+    r = sub.add_parser("report", help="size and accuracy of a compressed checkpoint next to its original (json, md, html, png)")
+    r.add_argument("compressed", help="packed (or merged) checkpoint directory")
+    r.add_argument("--baseline", required=True, help="the original checkpoint it was made from")
+    r.add_argument("--text", nargs="+", required=True, help="text file(s) to measure perplexity on")
+    r.add_argument("--out", required=True, help="directory for report.json, report.md, report.html and the plots")
+    r.add_argument("--seqlen", type=int, default=256, help="perplexity window length, as in eval (default 256)")
+    r.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens of each text, as in eval")
+    r.add_argument("--prompts", type=int, default=4, help="prompts generated greedily by both models (default 4)")
+    r.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
+    r.add_argument("--tasks", nargs="*", default=None,
+                   help="lm-eval tasks, run when lm-eval and the task data are installed (default arc_easy hellaswag piqa)")
+    r.add_argument("--lm-eval-limit", type=int, default=200, help="examples per lm-eval task (default 200)")
     return ap
 
 
@@ -72,6 +92,9 @@ def cmd_quantize(a) -> int:
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, method=a.method, allocation=a.allocation,
                          percdamp=a.percdamp, act_order=a.act_order, affinity=a.affinity, min_tokens=a.min_tokens,
                          calib=calib)
+    if a.dry_run:
+        a.threshold, a.json = a.min_tokens, None
+        return cmd_calib_stats(a)
     out = a.out or f"demo-w{a.bits:g}"
     s = api.quantize(a.model, out, cfg, plan=a.plan, progress=not a.quiet, resume=a.resume)
     print(f"packed {s['out']}: expert bits/param {s['expert_bits_per_param']:.3f}, "
@@ -94,7 +117,29 @@ def cmd_eval(a) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval}
+def cmd_calib_stats(a) -> int:
+    from moecompress import api
+    calib = CalibConfig(tuple(a.calib or ()), a.nsamples, a.seqlen, a.seed, a.sampler)
+    cov, seconds = api.calibration_stats(a.model, calib, threshold=a.threshold, progress=not a.quiet)
+    print(cov.table())
+    print(f"sampler {a.sampler}: {seconds:.1f} s")
+    if a.json:
+        cov.save(a.json)
+    return 0
+
+
+def cmd_report(a) -> int:
+    from moecompress import api
+    r = api.report(a.compressed, a.baseline, a.text, a.out, seqlen=a.seqlen, max_tokens=a.max_tokens, prompts=a.prompts,
+                   new_tokens=a.new_tokens, tasks=a.tasks, lm_eval_limit=a.lm_eval_limit, progress=not a.quiet)
+    print(f"saved: {r['summary']['saved']}")
+    print(f"lost: {r['summary']['lost']}")
+    print(f"report: {os.path.join(os.path.abspath(a.out), 'report.html')} ({len(r['plots'])} plots)")
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "calib-stats": cmd_calib_stats}
+COMMANDS["report"] = cmd_report
 
 
 def main(argv=None) -> int:

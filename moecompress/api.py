@@ -8,7 +8,7 @@ import time
 import torch
 
 from .config import CalibConfig, QuantizeConfig, resolve_group_size
-from .errors import CheckpointError, MoeCompressError
+from .errors import MoeCompressError
 
 log = logging.getLogger("moecompress")
 
@@ -49,6 +49,58 @@ def plan_specs(reader, config: QuantizeConfig) -> dict:
     return {(i, e): spec for i in reader.moe_layers for e in range(reader.layer_num_experts(i))}
 
 
+def validate_input(model: str, progress: bool = True) -> None:
+    """Structural checks (files, headers, shapes against config.json); on a problem, every problem at once."""
+    from .validate import validate_checkpoint
+    if not validate_checkpoint(model, check_values=False).ok:  # cheap; the full scan adds value problems
+        with _progress(desc="checking weights", enabled=progress) as bar:
+            validate_checkpoint(model, progress=bar).raise_if_bad()
+
+
+def run_fingerprints(reader, config: QuantizeConfig, specs: dict, windows: torch.Tensor, plan: str | None) -> dict:
+    """What a resumed run must share with the interrupted one: input, plan, options, calibration tokens."""
+    import hashlib
+    import json
+
+    from . import __version__
+
+    def h(obj) -> str:
+        data = obj if isinstance(obj, bytes) else json.dumps(obj, sort_keys=True, default=str).encode()
+        return hashlib.sha256(data).hexdigest()[:32]
+    return {"input": reader.fingerprint,
+            "plan": h([[i, e, s.to_json()] for (i, e), s in sorted(specs.items())]),
+            "options": h({"config": config.to_json(), "plan_file": plan, "moecompress": __version__}),
+            "calibration tokens": h(windows.to(torch.int64).contiguous().numpy().tobytes())}
+
+
+def _layer_record(d: dict):
+    from .passes.quantize import LayerRecord
+    d = dict(d)
+    d["specs"] = {int(k): v for k, v in (d.get("specs") or {}).items()}  # JSON turned the int keys into str
+    return LayerRecord(**d)
+
+
+def _existing_output(out: str, model: str, config: QuantizeConfig) -> dict | None:
+    """--resume on a run that already finished: its summary, if it was made from the same input and options."""
+    import json
+
+    from .packed import MANIFEST
+    try:
+        with open(os.path.join(out, MANIFEST)) as f:
+            fp = json.load(f)["source"]["fingerprint"]
+        with open(os.path.join(out, "run", "run_config.json")) as f:
+            same = json.load(f)["config"] == json.loads(json.dumps(config.to_json()))
+        with open(os.path.join(out, "run", "metrics.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    from .checkpoint import CheckpointReader
+    if same and fp == CheckpointReader(model).fingerprint:
+        log.warning("%s is already complete (same input and options): nothing to resume", out)
+        return summary
+    return None
+
+
 def quantize(model: str | None, out: str, config: QuantizeConfig = QuantizeConfig(), *, plan: str | None = None,
              progress: bool = True, resume: bool = False) -> dict:
     """Quantize the experts of checkpoint `model` (None: the built-in demo model) into packed dir `out`."""
@@ -57,61 +109,77 @@ def quantize(model: str | None, out: str, config: QuantizeConfig = QuantizeConfi
     from .packed import FORMAT_VERSION, PackedWriter, packed_entry, tensor_bytes
     from .passes.quantize import quantize_moe_layer
     from .quant.gptq import GPTQConfig
+    from .validate import validate_checkpoint
 
     t_start = time.time()
     model = model or builtin_model_path()
+    done = _existing_output(out, model, config) if resume else None
+    if done is not None:
+        return done
+    if os.path.exists(out):
+        raise MoeCompressError(f"output {out} already exists: remove it or choose another --out")
+    validate_input(model, progress)
     reader = CheckpointReader(model)
     if config.allocation == "lp" or plan:
         from .passes.allocate import allocation_specs  # LP bit allocation / replayed plan
         specs = allocation_specs(reader, config, plan)
     else:
         specs = plan_specs(reader, config)
-    if os.path.exists(out):
-        raise MoeCompressError(f"output {out} already exists: remove it or choose another --out")
-    with _progress(total=len(reader.tensors), desc="checking weights", enabled=progress) as bar:
-        problems = reader.check_values(progress=bar)
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CheckpointError("; ".join(problems[:3]) + more)
+    with _progress(desc="checking weights", enabled=progress) as bar:
+        validate_checkpoint(model, progress=bar).raise_if_bad()  # NaN/Inf, fp16 range: every tensor read once
 
     windows = calibration_windows(model, config.calib)
-    writer = PackedWriter(out, resume=resume)
+    writer = PackedWriter(out, resume=resume, fingerprints=run_fingerprints(reader, config, specs, windows, plan))
     streamer = LayerStreamer(reader)
     bs = config.calib.batch_size
     kwargs = streamer.layer_kwargs(min(bs, len(windows)), windows.shape[1])
-    hidden = torch.cat([streamer.embed(windows[s:s + bs]) for s in range(0, len(windows), bs)])
-    gcfg = GPTQConfig(config.percdamp, config.block_size, config.act_order)
     records, expert_bytes = [], 0
+    for rec in writer.completed:  # --resume: layers already done, their records and the activations after them
+        expert_bytes += rec["expert_bytes"]
+        if rec["record"] is not None:
+            records.append(_layer_record(rec["record"]))
+    if writer.completed:
+        hidden = writer.load_hidden()
+        log.info("resuming %s after layer %d", out, len(writer.completed) - 1)
+    else:
+        hidden = torch.cat([streamer.embed(windows[s:s + bs]) for s in range(0, len(windows), bs)])
+    gcfg = GPTQConfig(config.percdamp, config.block_size, config.act_order)
     arch = reader.arch
-    bar = _progress(range(streamer.num_layers), desc="quantizing layers", enabled=progress)
-    for i in bar:
-        layer = streamer.build_layer(i)
-        tensors, entries = {}, []
-        if i in reader.moe_layers:
-            path = find_experts(layer)[0]
-            layer_specs = {e: specs[(i, e)] for e in range(reader.layer_num_experts(i))}
-            packed, rec = quantize_moe_layer(streamer, layer, hidden, kwargs[i], layer_idx=i, specs=layer_specs,
-                                             method=config.method, gcfg=gcfg, affinity=config.affinity,
-                                             min_tokens=config.min_tokens, batch_size=bs)
-            for (e, p), pt in sorted(packed.items()):
-                name = f"{reader.prefix}.{i}.{path}.{e}.{p}"
-                for f, t in pt.tensors.items():
-                    tensors[f"{name}.{f}"] = t
-                entries.append(packed_entry(name, pt, layer=i, expert=e, proj=p,
-                                            fallback=e in rec.fallback and config.method != "rtn"))
-                expert_bytes += tensor_bytes(pt.tensors)
-            records.append(rec)
-            bias = reader.layer_expert_biases(i, torch.float32)
-            for k in reader.expert_keys_on_disk(i):  # expert biases (GPT-OSS) stay as they are
-                if k.endswith("_bias"):
+    bar = _progress(range(len(writer.completed), streamer.num_layers), desc="quantizing layers", enabled=progress)
+    try:
+        for i in bar:
+            layer = streamer.build_layer(i)
+            tensors, entries, rec, layer_bytes = {}, [], None, 0
+            if i in reader.moe_layers:
+                path = find_experts(layer)[0]
+                layer_specs = {e: specs[(i, e)] for e in range(reader.layer_num_experts(i))}
+                packed, rec = quantize_moe_layer(streamer, layer, hidden, kwargs[i], layer_idx=i, specs=layer_specs,
+                                                 method=config.method, gcfg=gcfg, affinity=config.affinity,
+                                                 min_tokens=config.min_tokens, batch_size=bs)
+                for (e, p), pt in sorted(packed.items()):
+                    name = f"{reader.prefix}.{i}.{path}.{e}.{p}"
+                    for f, t in pt.tensors.items():
+                        tensors[f"{name}.{f}"] = t
+                    entries.append(packed_entry(name, pt, layer=i, expert=e, proj=p,
+                                                fallback=e in rec.fallback and config.method != "rtn"))
+                    layer_bytes += tensor_bytes(pt.tensors)
+                records.append(rec)
+                for k in reader.expert_keys_on_disk(i):  # expert biases (GPT-OSS) stay as they are
+                    if k.endswith("_bias"):
+                        tensors[k] = reader.get(k)
+                bar.set_postfix_str(f"layer {i}: {rec.seconds:.1f}s")
+            for k in reader.layer_keys(i):
+                if not reader.is_expert_tensor(k):
                     tensors[k] = reader.get(k)
-            bar.set_postfix_str(f"layer {i}: {rec.seconds:.1f}s")
-        for k in reader.layer_keys(i):
-            if not reader.is_expert_tensor(k):
-                tensors[k] = reader.get(k)
-        hidden = streamer.run_layer(layer, hidden, kwargs[i], bs)
-        writer.write_shard(f"layer-{i:05d}.safetensors", tensors, entries)
-        del layer
+            hidden = streamer.run_layer(layer, hidden, kwargs[i], bs)
+            expert_bytes += layer_bytes
+            writer.commit_layer(i, f"layer-{i:05d}.safetensors", tensors, entries, hidden,
+                                None if rec is None else dict(rec.__dict__), layer_bytes)
+            del layer
+    except KeyboardInterrupt:
+        log.warning("interrupted after %d of %d layers: rerun the same command with --resume to continue",
+                    len(writer.completed), streamer.num_layers)
+        raise
     writer.write_shard("globals.safetensors", {k: reader.get(k) for k in reader.global_keys()})
     copy_tokenizer_files(reader.path, writer.tmp)
 
@@ -141,9 +209,36 @@ def quantize(model: str | None, out: str, config: QuantizeConfig = QuantizeConfi
                           "experts": [{"layer": i, "expert": e, **s.to_json()} for (i, e), s in sorted(specs.items())]},
         "run/calibration.json": {"windows": list(windows.shape), "layers": [r.__dict__ for r in records]},
         "run/metrics.json": summary,
+        "run/coverage.json": _coverage_json(records, windows, config),
     }
     writer.finish(cfg, manifest, run)
     return summary
+
+
+def _coverage_json(records, windows, config: QuantizeConfig) -> dict:
+    from .calibration.stats import coverage_from_records
+    recs = [r if isinstance(r, dict) else r.__dict__ for r in records]
+    return coverage_from_records(recs, config.min_tokens, windows=windows.shape[0], seqlen=windows.shape[1],
+                                 sampler=config.calib.sampler).to_json()
+
+
+def calibration_stats(model: str | None, calib: CalibConfig = CalibConfig(), *, threshold: int = 16,
+                      progress: bool = True):
+    """Coverage of the calibration windows `calib` selects (tokens and gate mass per layer and expert),
+    from a layer-streamed routing pass of the original model; nothing is quantized."""
+    from .calibration import data, samplers
+    from .calibration.routing import route_windows
+    from .calibration.stats import coverage_from_routing
+    model = model or builtin_model_path()
+    tok = data.load_tokenizer(model)
+    pool = data.token_pool(tok, data.parse_sources(list(calib.sources)))
+    sel = samplers.select(model, pool, calib)
+    routing = sel.routing
+    if routing is None:
+        with _progress(desc="routing", enabled=progress) as bar:
+            routing = route_windows(model, sel.windows, calib.batch_size, bar)
+    cov = coverage_from_routing(routing, threshold, seqlen=calib.seqlen, sampler=calib.sampler)
+    return cov, sel.seconds
 
 
 def evaluate(model: str, texts: list[str], *, seqlen: int = 256, max_tokens: int | None = None,
@@ -161,6 +256,16 @@ def evaluate(model: str, texts: list[str], *, seqlen: int = 256, max_tokens: int
         with _progress(total=len(ids) // seqlen, desc=f"eval {os.path.basename(t)}", enabled=progress) as bar:
             results[t] = perplexity(m, ids, seqlen, batch_size, bar)
     return results
+
+
+def report(compressed: str, baseline: str, texts: list[str], out: str, *, seqlen: int = 256, max_tokens: int | None = None,
+           prompts: int = 4, new_tokens: int = 32, tasks: tuple[str, ...] | None = None, lm_eval_limit: int | None = 200,
+           progress: bool = True) -> dict:
+    """Size and accuracy of `compressed` against its original `baseline`: report.json/.md/.html and PNGs in `out`."""
+    from .report.build import DEFAULT_TASKS, ReportConfig, build_report
+    cfg = ReportConfig(tuple(texts), seqlen, max_tokens, prompts, new_tokens,
+                       DEFAULT_TASKS if tasks is None else tuple(tasks), lm_eval_limit)
+    return build_report(compressed, baseline, cfg, out, progress=progress)
 
 
 def load(path: str, device: str = "cpu", dtype=None):

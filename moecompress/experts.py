@@ -21,7 +21,6 @@ from torch import nn
 
 from .arch import PROJS
 from .codecs import PackedTensor, decode
-from .errors import MoeCompressError
 
 
 class Observer(Protocol):
@@ -45,10 +44,8 @@ def make_glu(arch_glu: str, config) -> Callable[[torch.Tensor, torch.Tensor], to
 
 def use_triton(x: torch.Tensor) -> bool:
     """MOECOMPRESS_KERNELS=torch|triton forces a path; by default Triton on CUDA, the torch reference on CPU."""
-    mode = os.environ.get("MOECOMPRESS_KERNELS", "auto").lower()
-    if mode not in ("auto", "torch", "triton"):
-        raise MoeCompressError(f"MOECOMPRESS_KERNELS must be torch, triton or auto, not {mode!r}")
-    return mode == "triton" or (mode == "auto" and x.is_cuda)
+    from .kernels import backend  # imports no triton unless the Triton path is chosen
+    return backend(x.device) == "triton"
 
 
 def _linear(x: torch.Tensor, w, bias=None) -> torch.Tensor:
@@ -90,6 +87,7 @@ class MoEExperts(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
+        self._prepared = None  # stacked kernel operands follow the buffers
         for e, w in enumerate(self.weights):  # re-point the dicts at the moved buffers
             if w is None:
                 continue
@@ -112,7 +110,15 @@ class MoEExperts(nn.Module):
         h = self.glu(_linear(x, w["gate"], b.get("gate")), _linear(x, w["up"], b.get("up")))
         return h, _linear(h, w["down"], b.get("down"))
 
+    def _packed_only(self) -> bool:
+        return all(w is None or all(isinstance(w[p], PackedTensor) for p in PROJS) for w in self.weights)
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.observer is None and self._packed_only() and use_triton(hidden_states):
+            from .kernels import moe_experts_forward, prepare_experts  # grouped launches per format
+            if getattr(self, "_prepared", None) is None:
+                self._prepared = prepare_experts(self.weights, self.biases)
+            return moe_experts_forward(hidden_states, top_k_index, top_k_weights, self._prepared, self.glu, self.biases)
         out = torch.zeros_like(hidden_states)
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)  # group the (token, slot) pairs by expert

@@ -27,6 +27,7 @@ from .codecs import PackedTensor, get_codec
 from .errors import MoeCompressError, PackedFormatError
 
 MANIFEST = "moecompress.json"
+PROGRESS = "progress.json"  # in the partial directory only
 FORMAT_VERSION = 1
 
 
@@ -50,9 +51,15 @@ def dump_json(path: str, obj) -> None:
 
 
 class PackedWriter:
-    """Writes shards into a partial directory; `finish` adds index, config and manifest, then renames."""
+    """Writes shards into a partial directory; `finish` adds index, config and manifest, then renames.
 
-    def __init__(self, out: str, resume: bool = False):
+    Resumable: `commit_layer` records each finished decoder layer in `progress.json` (atomically, after
+    its shard and the hidden states entering the next layer are on disk), under fingerprints of the
+    input, the plan and the options. `PackedWriter(out, resume=True, fingerprints=...)` picks a matching
+    partial run up again (`completed`, `load_hidden()`); a mismatch is an error that names what changed.
+    """
+
+    def __init__(self, out: str, resume: bool = False, fingerprints: dict | None = None):
         self.out = os.path.abspath(out)
         if os.path.exists(self.out):
             raise MoeCompressError(f"output {out} already exists: remove it or choose another --out")
@@ -60,11 +67,77 @@ class PackedWriter:
         if not os.path.isdir(parent):
             raise MoeCompressError(f"output parent directory {parent} does not exist")
         self.tmp = partial_dir(out)
-        if os.path.exists(self.tmp) and not resume:
-            shutil.rmtree(self.tmp)
-        os.makedirs(self.tmp, exist_ok=True)
+        self.fingerprints = dict(fingerprints or {})
         self.weight_map: dict[str, str] = {}
         self.entries: list[dict] = []
+        self.completed: list[dict] = []  # progress records of the layers already done, in order
+        if os.path.exists(self.tmp) and not (resume and self._resume()):
+            shutil.rmtree(self.tmp)
+        os.makedirs(self.tmp, exist_ok=True)
+
+    # -- resume ---------------------------------------------------------------------------------
+    def _resume(self) -> bool:
+        """Load a partial run's progress; False when there is nothing usable to continue."""
+        p = os.path.join(self.tmp, PROGRESS)
+        if not os.path.isfile(p):
+            return False  # killed before its first layer was committed: nothing worth keeping
+        try:
+            with open(p) as f:
+                prog = json.load(f)
+            layers, fps = prog["layers"], prog["fingerprints"]
+            if not isinstance(layers, list) or not isinstance(fps, dict):
+                raise TypeError(PROGRESS)
+        except (OSError, ValueError, KeyError, TypeError):
+            raise MoeCompressError(f"the partial run in {self.tmp} has an unreadable {PROGRESS}: remove that "
+                                   "directory and run again without --resume") from None
+        changed = sorted(k for k in set(fps) | set(self.fingerprints) if fps.get(k) != self.fingerprints.get(k))
+        if changed:
+            raise MoeCompressError(f"cannot resume: the {' and the '.join(changed)} differ{'s' if len(changed) == 1 else ''} "
+                                   f"from the interrupted run in {self.tmp}; rerun with the same input and options, "
+                                   "or drop --resume to start over")
+        for n, rec in enumerate(layers):
+            shard = os.path.join(self.tmp, rec["shard"])
+            if rec["layer"] != n or not os.path.isfile(shard) or sha256_file(shard) != rec["sha256"]:
+                raise MoeCompressError(f"cannot resume: {rec['shard']} in {self.tmp} is missing or changed since it "
+                                       "was written; drop --resume to start over")
+        if layers:
+            h = os.path.join(self.tmp, layers[-1]["hidden"])
+            if not os.path.isfile(h) or sha256_file(h) != layers[-1]["hidden_sha256"]:
+                raise MoeCompressError(f"cannot resume: the saved activations {layers[-1]['hidden']} in {self.tmp} "
+                                       "are missing or damaged; drop --resume to start over")
+        self.completed = layers
+        for rec in layers:
+            self.register(rec["shard"], rec["keys"], rec["entries"])
+        return True
+
+    def load_hidden(self) -> torch.Tensor:
+        """The hidden states entering the first layer not yet done (saved by the last commit)."""
+        from safetensors.torch import load_file
+        return load_file(os.path.join(self.tmp, self.completed[-1]["hidden"]))["hidden"]
+
+    def commit_layer(self, layer: int, name: str, tensors: dict[str, torch.Tensor], entries: list[dict],
+                     hidden: torch.Tensor, record: dict | None = None, expert_bytes: int = 0) -> None:
+        """Write layer `layer`'s shard and the hidden states it outputs, then record both in progress.json."""
+        assert layer == len(self.completed), (layer, len(self.completed))
+        self.write_shard(name, tensors, entries)
+        hname = f"hidden-{layer:05d}.safetensors"
+        hpath = os.path.join(self.tmp, hname)
+        save_file({"hidden": hidden.contiguous()}, hpath + ".tmp")
+        os.replace(hpath + ".tmp", hpath)
+        self.completed.append({"layer": layer, "shard": name, "sha256": sha256_file(os.path.join(self.tmp, name)),
+                               "keys": sorted(tensors), "entries": list(entries), "record": record,
+                               "expert_bytes": int(expert_bytes), "hidden": hname, "hidden_sha256": sha256_file(hpath)})
+        self._write_progress()
+        if layer > 0:  # only the newest activations are needed to continue
+            old = os.path.join(self.tmp, f"hidden-{layer - 1:05d}.safetensors")
+            if os.path.exists(old):
+                os.remove(old)
+
+    def _write_progress(self) -> None:
+        p = os.path.join(self.tmp, PROGRESS)
+        dump_json(p + ".tmp", {"format_version": FORMAT_VERSION, "fingerprints": self.fingerprints,
+                               "layers": self.completed})
+        os.replace(p + ".tmp", p)
 
     def shard_done(self, name: str) -> bool:
         return os.path.isfile(os.path.join(self.tmp, name))
@@ -94,6 +167,9 @@ class PackedWriter:
         manifest["files"] = {s: {"bytes": os.path.getsize(os.path.join(self.tmp, s)),
                                  "sha256": sha256_file(os.path.join(self.tmp, s))} for s in shards}
         manifest["tensors"] = sorted(self.entries, key=lambda e: e["name"])
+        for f in os.listdir(self.tmp):  # resume bookkeeping never reaches the output
+            if f == PROGRESS or (f.startswith("hidden-") and f.endswith(".safetensors")) or f.endswith(".tmp"):
+                os.remove(os.path.join(self.tmp, f))
         dump_json(os.path.join(self.tmp, MANIFEST), manifest)  # last: its presence means complete
         os.replace(self.tmp, self.out)
 

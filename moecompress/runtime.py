@@ -10,59 +10,136 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import defaultdict
 
 import torch
 from safetensors import safe_open
 
 from .arch import PROJS, arch_for
-from .errors import PackedFormatError
+from .checkpoint import read_safetensors_header
+from .errors import CheckpointError, PackedFormatError
 from .experts import MoEExperts
 from .layerwise import fresh_rotary, find_experts, hf_config, meta_model, set_submodule
-from .packed import read_manifest, rebuild, verify_files
+from .packed import check_file_entries, read_manifest, rebuild, verify_files
 
 
 def _read_shards(path: str, manifest: dict) -> dict[str, torch.Tensor]:
+    """Every stored tensor. Each header is parsed and bounded by its file's size before safetensors maps it."""
     out = {}
     for name in sorted(manifest["files"]):
+        p = os.path.join(path, name)
         try:
-            with safe_open(os.path.join(path, name), "pt") as f:
+            header, _ = read_safetensors_header(p)
+        except CheckpointError as e:
+            raise PackedFormatError(f"packed shard {e}") from None
+        except OSError as e:
+            raise PackedFormatError(f"cannot read packed shard {name}: {e.strerror}") from None
+        try:
+            with safe_open(p, "pt") as f:
                 for k in f.keys():
+                    if k in out:
+                        raise PackedFormatError(f"tensor {k} is stored twice (second copy in {name})")
                     out[k] = f.get_tensor(k)
+        except PackedFormatError:
+            raise
         except Exception as e:
-            raise PackedFormatError(f"cannot read packed shard {name}: {e}") from None
+            raise PackedFormatError(f"cannot read packed shard {name}: {str(e).splitlines()[0][:160]}") from None
+        if set(out).isdisjoint(header) and len(header) > 1:
+            raise PackedFormatError(f"packed shard {name}: header and tensors disagree")
     return out
 
 
-def load(path: str, device: str = "cpu", dtype: torch.dtype | None = None, verify: bool = True):
-    """Load packed checkpoint `path`; experts stay packed. dtype defaults to float32 on CPU."""
-    manifest = read_manifest(path)
-    if verify:
-        verify_files(path, manifest)
+def _read_config(path: str, tensors: dict[str, torch.Tensor], dtype):
+    """config.json as a transformers config, after checking its sizes against the stored tensors."""
     try:
-        with open(os.path.join(path, "config.json")) as f:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
             cfg_dict = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        if not isinstance(cfg_dict, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise PackedFormatError(f"{path}/config.json is missing or invalid ({e})") from None
-    arch = arch_for(cfg_dict)
-    if dtype is None:
-        dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    config = hf_config(cfg_dict, dtype)
-    model = meta_model(config)
-    glu = None
-    tensors = _read_shards(path, manifest)
+    try:
+        arch = arch_for(cfg_dict)
+    except CheckpointError as e:
+        raise PackedFormatError(f"config.json: {e}") from None
+    n = cfg_dict.get("num_hidden_layers")
+    stored = {int(m.group(1)) for k in tensors if (m := _LAYER.match(k))}
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_LAYERS or stored != set(range(n)):
+        raise PackedFormatError(f"config.json claims num_hidden_layers={n!r} but the shards hold layers "
+                                f"{_ranges(stored)}: damaged or mismatched packed checkpoint")
+    try:
+        config = hf_config(cfg_dict, dtype)
+    except CheckpointError as e:
+        raise PackedFormatError(f"config.json: {e}") from None
+    except Exception as e:  # transformers' own validation of hostile values
+        raise PackedFormatError(f"config.json is not a valid {cfg_dict.get('model_type')} config: "
+                                f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from None
+    return arch, config
 
+
+def _ranges(ids: set[int]) -> str:
+    return "none" if not ids else f"{min(ids)}..{max(ids)} ({len(ids)} distinct)"
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+MAX_LAYERS = 4096
+
+
+def _check_shapes(model, state: dict[str, torch.Tensor], tied: bool) -> None:
+    """Every non-expert parameter stored with the shape the config implies: checked on meta, before allocating."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in want if k not in state and not (tied and k.startswith("lm_head."))]
+    unexpected = [k for k in state if k not in want]
+    if missing or unexpected:
+        raise PackedFormatError(f"packed tensors do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    bad = [k for k, t in state.items() if tuple(t.shape) != want[k]]
+    if bad:
+        raise PackedFormatError(f"packed tensor {bad[0]} has shape {list(state[bad[0]].shape)}, the config implies "
+                                f"{list(want[bad[0]])}")
+
+
+def _manifest_experts(manifest: dict, tensors: dict, num_layers: int, num_experts: int):
+    """{layer: {expert: {proj: PackedTensor}}} from the manifest, every entry validated by its codec."""
     by_layer: dict[int, dict[int, dict[str, object]]] = defaultdict(lambda: defaultdict(dict))
     consumed = set()
     for ent in manifest["tensors"]:
+        if not isinstance(ent, dict):
+            raise PackedFormatError(f"malformed manifest entry {str(ent)[:80]}")
         try:
-            layer, e, proj = int(ent["layer"]), int(ent["expert"]), ent["proj"]
-        except (KeyError, TypeError, ValueError):
+            layer, e, proj = ent["layer"], ent["expert"], ent["proj"]
+        except KeyError:
             raise PackedFormatError(f"malformed manifest entry {str(ent)[:80]}") from None
-        if proj not in PROJS or not 0 <= layer < config.num_hidden_layers or not 0 <= e < 1 << 20:
-            raise PackedFormatError(f"manifest entry {ent.get('name')!r}: bad layer/expert/proj")
+        if (not all(isinstance(x, int) and not isinstance(x, bool) for x in (layer, e)) or proj not in PROJS
+                or not 0 <= layer < num_layers or not 0 <= e < num_experts):
+            raise PackedFormatError(f"manifest entry {str(ent.get('name'))[:80]!r}: layer/expert/proj "
+                                    f"{layer!r}/{e!r}/{proj!r} out of range ({num_layers} layers, {num_experts} experts)")
+        if proj in by_layer[layer][e]:
+            raise PackedFormatError(f"manifest lists layer {layer} expert {e} {proj} twice")
         by_layer[layer][e][proj] = rebuild(ent, tensors)
         consumed.update(f"{ent['name']}.{f}" for f in ent["fields"])
+    return by_layer, consumed
+
+
+def load(path: str, device: str = "cpu", dtype: torch.dtype | None = None, verify: bool = True):
+    """Load packed checkpoint `path`; experts stay packed. dtype defaults to float32 on CPU.
+
+    A damaged or hostile directory raises PackedFormatError before anything is allocated beyond the
+    stored tensors themselves (whose sizes are bounded by the files)."""
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    else:
+        check_file_entries(path, manifest)
+    if dtype is None:
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    tensors = _read_shards(path, manifest)
+    arch, config = _read_config(path, tensors, dtype)
+    model = meta_model(config)
+    layers = model.model.layers
+    num_experts = max([getattr(found[1], "num_experts", 0) for found in map(find_experts, layers) if found] or [0])
+    by_layer, consumed = _manifest_experts(manifest, tensors, config.num_hidden_layers, num_experts)
+    glu = None
 
     from .experts import make_glu
     glu = make_glu(arch.glu, config)

@@ -116,28 +116,29 @@ def chosen(prob: AllocationProblem, choice: np.ndarray, table: np.ndarray) -> np
 
 
 def repair_budget(prob: AllocationProblem, choice: np.ndarray) -> np.ndarray:
-    """Guard against solver tolerances: while a pool is over budget by a few bytes, move the expert
-    whose step down to a cheaper allowed candidate costs least per byte saved (top-two rule kept)."""
+    """Guard against solver tolerances: while a pool is over budget, step one expert down to a cheaper
+    allowed candidate (top-two rule kept), the step with the least cost increase per byte of overflow
+    it removes (bytes saved beyond the overflow count for nothing)."""
     choice = choice.copy()
     L, E, C = prob.shape
     for pool, cap in zip(prob.pools(), prob.budget):
-        while int(chosen(prob, choice, prob.bytes)[pool].sum()) > int(cap):
-            best = None
+        while (over := int(chosen(prob, choice, prob.bytes)[pool].sum()) - int(cap)) > 0:
+            moves = []  # (cost increase per overflow byte removed, cost increase, l, e, c)
             for l in pool:
                 for e in range(E):
                     c0 = choice[l, e]
                     if prob.top_two is not None and c0 in prob.top_two[l] and (choice[l] == c0).sum() == 1:
                         continue
                     for c in np.flatnonzero(prob.allowed[l]):
-                        saved = prob.bytes[l, e, c0] - prob.bytes[l, e, c]
+                        saved = int(prob.bytes[l, e, c0] - prob.bytes[l, e, c])
                         if saved > 0:
-                            r = (prob.cost[l, e, c] - prob.cost[l, e, c0]) / saved
-                            if best is None or r < best[0]:
-                                best = (r, l, e, c)
-            assert best is not None, "over budget and nothing to step down (feasibility check missed it)"
-            log.warning("bit allocation: solver tolerance left the budget exceeded; stepped layer %d expert %d "
-                        "down", best[1], best[2])
-            choice[best[1], best[2]] = best[3]
+                            dc = float(prob.cost[l, e, c] - prob.cost[l, e, c0])
+                            moves.append((dc / min(saved, over), dc, int(l), e, int(c)))
+            assert moves, "over budget and nothing to step down (feasibility check missed it)"
+            _, _, l, e, c = min(moves)
+            log.warning("bit allocation: budget exceeded after solving (solver tolerance); stepped layer %d "
+                        "expert %d down to %s", l, e, prob.candidates[c].label)
+            choice[l, e] = c
     return choice
 
 

@@ -8,11 +8,11 @@ Practical Sub-1-Bit Compression of Trillion-Parameter Models", section 4).
 
 The dictionary is a trie: entry i = (parent(i), symbol(i)), expansion(i) = expansion(parent) + symbol,
 parents before children, entries 0..8 the nine single symbols (so every stream is codable). It is built
-from the streams the model actually has by greedy growth: parse every stream with the current trie,
-count for each (entry e, next symbol s) how often a match of e stopped because e+s was missing, and add
-the most frequent extensions e+s (each saves about one codeword per occurrence); repeat, doubling the
-size, until 2^16 entries, `max_len` symbols, or no extension occurs `min_count` times. Parsing is
-vectorised over rows: one trie step for all rows at once per symbol position.
+from the streams the model actually has: the D most frequent strings (counted at every position inside
+rows, up to `max_len` symbols), which for a memoryless source is Tunstall's variable-to-fixed code
+(Tunstall 1967: the most probable strings) and which also captures runs; D is chosen among powers of
+two by the real bytes it gives, codewords plus dictionary. Parsing is vectorised over rows: one trie
+step for all rows at once per symbol position.
 
 Decode is a gather: codeword -> (length, expansion) tables, output positions from a cumsum of lengths.
 Stored form of the dictionary: uint8 (D, 3) = little-endian uint16 (parent + 1, 0 for none), symbol.
@@ -185,37 +185,96 @@ def greedy_parse(child: torch.Tensor, S: torch.Tensor, count_extensions: bool = 
     return Parse(out[mask], mask.sum(1), ext)
 
 
+def _rows_flat(code_streams) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (seq (P,) every row's pair symbols, one row after another; left (P,) symbols left in the row)."""
+    seqs, lefts = [], []
+    for c in code_streams:
+        S = pair_symbols(c)  # (N, K2)
+        seqs.append(S.flatten())
+        lefts.append(torch.arange(S.shape[1], 0, -1).repeat(S.shape[0]))
+    return torch.cat(seqs), torch.cat(lefts)
+
+
+def frequent_strings(code_streams, max_entries: int = MAX_ENTRIES, max_len: int = 64) -> Trie:
+    """The `max_entries` most frequent symbol strings within rows (overlapping counts), as a trie.
+
+    Counted level by level (apriori): an (l+1)-string is counted only where its l-prefix survived,
+    and a level keeps only strings at least as frequent as the max_entries-th count seen so far, a
+    lower bound of the final cut. Sorted by (count desc, length asc), every prefix of the order is
+    prefix-closed (a prefix is never rarer than its extensions); the nine singles always come first.
+    """
+    seq, left = _rows_flat(code_streams)
+    par, sym, cnt, dep = [singles().parent], [singles().symbol], [torch.full((NSYM,), 1 << 62)], [torch.ones(NSYM, dtype=torch.int64)]
+    pos = torch.arange(seq.numel())
+    cur = seq.clone()  # id of the string starting at each position in pos
+    n_ids, cut = NSYM, 0
+    for level in range(1, max_len):
+        ok = left[pos] > level
+        pos, cur = pos[ok], cur[ok]
+        if pos.numel() == 0:
+            break
+        key = cur * NSYM + seq[pos + level]
+        uniq, inv, c = torch.unique(key, return_inverse=True, return_counts=True)
+        allc = torch.cat(cnt[1:] + [c])
+        if allc.numel() >= max_entries - NSYM:
+            cut = max(cut, int(torch.topk(allc, max_entries - NSYM).values[-1]))
+        keep = c >= max(cut, 2)
+        if not bool(keep.any()):
+            break
+        new_id = torch.full_like(uniq, -1)
+        new_id[keep] = torch.arange(n_ids, n_ids + int(keep.sum()))
+        n_ids += int(keep.sum())
+        par.append(uniq[keep] // NSYM)
+        sym.append(uniq[keep] % NSYM)
+        cnt.append(c[keep])
+        dep.append(torch.full((int(keep.sum()),), level + 1))
+        cur = new_id[inv]
+        pos, cur = pos[cur >= 0], cur[cur >= 0]
+    parent, symbol, count, depth = (torch.cat(x) for x in (par, sym, cnt, dep))
+    # rank by (count desc, depth asc, id asc); codeword = rank, so parents precede children
+    order = torch.sort(depth, stable=True).indices  # ids are in creation order already
+    order = order[torch.sort(-count[order], stable=True).indices][:max_entries]
+    rank = torch.full((n_ids,), -1, dtype=torch.int64)
+    rank[order] = torch.arange(order.numel())
+    p = parent[order]
+    return Trie(torch.where(p >= 0, rank[p.clamp(min=0)], -1), symbol[order])
+
+
+def coded_bytes(trie: Trie, streams: list[torch.Tensor]) -> int:
+    """Bytes of the codewords of every row of `streams` (pair symbols, grouped by row length)."""
+    child = child_table(trie)
+    return 2 * sum(greedy_parse(child, S).codewords.numel() for S in streams)
+
+
 def build_dictionary(code_streams, max_entries: int = MAX_ENTRIES, max_len: int = 64,
-                     min_count: int = 4) -> torch.Tensor:
+                     sizes: tuple[int, ...] | None = None, max_rows: int = 8192) -> torch.Tensor:
     """Build a prefix-closed dictionary from ternary codes; returns the stored uint8 (D, 3) tensor.
 
-    code_streams: iterable of (N, K) ternary code tensors (a layer's or a model's experts); rows of any
-    length. min_count: an extension must save at least this many codewords (an entry costs 3 bytes,
-    a codeword 2; greedy counts overestimate the saving, hence 4 rather than 2).
+    code_streams: list of (N, K) ternary code tensors (a layer's or a model's experts). The entries are
+    the most frequent strings (frequent_strings); the size is the one among `sizes` (default: powers
+    of 2 from 512 up to max_entries) that minimises codeword bytes + dictionary bytes on these streams,
+    so a small model does not pay for a dictionary it cannot amortise (the size is judged on the
+    sample, the dictionary's bytes scaled by the sampled fraction). Statistics come from every
+    ceil(rows / max_rows)-th row, which bounds the build time on large models.
     """
-    streams = {}
-    for c in code_streams:
-        s = pair_symbols(c)
-        streams.setdefault(s.shape[1], []).append(s)
-    streams = [torch.cat(v) for v in streams.values()]  # rows grouped by length
-    parent, symbol = singles()
-    while parent.numel() < max_entries:
-        trie = Trie(parent, symbol)
-        child = child_table(trie)
-        ext = sum(greedy_parse(child, S, count_extensions=True).extensions for S in streams)
-        ext[child > 0] = 0  # already entries (cannot occur as misses; kept for safety)
-        ext[1:][depths(trie) >= max_len] = 0
-        ext[0] = 0
-        flat = ext.flatten()
-        budget = min(max_entries - parent.numel(), max(64, parent.numel()))
-        top = torch.topk(flat, min(budget, flat.numel()))
-        keep = top.indices[top.values >= min_count]
-        if keep.numel() == 0:
-            break
-        keep = keep.sort().values  # node order: parents stay before children
-        parent = torch.cat((parent, keep // NSYM - 1))
-        symbol = torch.cat((symbol, keep % NSYM))
-    return to_tensor(Trie(parent, symbol))
+    code_streams = list(code_streams)
+    rows = sum(c.shape[0] for c in code_streams)
+    step = max(1, -(-rows // max_rows))
+    code_streams = [c[::step] for c in code_streams]  # deterministic row sample: every step-th row
+    trie = frequent_strings(code_streams, max_entries, max_len)
+    D = trie.parent.numel()
+    if sizes is None:
+        sizes = tuple(1 << b for b in range(9, 17) if (1 << b) < D) + (D,)
+    sizes = sorted({min(max(s, NSYM), D) for s in sizes})
+    if len(sizes) > 1:
+        groups = {}
+        for c in code_streams:
+            S = pair_symbols(c)
+            groups.setdefault(S.shape[1], []).append(S)
+        streams = [torch.cat(v) for v in groups.values()]  # (rows, K2) per row length
+        best = min(sizes, key=lambda s: (coded_bytes(Trie(trie.parent[:s], trie.symbol[:s]), streams) * step + ENTRY_BYTES * s, s))
+        trie = Trie(trie.parent[:best], trie.symbol[:best])
+    return to_tensor(trie)
 
 
 def encode_rows(codes: torch.Tensor, dictionary: torch.Tensor) -> Parse:
@@ -229,11 +288,11 @@ def decode_rows(codewords: torch.Tensor, dictionary: torch.Tensor, N: int, K: in
     table, lengths = tables_for(dictionary)
     cw = codewords.to(torch.int64)
     lens = lengths[cw]  # (M,)
-    rep = torch.repeat_interleave(cw, lens)  # (N*K2,) codeword of each output symbol
+    idx = torch.repeat_interleave(torch.arange(cw.numel()), lens)  # (N*K2,) which codeword
     start = torch.cumsum(lens, 0) - lens
-    within = torch.arange(rep.numel()) - torch.repeat_interleave(start, lens)
-    sym = table.view(-1)[rep * table.shape[1] + within]  # (N*K2,) uint8
-    return trits_from_pairs(sym.to(torch.int64).view(N, -1), K)
+    within = torch.arange(idx.numel()) - start[idx]
+    sym = table.view(-1)[cw[idx] * table.shape[1] + within]  # (N*K2,) uint8 pair symbols
+    return trits_from_pairs(sym.view(N, -1).to(torch.int32), K)
 
 
 def row_symbol_counts(codewords: torch.Tensor, row_counts: torch.Tensor, dictionary: torch.Tensor) -> torch.Tensor:

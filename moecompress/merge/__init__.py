@@ -17,6 +17,8 @@ MERGE_METHODS = ("average", "msmoe", "hcsmoe")
 METHODS = PRUNE_METHODS + MERGE_METHODS
 # method -> neuron alignment used by default (measured in benchmarks/merge.py)
 DEFAULT_ALIGN = {"average": None, "msmoe": "weight", "hcsmoe": "weight"}
+# method -> router rows of merged groups (router.py); "dominant" measured best with refit on the fixture
+DEFAULT_ROUTER = {"average": "lse", "msmoe": "dominant", "hcsmoe": "dominant"}
 
 
 def reduce_layer(
@@ -30,7 +32,7 @@ def reduce_layer(
     *,
     top_k: int | None = None,
     align: str | None | type(...) = ...,
-    router_mode: str = "lse",
+    router_mode: str | None = None,
     refit: bool = True,
 ) -> LayerReduction:
     """Reduce one layer's E experts (gate_up (E, 2I, H), down (E, H, I), router (E, H)) to num_keep."""
@@ -42,6 +44,7 @@ def reduce_layer(
 
     if method not in METHODS:
         raise MoeCompressError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    router_mode = router_mode or DEFAULT_ROUTER.get(method, "lse")
     args = (gate_up, down, router_weight, router_bias, stats, num_keep)
     if method in PRUNE_METHODS:
         return prune_layer(*args, method=method, top_k=top_k)

@@ -27,7 +27,7 @@ MATCHERS = ("weight", "activation")
 
 class Alignment(NamedTuple):
     perm: torch.Tensor  # (I,) long: aligned unit i is the expert's unit perm[i]
-    score: float  # tr(P C) / I, mean matched similarity (1.0 for a permuted copy under "weight")
+    score: float  # tr(P C) / I, mean cosine of matched units (1.0 for a permuted copy)
 
 
 def _weight_features(gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,8 @@ def align_expert(
         fb = _activation_features(gate_up, down, inputs)
     else:
         fa, fb = _weight_features(ref_gate_up, ref_down), _weight_features(gate_up, down)
-    C = (fa @ fb.T).double()  # (I, I): similarity of ref unit i and unit j
+    fa, fb = F.normalize(fa.double(), dim=1), F.normalize(fb.double(), dim=1)
+    C = fa @ fb.T  # (I, I): cosine similarity of ref unit i and unit j
     rows, cols = linear_sum_assignment(C.numpy(), maximize=True)
     perm = torch.as_tensor(cols, dtype=torch.long)[torch.as_tensor(rows).argsort()]
     score = float(C[torch.arange(C.shape[0]), perm].mean())

@@ -124,10 +124,12 @@ def compute_layer_stats(
     spaced tokens for its mean output (HC-SMoE's clustering feature), whether the router chose it or not.
     """
     X = hidden.reshape(-1, hidden.shape[-1]).float()  # (..., H) -> (T, H)
-    L = router_logits.reshape(X.shape[0], -1).double()  # (T, E)
-    T, E = L.shape
-    idx = top_k_index.reshape(T, -1)  # (T, k)
-    w = top_k_weights.reshape(T, -1).double()  # (T, k)
+    E = gate_up.shape[0]
+    L = router_logits.reshape(X.shape[0], E).double()  # (T, E)
+    T = L.shape[0]
+    k = top_k_index.shape[-1]
+    idx = top_k_index.reshape(T, k)  # (T, k)
+    w = top_k_weights.reshape(T, k).double()  # (T, k)
     counts = torch.zeros(E, dtype=torch.float64)
     gate_sum = torch.zeros(E, dtype=torch.float64)
     reap_sum = torch.zeros(E, dtype=torch.float64)

@@ -1,0 +1,123 @@
+"""Expert-balanced calibration on the trained fixture: samplers x AGQ x bit width, per evaluation domain.
+
+Calibrates on prose only (the issue's setting), quantizes the experts with GPTQ at each bit width with
+windows from each sampler (random / balanced / ebss), with affinity-guided Hessians off and on, over
+several seeds, and evaluates perplexity on the four domains' test texts. Prints, per bit width and
+domain, mean +- std over seeds for every sampler x affinity cell, the coverage (min tokens per expert,
+cv) of each sampler's windows, and the seconds each sampler took.
+
+The windows of a (sampler, seed) are selected once and reused for every bit width and affinity
+setting (api.calibration_windows is swapped for a lookup in this process), so sampler time is counted
+once. Full run (hours on 2 CPU cores):
+
+    python benchmarks/calibration.py --json /tmp/calib_bench.json
+Reduced run (what fits in a short session):
+
+    python benchmarks/calibration.py --seeds 0 --nsamples 32 --max-tokens 8192 --bits 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIX = os.path.join(HERE, "..", "..", "shared", "fixtures")
+DOMAINS = ("prose", "verse", "c", "python")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=os.path.join(FIX, "mixtral-wiki4"))
+    ap.add_argument("--calib", default=os.path.join(FIX, "text", "calib_prose.txt"))
+    ap.add_argument("--samplers", nargs="+", default=["random", "balanced", "ebss"])
+    ap.add_argument("--bits", nargs="+", type=int, default=[3, 2])
+    ap.add_argument("--affinity", nargs="+", default=["off", "on"], choices=["off", "on"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=32768, help="evaluation tokens per domain")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+
+    import torch
+    from moecompress import api
+    from moecompress.calibration import data, samplers
+    from moecompress.calibration.routing import route_windows
+    from moecompress.calibration.stats import coverage_from_routing
+    from moecompress.config import CalibConfig, QuantizeConfig
+
+    texts = {d: os.path.join(FIX, "text", f"{d}_test.txt") for d in DOMAINS}
+    tok = data.load_tokenizer(a.model)
+    pool = data.token_pool(tok, data.parse_sources([a.calib]))
+    windows, sampler_s, coverage = {}, {}, {}
+    for sm in a.samplers:
+        for seed in a.seeds:
+            calib = CalibConfig((a.calib,), a.nsamples, a.seqlen, seed, sm)
+            sel = samplers.select(a.model, pool, calib)
+            windows[(sm, seed)] = sel.windows
+            sampler_s.setdefault(sm, []).append(sel.seconds)
+            r = sel.routing or route_windows(a.model, sel.windows, 16)
+            cov = coverage_from_routing(r)
+            coverage.setdefault(sm, []).append({"min": [c.min for c in cov.layers], "cv": [c.cv for c in cov.layers]})
+            print(f"[{sm} seed {seed}] {sel.seconds:.1f} s; min/layer {[c.min for c in cov.layers]}, "
+                  f"cv/layer {[round(c.cv, 3) for c in cov.layers]}", flush=True)
+
+    real = api.calibration_windows
+    api.calibration_windows = lambda model, calib: windows[(calib.sampler, calib.seed)]  # reuse the selection
+    results = {"original": {d: r["perplexity"] for d, r in
+                            zip(DOMAINS, api.evaluate(a.model, list(texts.values()), max_tokens=a.max_tokens,
+                                                      progress=False).values())}}
+    work = tempfile.mkdtemp(prefix="calib-bench-")
+    try:
+        for bits in a.bits:
+            for sm in a.samplers:
+                for aff in a.affinity:
+                    for seed in a.seeds:
+                        out = os.path.join(work, f"w{bits}-{sm}-{aff}-{seed}")
+                        cfg = QuantizeConfig(bits=bits, group_size=a.group_size, method="gptq", affinity=aff == "on",
+                                             calib=CalibConfig((a.calib,), a.nsamples, a.seqlen, seed, sm))
+                        t0 = time.time()
+                        api.quantize(a.model, out, cfg, progress=False)
+                        ev = api.evaluate(out, list(texts.values()), max_tokens=a.max_tokens, progress=False)
+                        ppl = {d: r["perplexity"] for d, r in zip(DOMAINS, ev.values())}
+                        results[f"w{bits}/{sm}/{aff}/{seed}"] = ppl
+                        print(f"[w{bits} {sm} affinity {aff} seed {seed}] {time.time() - t0:.0f} s "
+                              + " ".join(f"{d} {v:.3f}" for d, v in ppl.items()), flush=True)
+                        shutil.rmtree(out)
+    finally:
+        api.calibration_windows = real
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nprose-only calibration, {a.nsamples} x {a.seqlen} tokens, GPTQ group {a.group_size}, "
+          f"seeds {a.seeds}, eval {a.max_tokens} tokens/domain; perplexity mean +- std over seeds")
+    print("original: " + "  ".join(f"{d} {v:.3f}" for d, v in results["original"].items()))
+    cells = [(sm, aff) for sm in a.samplers for aff in a.affinity]
+    for bits in a.bits:
+        print(f"\n{bits}-bit   " + "".join(f"{sm + ('+agq' if aff == 'on' else ''):>18}" for sm, aff in cells))
+        for d in DOMAINS:
+            row = []
+            for sm, aff in cells:
+                v = [results[f"w{bits}/{sm}/{aff}/{s}"][d] for s in a.seeds]
+                sd = statistics.stdev(v) if len(v) > 1 else 0.0
+                row.append(f"{statistics.mean(v):>10.3f} +-{sd:5.3f}")
+            print(f"{d:<8}" + "".join(f"{c:>18}" for c in row))
+    print("\nsampler   seconds (mean)   min tokens/expert per layer (seed 0)   cv per layer (seed 0)")
+    for sm in a.samplers:
+        c = coverage[sm][0]
+        print(f"{sm:<9} {statistics.mean(sampler_s[sm]):>10.1f}   {str(c['min']):>36}   {[round(x, 3) for x in c['cv']]}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "perplexity": results, "sampler_seconds": sampler_s, "coverage": coverage}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(HERE, ".."))
+    sys.exit(main())

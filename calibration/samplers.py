@@ -1,0 +1,98 @@
+"""Expert-balanced calibration samplers: `balanced` (selection from real text) and `ebss` (self-sampling).
+
+`balanced`: draw a pool of `pool_factor * nsamples` random windows from the calibration text, count
+which experts every window reaches (one layer-streamed routing pass, `routing.route_windows`), then
+pick `nsamples` windows greedily, each time the one with the largest gain in
+
+    F(S) = sum_l sum_e log(1 + N_le(S)),   N_le(S) = sum_{w in S} n[w, l, e]
+
+(tokens window w routes to expert e of layer l). F is the proportional-fairness (Nash welfare)
+objective: an extra token for an expert with N tokens is worth 1/(1+N), so windows that reach
+starved experts win, which raises the minimum count and lowers the coefficient of variation. F is a
+concave function of additive counts, hence monotone submodular, and greedy selection is within
+(1 - 1/e) of the best subset (Nemhauser et al. 1978). The token budget is that of `random`:
+nsamples windows of seqlen tokens. Weighted source mixes shape the pool; the greedy ignores weights.
+
+`ebss`: MoEQuant's expert-balanced self-sampling, in `calibration/ebss.py`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ..errors import MoeCompressError
+from .data import random_windows
+from .routing import Routing, route_windows
+
+log = logging.getLogger("moecompress")
+
+
+@dataclass(frozen=True)
+class BalancedConfig:
+    pool_factor: int = 4        # candidate windows = pool_factor * nsamples
+
+    def __post_init__(self):
+        if self.pool_factor < 1:
+            raise MoeCompressError(f"balanced sampler pool_factor must be >= 1, got {self.pool_factor}")
+
+
+class Selection(NamedTuple):
+    windows: torch.Tensor              # (nsamples, seqlen) token ids
+    routing: Routing | None            # routing counts of exactly these windows, when the sampler has them
+    seconds: float
+
+
+def balanced_select(counts: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy max of F(S) = sum log(1 + sum_{w in S} counts[w]) over |S| = n.
+
+    counts: (P, L, E) per-window counts -> (n,) indices into P, in selection order (ties: lowest index).
+    """
+    P = counts.shape[0]
+    if not 1 <= n <= P:
+        raise MoeCompressError(f"cannot select {n} windows from a pool of {P}")
+    c = counts.double().reshape(P, -1)  # (P, L, E) -> (P, L*E)
+    total = torch.zeros(c.shape[1], dtype=torch.float64)
+    taken = torch.zeros(P, dtype=torch.bool)
+    order = []
+    for _ in range(n):
+        gain = torch.log1p(total + c).sum(1)  # (P,): F(S + w) up to the constant F(S)
+        gain[taken] = -float("inf")
+        j = int(torch.argmax(gain))
+        order.append(j)
+        taken[j] = True
+        total += c[j]
+    return torch.tensor(order, dtype=torch.long)
+
+
+def balanced(model_path: str, pool, nsamples: int, seqlen: int, seed: int, batch_size: int = 8,
+             config: BalancedConfig = BalancedConfig(), progress=None) -> Selection:
+    t0 = time.time()
+    cand = random_windows(pool, nsamples * config.pool_factor, seqlen, seed)  # (P, seqlen)
+    r = route_windows(model_path, cand, batch_size, progress)
+    idx = balanced_select(r.tokens, nsamples)
+    return Selection(cand[idx], Routing(r.layers, r.tokens[idx], r.gate_sum[idx]), time.time() - t0)
+
+
+def select(model_path: str, pool, calib, *, progress=None) -> Selection:
+    """Windows for `calib.sampler` ("random", "balanced" or "ebss"), with their routing where known."""
+    t0 = time.time()
+    if calib.sampler == "random":
+        return Selection(random_windows(pool, calib.nsamples, calib.seqlen, calib.seed), None, time.time() - t0)
+    if calib.sampler == "balanced":
+        return balanced(model_path, pool, calib.nsamples, calib.seqlen, calib.seed, calib.batch_size, progress=progress)
+    if calib.sampler == "ebss":
+        from .ebss import EBSSConfig, generate
+        ids = generate(model_path, pool, calib.nsamples, calib.seqlen, calib.seed, EBSSConfig(), progress=progress)
+        return Selection(ids, None, time.time() - t0)
+    raise MoeCompressError(f"unknown sampler {calib.sampler!r}; choose random, balanced or ebss")
+
+
+def sample(model_path: str, pool, calib) -> torch.Tensor:
+    """(nsamples, seqlen) calibration windows for `calib.sampler` (the entry point of api.calibration_windows)."""
+    s = select(model_path, pool, calib)
+    log.info("%s sampler: %d windows x %d tokens in %.1f s", calib.sampler, *s.windows.shape, s.seconds)
+    return s.windows

@@ -1,0 +1,67 @@
+"""Load a reduced checkpoint whose MoE layers keep different numbers of experts (`--ratio R`).
+
+Such a directory is a Hugging Face checkpoint (source tensor names, per-layer expert counts) whose
+config.json carries a "moecompress_merge" entry; plain transformers cannot build it because its
+modules assume one expert count. The skeleton is built on the meta device, each MoE layer's experts
+module is replaced by `MoEExperts` over that layer's K_l experts and its router weight by a (K_l, H)
+parameter, and every other tensor is loaded as stored. Uniform outputs (`--experts K`) need none of
+this: `transformers.AutoModelForCausalLM.from_pretrained` loads them.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import CheckpointError
+from .writer import MERGE_KEY
+
+
+def is_merged(config: dict) -> bool:
+    return isinstance(config.get(MERGE_KEY), dict)
+
+
+def load_merged(path: str, dtype=torch.float32):
+    """A model from a reduced checkpoint with per-layer expert counts (CPU, eval mode)."""
+    from ..arch import PROJS
+    from ..checkpoint import CheckpointReader
+    from ..experts import MoEExperts, make_glu
+    from ..layerwise import find_experts, fresh_rotary, hf_config, meta_model, set_submodule
+
+    reader = CheckpointReader(path)
+    arch, cfg = reader.arch, reader.config
+    if arch.glu != "swiglu":
+        raise CheckpointError(f"{arch.family}: reduced checkpoints of this family are not supported")
+    config = hf_config({k: v for k, v in cfg.items() if k != MERGE_KEY}, dtype)
+    model = meta_model(config)
+    glu = make_glu(arch.glu, config)
+    layers = model.model.layers
+    experts = {}
+    for i in reader.moe_layers:
+        found = find_experts(layers[i])
+        if found is None:
+            raise CheckpointError(f"layer {i} has expert tensors but no MoE block in this config")
+        st = reader.layer_experts(i, dtype)  # {"gate": (K, I, H), "up": (K, I, H), "down": (K, H, I)}
+        experts[i] = (found[0], [{p: st[p][k] for p in PROJS} for k in range(st["gate"].shape[0])])
+        set_submodule(layers[i], found[0], torch.nn.Module())
+    state = {arch.to_mem(k): reader.get(k).to(dtype) for k in reader.tensors if not reader.is_expert_tensor(k)}
+    for i in experts:  # router rows: (K_l, H) instead of the config's count
+        router = layers[i].get_submodule(arch.router_mem)
+        for name, p in list(router.named_parameters(recurse=False)):
+            key = f"{reader.prefix}.{i}.{arch.router_mem}.{name}"
+            if key in state and state[key].shape != p.shape:
+                setattr(router, name, torch.nn.Parameter(torch.empty(state[key].shape, device="meta"), requires_grad=False))
+        for attr in ("num_experts", "n_routed_experts"):
+            if hasattr(router, attr):
+                setattr(router, attr, len(experts[i][1]))
+    model.to_empty(device="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = [m for m in missing if not (tied and m.startswith("lm_head."))]
+    if missing or unexpected:
+        raise CheckpointError(f"reduced checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if tied:
+        model.tie_weights()
+    fresh_rotary(model)
+    model = model.to(dtype)
+    for i, (p, w) in experts.items():
+        set_submodule(layers[i], p, MoEExperts(w, glu))
+    return model.eval()

@@ -1,0 +1,171 @@
+"""`run_merge`: reduce the experts of a checkpoint, layer by layer, and write the result.
+
+Pass 1 (only for --ratio) streams the original model one decoder layer at a time and collects routing
+statistics to choose per-layer counts (counts.py). The reducing pass then streams the layers again:
+a pre-hook on each MoE layer's experts module sees the exact hidden states, top-k indices and
+weights the family's own router produced, `compute_layer_stats` turns them into a `LayerStats`, the
+layer is reduced, and the *reduced* layer's outputs feed the next layer (sequential calibration).
+
+Output: a Hugging Face checkpoint directory with per-expert tensors under the source's own disk names
+(or fused, when the source is fused), router rows reduced to the kept experts, and the config's
+expert count set to K. With --experts K every MoE layer has K experts and plain transformers loads
+it. With --ratio R the counts differ per layer; config.json then carries a "moecompress_merge" entry
+(experts per layer, expert map) and `loader.load_merged` (behind moecompress.load) builds it.
+run/merge_record.json records, per layer, which experts merged into which or were dropped, with usage.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+
+import torch
+
+from ..errors import MoeCompressError
+from . import METHODS, reduce_layer
+from .counts import allocate_counts, importance
+from .stats import LayerStats, compute_layer_stats
+
+log = logging.getLogger("moecompress")
+FORMAT_VERSION = 1
+
+
+def _router(layer, arch):
+    try:
+        return layer.get_submodule(arch.router_mem)
+    except AttributeError:
+        raise MoeCompressError(f"{arch.family}: router {arch.router_mem!r} not found in the decoder layer") from None
+
+
+def _stack(experts) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoEExperts dense weights -> gate_up (E, 2I, H), down (E, H, I)."""
+    gu = torch.stack([torch.cat([w["gate"], w["up"]]) for w in experts.weights])  # E x (2I, H)
+    dn = torch.stack([w["down"] for w in experts.weights])  # E x (H, I)
+    return gu, dn
+
+
+def _layer_stats(streamer, layer, hidden, kwargs, bs, router, experts, max_router_samples):
+    """Run the layer on hidden (S, L, H); returns (LayerStats, layer output)."""
+    gu, dn = _stack(experts)
+    acc: list[LayerStats] = []
+
+    def hook(mod, args, kw):
+        x, idx, w = (list(args) + [kw[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kw])[:3]
+        logits = torch.nn.functional.linear(x.float(), router.weight.float(),
+                                            None if getattr(router, "bias", None) is None else router.bias.float())
+        acc.append(compute_layer_stats(x, logits, idx, w, gu, dn, max_router_samples=max_router_samples))
+
+    h = experts.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        out = streamer.run_layer(layer, hidden, kwargs, bs)
+    finally:
+        h.remove()
+    stats = acc[0]
+    for s in acc[1:]:
+        stats = stats + s
+    return stats, out
+
+
+def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float | None = None,
+              method: str = "msmoe", calib=(), nsamples: int = 64, seqlen: int = 256, seed: int = 0,
+              batch_size: int = 8, max_router_samples: int = 4096, progress: bool = True) -> dict:
+    """Reduce every MoE layer of checkpoint `source` to `experts` experts (or `ratio` of all, adaptively)."""
+    from ..api import _progress, calibration_windows
+    from ..checkpoint import CheckpointReader
+    from ..config import CalibConfig
+    from ..layerwise import LayerStreamer, copy_tokenizer_files, find_experts
+    from .writer import MergedWriter
+
+    t0 = time.time()
+    if (experts is None) == (ratio is None):
+        raise MoeCompressError("give exactly one of --experts K (per layer) or --ratio R (of all experts)")
+    if method not in METHODS:
+        raise MoeCompressError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if os.path.exists(out):
+        raise MoeCompressError(f"output {out} already exists: remove it or choose another --out")
+    reader = CheckpointReader(source)
+    arch = reader.arch
+    if arch.glu != "swiglu":
+        raise MoeCompressError(f"merge/prune supports SwiGLU experts; {arch.family} experts are not supported yet")
+    top_k = int(reader.config.get("num_experts_per_tok") or reader.config.get("moe_topk") or 1)
+    layers = reader.moe_layers
+    sizes = {i: reader.layer_num_experts(i) for i in layers}
+    if experts is not None:
+        for i in layers:
+            from .reduction import check_target
+            check_target(sizes[i], experts, top_k)
+        n_group = reader.config.get("n_group")
+        if n_group and experts % int(n_group):
+            raise MoeCompressError(f"this model routes in {n_group} expert groups: choose --experts divisible by {n_group}")
+    calib_cfg = CalibConfig(tuple(calib or ()), nsamples, seqlen, seed)
+    windows = calibration_windows(source, calib_cfg)
+    streamer = LayerStreamer(reader)
+    kwargs = streamer.layer_kwargs(min(batch_size, len(windows)), windows.shape[1])
+
+    def embed():
+        return torch.cat([streamer.embed(windows[s:s + batch_size]) for s in range(0, len(windows), batch_size)])
+
+    counts = {i: experts for i in layers} if experts is not None else None
+    if counts is None:  # pass 1: importance per layer on the original model, then per-layer counts
+        hidden, shares = embed(), []
+        for i in _progress(range(streamer.num_layers), desc="routing statistics", enabled=progress):
+            layer = streamer.build_layer(i)
+            if i in sizes:
+                path, ex = find_experts(layer)
+                st, hidden = _layer_stats(streamer, layer, hidden, kwargs[i], batch_size, _router(layer, arch), ex, 1)
+                shares.append(importance(st, method))
+            else:
+                hidden = streamer.run_layer(layer, hidden, kwargs[i], batch_size)
+            del layer
+        counts = dict(zip(layers, allocate_counts(shares, ratio, top_k)))
+
+    writer = MergedWriter(reader, out)
+    hidden, records = embed(), []
+    for i in _progress(range(streamer.num_layers), desc=f"{method} layers", enabled=progress):
+        layer = streamer.build_layer(i)
+        if i not in sizes:
+            hidden = streamer.run_layer(layer, hidden, kwargs[i], batch_size)
+            writer.write_layer(i, None)
+            continue
+        path, ex = find_experts(layer)
+        router = _router(layer, arch)
+        st, _ = _layer_stats(streamer, layer, hidden, kwargs[i], batch_size, router, ex, max_router_samples)
+        gu, dn = _stack(ex)
+        bias = getattr(router, "bias", None)
+        red = reduce_layer(method, gu, dn, router.weight.data, None if bias is None else bias.data, st, counts[i],
+                           top_k=top_k)
+        red.record["layer"] = i
+        records.append(red.record)
+        # the reduced layer feeds the next one
+        from ..experts import MoEExperts
+        I = dn.shape[2]
+        weights = [{"gate": red.gate_up[k, :I], "up": red.gate_up[k, I:], "down": red.down[k]} for k in range(red.num_experts)]
+        from ..layerwise import set_submodule
+        set_submodule(layer, path, MoEExperts(weights, streamer.glu))
+        router.weight = torch.nn.Parameter(red.router_weight.to(router.weight.dtype), requires_grad=False)
+        if bias is not None:
+            router.bias = torch.nn.Parameter(red.router_bias.to(bias.dtype), requires_grad=False)
+        for attr in ("num_experts", "n_routed_experts"):
+            if hasattr(router, attr):
+                setattr(router, attr, red.num_experts)
+        hidden = streamer.run_layer(layer, hidden, kwargs[i], batch_size)
+        writer.write_layer(i, red)
+        del layer
+    uniform = len(set(counts.values())) == 1
+    writer.write_globals()
+    copy_tokenizer_files(reader.path, writer.tmp)
+    saved = reader.total_bytes - writer.total_bytes
+    summary = {"method": method, "experts_per_layer": [counts[i] for i in layers], "uniform": uniform,
+               "source_bytes": reader.total_bytes, "merged_bytes": writer.total_bytes, "saved_bytes": saved,
+               "seconds": round(time.time() - t0, 1), "out": os.path.abspath(out)}
+    run = {
+        "run/run_config.json": {"source": reader.path, "fingerprint": reader.fingerprint, "method": method,
+                                "experts": experts, "ratio": ratio, "calib": list(calib or ()), "nsamples": nsamples,
+                                "seqlen": seqlen, "seed": seed, "format_version": FORMAT_VERSION},
+        "run/merge_record.json": {"format_version": FORMAT_VERSION, "source_fingerprint": reader.fingerprint,
+                                  "layers": records},
+        "run/metrics.json": summary,
+    }
+    writer.finish(counts, records, uniform, run)
+    return summary

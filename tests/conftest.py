@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random MoE checkpoints of every family (both on-disk layouts), the trained fixture."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures"))
+TRAINED = os.path.join(SHARED, "mixtral-wiki4")
+TEXT = os.path.join(SHARED, "text")
+
+V = 4096
+BASE = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0)
+FAMILIES = {
+    "Mixtral": dict(intermediate_size=128, num_local_experts=4, num_experts_per_tok=2),
+    "Qwen2Moe": dict(intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=128,
+                     num_experts=8, num_experts_per_tok=2),
+    "Qwen3Moe": dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2, head_dim=16),
+    "Olmoe": dict(intermediate_size=64, num_experts=8, num_experts_per_tok=2),
+    "DeepseekV2": dict(intermediate_size=128, moe_intermediate_size=64, first_k_dense_replace=1, num_key_value_heads=4,
+                       n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, q_lora_rank=32, kv_lora_rank=32,
+                       qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16),
+    "DeepseekV3": dict(intermediate_size=128, moe_intermediate_size=64, first_k_dense_replace=1, num_key_value_heads=4,
+                       n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, q_lora_rank=32, kv_lora_rank=32,
+                       qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1),
+    "Phimoe": dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2),
+    "GptOss": dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, head_dim=16),
+}
+
+
+def write_tiny(path: str, family: str, layout: str = "native", seed: int = 0, layers: int = 2):
+    """Write a tiny random checkpoint of `family` to `path`.
+
+    layout "native": what save_pretrained writes (per expert for most families, fused for GPT-OSS);
+    "fused": experts as transformers v5 holds them in memory (gate_up_proj [E, 2I, H], down_proj [E, H, I]).
+    Routers are scaled up so routing is decisive, as in trained models.
+    """
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(seed)
+    cfg = getattr(tf, family + "Config")(**{**BASE, **FAMILIES[family], "num_hidden_layers": layers})
+    m = getattr(tf, family + "ForCausalLM")(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith(("mlp.gate.weight", "mlp.router.weight")):
+                p.mul_(30)
+    m.save_pretrained(path)
+    if os.path.isdir(TRAINED):
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(TRAINED, f), path)
+    if layout == "fused" and family != "GptOss":
+        f = os.path.join(path, "model.safetensors")
+        d = load_file(f)
+        sd = m.state_dict()
+        out = {k: v for k, v in d.items() if ".experts." not in k or "shared_expert" in k}
+        for k, v in sd.items():
+            if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                out[k] = v.to(next(iter(d.values())).dtype).contiguous()
+        save_file(out, f, metadata={"format": "pt"})
+    return m
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A callable: tiny_dir(family, layout) -> path, cached per session."""
+    root = tmp_path_factory.mktemp("tiny")
+    cache = {}
+
+    def make(family="Mixtral", layout="native"):
+        key = (family, layout)
+        if key not in cache:
+            p = str(root / f"{family}-{layout}")
+            write_tiny(p, family, layout)
+            cache[key] = p
+        return cache[key]
+    return make
+
+
+def needs_trained():
+    return pytest.mark.skipif(not os.path.isdir(TRAINED), reason=f"trained fixture not found at {TRAINED}")

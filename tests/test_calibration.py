@@ -1,0 +1,144 @@
+"""Expert-balanced calibration: coverage statistics, the balanced sampler, EBSS self-sampling, calib-stats."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from moecompress.calibration import data, ebss, routing, samplers, stats
+from moecompress.config import CalibConfig
+from moecompress.errors import MoeCompressError
+
+FIX = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures")
+MODEL = os.path.join(FIX, "mixtral-wiki4")
+PROSE = os.path.join(FIX, "text", "calib_prose.txt")
+needs_fixture = pytest.mark.skipif(not os.path.isdir(MODEL) or not os.path.isfile(PROSE),
+                                   reason="trained fixture ../shared/fixtures/mixtral-wiki4 not present")
+
+
+# -- pure functions ----------------------------------------------------------------------------------
+def test_cv_matches_formula():
+    c = torch.tensor([[1.0, 3.0], [2.0, 2.0], [0.0, 0.0]])
+    out = stats.cv(c)
+    assert out[0].item() == pytest.approx(0.5)  # std 1, mean 2
+    assert out[1].item() == 0.0 and out[2].item() == 0.0
+
+
+def test_coverage_table_and_json(tmp_path):
+    recs = [{"layer": 0, "tokens": [10, 30, 0, 40], "gate_sum": [5.0, 15.0, 0.0, 20.0]},
+            {"layer": 2, "tokens": [20, 20, 20, 20], "gate_sum": [10.0, 10.0, 10.0, 10.0]}]
+    cov = stats.coverage_from_records(recs, threshold=16, windows=4, seqlen=10, sampler="random")
+    l0, l2 = cov.layers
+    assert (l0.min, l0.max, l0.under) == (0, 40, [0, 2])
+    assert l0.cv == pytest.approx(torch.tensor([10.0, 30, 0, 40]).std(correction=0).item() / 20, abs=1e-4)
+    assert l2.cv == 0.0 and l2.under == []
+    table = cov.table()
+    assert "0,2" in table and "lowest min 0" in table and len(table.splitlines()) == 4
+    cov.save(tmp_path / "c.json")
+    back = json.loads((tmp_path / "c.json").read_text())
+    assert back["layers"][0]["gate_sum"] == [5.0, 15.0, 0.0, 20.0] and back["threshold"] == 16
+    with pytest.raises(MoeCompressError):
+        stats.Coverage(-1, [])
+
+
+def test_balanced_select_prefers_starved_experts():
+    # 40 windows that all feed experts 0-1, 8 that also reach expert 2 or 3: greedy must take the latter
+    common = torch.tensor([[30, 30, 0, 0]])
+    rare = torch.tensor([[20, 20, 20, 0], [20, 20, 0, 20]])
+    counts = torch.cat([common.repeat(40, 1), rare.repeat(4, 1)])[:, None, :]  # (48, 1, 4)
+    idx = samplers.balanced_select(counts, 8)
+    assert sorted(idx.tolist()) == list(range(40, 48))
+    tot = counts[idx].sum(0)[0]
+    assert tot.min().item() == 80 and stats.cv(tot).item() < stats.cv(counts[:8].sum(0)[0]).item()
+    with pytest.raises(MoeCompressError):
+        samplers.balanced_select(counts, 49)
+
+
+def test_blocking_bans_previous_token_and_seen_ngrams():
+    seq = torch.tensor([[5, 6, 7, 5, 6], [1, 2, 3, 4, 9]])
+    ban = ebss.blocked(seq, 10, 3)
+    assert ban[0].nonzero().flatten().tolist() == [6, 7]     # repeat of 6, and "5 6 7" seen before
+    assert ban[1].nonzero().flatten().tolist() == [9]
+    assert ebss.blocked(seq, 10, 0)[0].nonzero().flatten().tolist() == [6]
+
+
+def test_ebss_score_prefers_likely_and_balanced():
+    even = torch.full((1, 2, 4), 5)
+    skew = torch.tensor([[[20, 0, 0, 0], [20, 0, 0, 0]]])
+    s_even = ebss.ebss_score(torch.tensor([10.0]), 5, even, 1.2)
+    s_skew = ebss.ebss_score(torch.tensor([10.0]), 5, skew, 1.2)
+    assert s_even.item() == pytest.approx(2.0)
+    assert s_skew.item() == pytest.approx(2.0 + 3 ** 0.5 / 1.2)
+    with pytest.raises(MoeCompressError):
+        ebss.EBSSConfig(tau=0)
+
+
+# -- on the trained fixture --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prose_pool():
+    tok = data.load_tokenizer(MODEL)
+    return data.token_pool(tok, data.parse_sources([PROSE]))
+
+
+@needs_fixture
+def test_routing_counts_every_routed_token(prose_pool):
+    w = data.random_windows(prose_pool, 3, 32, 1)
+    r = routing.route_windows(MODEL, w, batch_size=2)
+    assert r.layers == [0, 1, 2, 3] and r.tokens.shape == (3, 4, 8)
+    assert (r.tokens.sum(-1) == 32 * 2).all()  # top-2 routing of 32 tokens per window and layer
+    assert torch.allclose(r.gate_sum.sum(-1), torch.full((3, 4), 32.0, dtype=torch.float64), atol=1e-3)  # Mixtral renormalizes
+
+
+@needs_fixture
+def test_balanced_beats_random_in_every_layer(prose_pool):
+    calib = dict(nsamples=16, seqlen=64, seed=0)
+    rnd = data.random_windows(prose_pool, 16, 64, 0)
+    cov_r = stats.coverage_from_routing(routing.route_windows(MODEL, rnd, 16))
+    sel = samplers.balanced(MODEL, prose_pool, calib["nsamples"], calib["seqlen"], 0, 16)
+    assert sel.windows.shape == (16, 64)
+    cov_b = stats.coverage_from_routing(sel.routing)
+    for r, b in zip(cov_r.layers, cov_b.layers):
+        assert b.min >= r.min, (r.layer, r.min, b.min)
+        assert b.cv < r.cv, (r.layer, r.cv, b.cv)
+    assert sum(b.min for b in cov_b.layers) > sum(r.min for r in cov_r.layers)
+
+
+@needs_fixture
+def test_streamed_generation_matches_full_forward_and_blocks_repeats(prose_pool):
+    from transformers import AutoModelForCausalLM
+    out = ebss.generate(MODEL, prose_pool, 2, 16, 0, ebss.EBSSConfig(beams=2, expand=2))
+    assert out.shape == (2, 16)
+    assert ((out[:, 1:] != out[:, :-1]).all())  # no immediate repeats
+    for row in out.tolist():
+        tri = [tuple(row[i:i + 3]) for i in range(len(row) - 2)]
+        assert len(tri) == len(set(tri))
+    # the cached, layer-streamed step reproduces the full model's logits
+    lm = ebss.StreamedLM(MODEL, 1 << 30)
+    cache = ebss.BeamCache()
+    logits = []
+    for p in range(8):
+        h, _ = lm.step(out[:, p], p, cache)
+        cache.commit(torch.arange(2))
+        logits.append(lm.logits(h))
+    ref = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()(out[:, :8]).logits
+    assert (torch.stack(logits, 1) - ref).abs().max().item() < 1e-3
+
+
+@needs_fixture
+def test_calib_stats_cli(tmp_path, capsys):
+    from moecompress.cli import main
+    j = tmp_path / "cov.json"
+    rc = main(["-q", "calib-stats", MODEL, "--calib", PROSE, "--nsamples", "2", "--seqlen", "16", "--json", str(j)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "tokens per expert" in out and "sampler random" in out
+    cov = json.loads(j.read_text())
+    assert len(cov["layers"]) == 4 and all(sum(layer["tokens"]) == 2 * 16 * 2 for layer in cov["layers"])
+    assert main(["calib-stats", MODEL, "--calib", PROSE, "--seqlen", "4"]) == 2  # bad input: one-line error
+
+
+def test_config_rejects_unknown_sampler():
+    with pytest.raises(MoeCompressError):
+        CalibConfig(sampler="greedy")
