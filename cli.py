@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     q.add_argument("--percdamp", type=float, default=Q.percdamp, help=f"GPTQ relative damping (default {Q.percdamp})")
     q.add_argument("--affinity", action="store_true", help="weight each token's Hessian term by its gate weight (AGQ)")
+    q.add_argument("--ternary-threshold", type=float, default=Q.ternary_threshold,
+                   help=f"--method ternary: weights with |w| < t * (hi - lo) become 0; more zeros, fewer bits (default {Q.ternary_threshold})")
     q.add_argument("--min-tokens", type=int, default=Q.min_tokens,
                    help=f"experts with fewer routed calibration tokens fall back to round-to-nearest (default {Q.min_tokens})")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
@@ -91,6 +93,7 @@ def cmd_quantize(a) -> int:
     calib = CalibConfig(tuple(a.calib or ()), a.nsamples, a.seqlen, a.seed, a.sampler)
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, method=a.method, allocation=a.allocation,
                          percdamp=a.percdamp, act_order=a.act_order, affinity=a.affinity, min_tokens=a.min_tokens,
+                         ternary_threshold=a.ternary_threshold,
                          calib=calib)
     if a.dry_run:
         a.threshold, a.json = a.min_tokens, None

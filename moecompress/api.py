@@ -40,7 +40,7 @@ def plan_specs(reader, config: QuantizeConfig) -> dict:
     widths = [reader.expert_shapes(i)[p][1] for i in reader.moe_layers for p in PROJS]
     gs = resolve_group_size(config.group_size, widths)
     if config.method == "ternary":
-        spec = QuantSpec("ternary", 1, 0)
+        spec = QuantSpec("sub1", 1, 0, (("threshold", config.ternary_threshold),))
     else:
         spec = QuantSpec("int", int(config.bits), gs)
     for i in reader.moe_layers:  # shapes first: every option priced before a weight is read
@@ -69,7 +69,8 @@ def run_fingerprints(reader, config: QuantizeConfig, specs: dict, windows: torch
         return hashlib.sha256(data).hexdigest()[:32]
     return {"input": reader.fingerprint,
             "plan": h([[i, e, s.to_json()] for (i, e), s in sorted(specs.items())]),
-            "options": h({"config": config.to_json(), "plan_file": plan, "moecompress": __version__}),
+            "options": h({"config": config.to_json(), "plan_file": plan, "moecompress": __version__,
+                          "torch": torch.__version__}),
             "calibration tokens": h(windows.to(torch.int64).contiguous().numpy().tobytes())}
 
 
@@ -107,7 +108,7 @@ def quantize(model: str | None, out: str, config: QuantizeConfig = QuantizeConfi
     from .checkpoint import CheckpointReader
     from .layerwise import LayerStreamer, copy_tokenizer_files, find_experts
     from .packed import FORMAT_VERSION, PackedWriter, packed_entry, tensor_bytes
-    from .passes.quantize import quantize_moe_layer
+    from .passes.quantize import LayerEncoder, quantize_moe_layer
     from .quant.gptq import GPTQConfig
     from .validate import validate_checkpoint
 
@@ -144,8 +145,14 @@ def quantize(model: str | None, out: str, config: QuantizeConfig = QuantizeConfi
     else:
         hidden = torch.cat([streamer.embed(windows[s:s + bs]) for s in range(0, len(windows), bs)])
     gcfg = GPTQConfig(config.percdamp, config.block_size, config.act_order)
+    encoder = LayerEncoder()  # holds the sub1 dictionary across layers
+    encoder.restore_from(writer.tmp)
     arch = reader.arch
     bar = _progress(range(len(writer.completed), streamer.num_layers), desc="quantizing layers", enabled=progress)
+    threads = torch.get_num_threads()
+    if writer.threads != threads:  # the interrupted run's thread count, or the bytes would differ
+        log.warning("resuming with %d torch threads, as the interrupted run used", writer.threads)
+        torch.set_num_threads(writer.threads)
     try:
         for i in bar:
             layer = streamer.build_layer(i)
@@ -155,7 +162,7 @@ def quantize(model: str | None, out: str, config: QuantizeConfig = QuantizeConfi
                 layer_specs = {e: specs[(i, e)] for e in range(reader.layer_num_experts(i))}
                 packed, rec = quantize_moe_layer(streamer, layer, hidden, kwargs[i], layer_idx=i, specs=layer_specs,
                                                  method=config.method, gcfg=gcfg, affinity=config.affinity,
-                                                 min_tokens=config.min_tokens, batch_size=bs)
+                                                 min_tokens=config.min_tokens, batch_size=bs, encoder=encoder)
                 for (e, p), pt in sorted(packed.items()):
                     name = f"{reader.prefix}.{i}.{path}.{e}.{p}"
                     for f, t in pt.tensors.items():
@@ -163,6 +170,9 @@ def quantize(model: str | None, out: str, config: QuantizeConfig = QuantizeConfi
                     entries.append(packed_entry(name, pt, layer=i, expert=e, proj=p,
                                                 fallback=e in rec.fallback and config.method != "rtn"))
                     layer_bytes += tensor_bytes(pt.tensors)
+                shared = encoder.take_shared()  # the sub1 dictionary, stored once
+                tensors.update(shared)
+                layer_bytes += tensor_bytes(shared)
                 records.append(rec)
                 for k in reader.expert_keys_on_disk(i):  # expert biases (GPT-OSS) stay as they are
                     if k.endswith("_bias"):
@@ -180,6 +190,8 @@ def quantize(model: str | None, out: str, config: QuantizeConfig = QuantizeConfi
         log.warning("interrupted after %d of %d layers: rerun the same command with --resume to continue",
                     len(writer.completed), streamer.num_layers)
         raise
+    finally:
+        torch.set_num_threads(threads)
     writer.write_shard("globals.safetensors", {k: reader.get(k) for k in reader.global_keys()})
     copy_tokenizer_files(reader.path, writer.tmp)
 

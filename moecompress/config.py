@@ -43,6 +43,7 @@ class QuantizeConfig:
     act_order: bool = False
     affinity: bool = False           # AGQ: weight each token's Hessian term by its gate weight
     min_tokens: int = 16             # fewer routed tokens than this: round-to-nearest fallback
+    ternary_threshold: float = 0.35  # --method ternary: dead zone |w| < t * (hi - lo) codes to 0
     calib: CalibConfig = field(default_factory=CalibConfig)
     format_version: int = FORMAT_VERSION
 
@@ -63,6 +64,8 @@ class QuantizeConfig:
             raise MoeCompressError(f"--group-size must be positive, got {self.group_size}")
         if not 0 <= self.percdamp < 1:
             raise MoeCompressError(f"--percdamp must be in [0, 1), got {self.percdamp}")
+        if not 0 <= self.ternary_threshold < 0.5:
+            raise MoeCompressError(f"--threshold must be in [0, 0.5), got {self.ternary_threshold}")
         if self.min_tokens < 0:
             raise MoeCompressError(f"--min-tokens must be >= 0, got {self.min_tokens}")
 

@@ -71,6 +71,8 @@ class PackedWriter:
         self.weight_map: dict[str, str] = {}
         self.entries: list[dict] = []
         self.completed: list[dict] = []  # progress records of the layers already done, in order
+        # CPU reductions split by thread count: the same bytes need the same count, so a resume adopts it
+        self.threads = torch.get_num_threads()
         if os.path.exists(self.tmp) and not (resume and self._resume()):
             shutil.rmtree(self.tmp)
         os.makedirs(self.tmp, exist_ok=True)
@@ -106,6 +108,8 @@ class PackedWriter:
                 raise MoeCompressError(f"cannot resume: the saved activations {layers[-1]['hidden']} in {self.tmp} "
                                        "are missing or damaged; drop --resume to start over")
         self.completed = layers
+        if isinstance(prog.get("torch_threads"), int) and prog["torch_threads"] > 0:
+            self.threads = prog["torch_threads"]
         for rec in layers:
             self.register(rec["shard"], rec["keys"], rec["entries"])
         return True
@@ -136,7 +140,7 @@ class PackedWriter:
     def _write_progress(self) -> None:
         p = os.path.join(self.tmp, PROGRESS)
         dump_json(p + ".tmp", {"format_version": FORMAT_VERSION, "fingerprints": self.fingerprints,
-                               "layers": self.completed})
+                               "torch_threads": self.threads, "layers": self.completed})
         os.replace(p + ".tmp", p)
 
     def shard_done(self, name: str) -> bool:
@@ -183,52 +187,87 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+MAX_SHARDS = 100_000
+
+
 def read_manifest(path: str) -> dict:
+    """The manifest, with its top-level structure checked (entries are checked by `rebuild`)."""
     p = os.path.join(path, MANIFEST)
     if not os.path.isfile(p):
         raise PackedFormatError(f"{path} is not a moecompress packed checkpoint (no {MANIFEST})")
     if os.path.getsize(p) > 256 * 1024 * 1024:
         raise PackedFormatError(f"{MANIFEST} is implausibly large ({os.path.getsize(p)} bytes)")
     try:
-        with open(p) as f:
+        with open(p, encoding="utf-8") as f:
             m = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PackedFormatError(f"{MANIFEST} is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise PackedFormatError(f"{MANIFEST} is not valid JSON ({str(e)[:120]})") from None
     if not isinstance(m, dict) or m.get("format_version") != FORMAT_VERSION:
         raise PackedFormatError(f"{MANIFEST}: unsupported format_version {m.get('format_version') if isinstance(m, dict) else None!r} "
                                 f"(this moecompress reads {FORMAT_VERSION})")
-    for key in ("tensors", "files"):
-        if not isinstance(m.get(key), (list, dict)):
-            raise PackedFormatError(f"{MANIFEST}: missing or malformed {key!r}")
+    if not isinstance(m.get("tensors"), list):
+        raise PackedFormatError(f"{MANIFEST}: missing or malformed 'tensors' (a list of packed tensors)")
+    if not isinstance(m.get("files"), dict) or not 0 < len(m["files"]) <= MAX_SHARDS:
+        raise PackedFormatError(f"{MANIFEST}: missing or malformed 'files' (shard -> size and checksum)")
     return m
 
 
-def verify_files(path: str, manifest: dict) -> None:
-    """Every shard present, of the recorded size and checksum."""
+def check_file_entries(path: str, manifest: dict) -> None:
+    """Shard names are plain file names in `path`, present, of the recorded size."""
     for name, rec in sorted(manifest["files"].items()):
-        if os.path.basename(name) != name or not isinstance(rec, dict):
-            raise PackedFormatError(f"{MANIFEST}: bad file entry {name!r}")
+        if (not isinstance(name, str) or os.path.basename(name) != name or name in (".", "..")
+                or not name.endswith(".safetensors") or not isinstance(rec, dict)):
+            raise PackedFormatError(f"{MANIFEST}: bad file entry {str(name)[:80]!r}")
         p = os.path.join(path, name)
         if not os.path.isfile(p):
             raise PackedFormatError(f"packed shard {name} is missing")
         if os.path.getsize(p) != rec.get("bytes"):
-            raise PackedFormatError(f"packed shard {name} has {os.path.getsize(p)} bytes, the manifest says {rec.get('bytes')}: truncated or replaced")
-        if sha256_file(p) != rec.get("sha256"):
-            raise PackedFormatError(f"packed shard {name} is damaged (checksum mismatch)")
+            raise PackedFormatError(f"packed shard {name} has {os.path.getsize(p)} bytes, the manifest says "
+                                    f"{str(rec.get('bytes'))[:40]}: truncated or replaced")
+
+
+def verify_files(path: str, manifest: dict) -> None:
+    """Every shard present, of the recorded size and checksum."""
+    check_file_entries(path, manifest)
+    for name, rec in sorted(manifest["files"].items()):
+        if sha256_file(os.path.join(path, name)) != rec.get("sha256"):
+            raise PackedFormatError(f"packed shard {name} is damaged (checksum mismatch): copy it again or re-run quantize")
 
 
 def rebuild(entry: dict, tensors: dict[str, torch.Tensor]) -> PackedTensor:
-    """A PackedTensor from a manifest entry and its stored tensors, validated by its codec."""
+    """A PackedTensor from a manifest entry and its stored tensors, validated by its codec.
+
+    Everything the entry claims is checked against the stored tensors before any decode can run: the
+    codec comes from the fixed registry, the shape is two positive ints, the fields are stored tensors,
+    and the codec's `check` ties shapes, dtypes and attributes together (offsets, codeword indices)."""
+    name = entry.get("name") if isinstance(entry, dict) else None
+    if not isinstance(name, str):
+        raise PackedFormatError(f"malformed manifest entry {str(entry)[:80]} (no name)")
+    codec_name, shape, fields, attrs = (entry.get(k) for k in ("codec", "shape", "fields", "attrs"))
+    if not isinstance(codec_name, str):
+        raise PackedFormatError(f"manifest entry {name[:80]!r}: codec should be a name, found {str(codec_name)[:40]!r}")
+    codec = get_codec(codec_name)  # a fixed registry: an unknown name is an error, never an import
+    if (not isinstance(shape, list) or len(shape) != 2
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d < 1 << 31 for d in shape)):
+        raise PackedFormatError(f"tensor {name[:80]}: implausible shape {str(shape)[:60]}")
+    if not isinstance(fields, list) or not fields or not all(isinstance(f, str) for f in fields):
+        raise PackedFormatError(f"manifest entry {name[:80]!r}: malformed fields")
+    if attrs is not None and not isinstance(attrs, dict):
+        raise PackedFormatError(f"manifest entry {name[:80]!r}: attrs should be an object")
+    missing = [f for f in fields if f"{name}.{f}" not in tensors]
+    if missing:
+        raise PackedFormatError(f"manifest entry {name[:80]!r} names a tensor that is not stored: {missing[0][:40]!r}")
+    stored = sum(tensors[f"{name}.{f}"].numel() for f in fields)
+    if shape[0] * shape[1] > 256 * max(stored, 1):  # a sub1 codeword covers at most 128 weights
+        raise PackedFormatError(f"tensor {name[:80]}: claimed shape {shape} is far larger than its {stored} stored values")
+    pt = PackedTensor(codec_name, (shape[0], shape[1]), {f: tensors[f"{name}.{f}"] for f in fields}, dict(attrs or {}))
     try:
-        codec = get_codec(entry["codec"])
-        shape = tuple(int(d) for d in entry["shape"])
-        if len(shape) != 2 or min(shape) < 1 or shape[0] * shape[1] > 1 << 36:
-            raise PackedFormatError(f"tensor {entry['name']}: implausible shape {shape}")
-        pt = PackedTensor(entry["codec"], shape, {f: tensors[f"{entry['name']}.{f}"] for f in entry["fields"]},
-                          dict(entry.get("attrs") or {}))
-    except KeyError as e:
-        raise PackedFormatError(f"manifest entry {entry.get('name')!r} names a tensor that is not stored: {e}") from None
-    except (TypeError, ValueError):
-        raise PackedFormatError(f"malformed manifest entry {entry.get('name')!r}") from None
-    codec.check(pt)
+        if codec_name == "sub1":  # its dictionary is stored once per model, not per tensor
+            from .codecs.ternary import attach_shared
+            pt = attach_shared(pt, tensors)
+        codec.check(pt)
+    except PackedFormatError as e:
+        raise PackedFormatError(f"tensor {name[:80]}: {e}") from None
+    except Exception as e:  # a codec check tripping over hostile values is still a format error
+        raise PackedFormatError(f"tensor {name[:80]}: invalid packed data ({type(e).__name__})") from None
     return pt

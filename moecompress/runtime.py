@@ -139,51 +139,52 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype | None = None, verif
     layers = model.model.layers
     num_experts = max([getattr(found[1], "num_experts", 0) for found in map(find_experts, layers) if found] or [0])
     by_layer, consumed = _manifest_experts(manifest, tensors, config.num_hidden_layers, num_experts)
-    glu = None
-
     from .experts import make_glu
     glu = make_glu(arch.glu, config)
-    layers = model.model.layers
     expert_paths = {}
-    for i, experts in by_layer.items():
+    for i, experts in sorted(by_layer.items()):
         found = find_experts(layers[i])
         if found is None:
             raise PackedFormatError(f"manifest has experts for layer {i}, which has no MoE block in this config")
-        n = max(experts) + 1
-        weights = [experts.get(e) if len(experts.get(e, {})) == 3 else None for e in range(n)]
-        expected = getattr(found[1], "num_experts", n)
-        if n > expected:
-            raise PackedFormatError(f"layer {i}: manifest has {n} experts, the config {expected}")
-        weights += [None] * (expected - n)
+        _check_expert_shapes(i, experts, config.hidden_size)
         expert_paths[i] = found[0]
         set_submodule(layers[i], found[0], torch.nn.Module())  # placeholder while the rest materializes
 
     prefix = "model.layers"
-    state = {}
-    for k, t in tensors.items():
-        if k in consumed:
-            continue
-        state[arch.to_mem(k)] = t
+    state = {arch.to_mem(k): t for k, t in tensors.items() if k not in consumed and not k.startswith("moecompress.")}
     biases = {}
     for i in by_layer:  # GPT-OSS expert biases, stored as the fused tensors they came from
         bk = f"{prefix}.{i}.mlp.experts"
-        if f"{bk}.gate_up_proj_bias" in state:
-            gub, db = state.pop(f"{bk}.gate_up_proj_bias").to(dtype), state.pop(f"{bk}.down_proj_bias").to(dtype)
+        if f"{bk}.gate_up_proj_bias" in state or f"{bk}.down_proj_bias" in state:
+            gub, db = state.pop(f"{bk}.gate_up_proj_bias", None), state.pop(f"{bk}.down_proj_bias", None)
+            e_max = max(by_layer[i]) + 1
+            if (gub is None or db is None or gub.dim() != 2 or db.dim() != 2 or gub.shape[0] < e_max
+                    or db.shape[0] != gub.shape[0] or db.shape[1] != config.hidden_size or gub.shape[1] % 2):
+                raise PackedFormatError(f"layer {i}: expert biases have inconsistent shapes")
+            gub, db = gub.to(dtype), db.to(dtype)
             biases[i] = [{"gate": gub[e, 0::2], "up": gub[e, 1::2], "down": db[e]} for e in range(gub.shape[0])]
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    _check_shapes(model, state, tied)  # on meta: nothing allocated for a config that lies about sizes
     model.to_empty(device="cpu")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = getattr(config, "tie_word_embeddings", False)
-    missing = [m for m in missing if not (tied and m.startswith("lm_head."))]
-    if missing or unexpected:
-        raise PackedFormatError(f"packed tensors do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.load_state_dict(state, strict=False)
     if tied:
         model.tie_weights()
     fresh_rotary(model)
     model = model.to(dtype)
     for i, experts in by_layer.items():
-        n = getattr(layers[i].get_submodule(expert_paths[i].rpartition(".")[0] or ""), "num_experts", None)
-        weights = [experts.get(e) if len(experts.get(e, {})) == 3 else None for e in range(max(experts) + 1)]
+        weights = [experts.get(e) for e in range(max(experts) + 1)]
         set_submodule(layers[i], expert_paths[i], MoEExperts(weights, glu, biases.get(i)))
     model.eval()
     model.moecompress_manifest = manifest
     return model.to(device)
+
+
+def _check_expert_shapes(layer: int, experts: dict, H: int) -> None:
+    """Every listed expert complete, gate/up (I, H) and down (H, I): a forward can never fail on shapes."""
+    for e, projs in sorted(experts.items()):
+        if len(projs) != 3:
+            raise PackedFormatError(f"layer {layer} expert {e} lacks {', '.join(p for p in PROJS if p not in projs)}")
+        g, u, d = (tuple(projs[p].shape) for p in PROJS)
+        if g != u or g[1] != H or d != (H, g[0]):
+            raise PackedFormatError(f"layer {layer} expert {e}: shapes gate {g}, up {u}, down {d} do not fit "
+                                    f"hidden_size {H} (want (I, {H}), (I, {H}), ({H}, I))")

@@ -53,7 +53,8 @@ def test_lp_matches_brute_force(scope, top_two, seed):
     lo_bits = max(8 * probe.min_bytes(l) / pricing.params[l].sum() for l in range(L))  # feasible in both scopes
     hi_bits = 8 * measured[..., -1].sum() / pricing.params.sum()
     budget = round(lo_bits + (0.3 + 0.1 * seed) * (hi_bits - lo_bits), 3)
-    cfg = AllocationConfig(candidates=(2, 3, 4), budget_bits=budget, budget_scope=scope, top_two_each=top_two)
+    cfg = AllocationConfig(candidates=(2, 3, 4), budget_bits=budget, budget_scope=scope, top_two_each=top_two,
+                           mip_gap=0.0)  # prove optimality
     prob = build_problem(cfg, cost, pricing)
     alloc = allocate(cfg, cost, pricing)
     obj, ch = brute_force(prob)
@@ -69,7 +70,8 @@ def test_lp_matches_brute_force(scope, top_two, seed):
 
 def test_lp_matches_brute_force_with_width_bounds():
     measured, cost = small_instance(7, L=3, E=2)
-    cfg = AllocationConfig(candidates=(2, 3, 4), budget_bits=2.0, min_bits=(3, None, None), max_bits=(None, 3, None))
+    cfg = AllocationConfig(candidates=(2, 3, 4), budget_bits=2.0, min_bits=(3, None, None), max_bits=(None, 3, None),
+                           mip_gap=0.0)
     pricing = price_candidates(cfg.candidates, SHAPES, 3, 2, measured_bytes=measured)
     prob = build_problem(cfg, cost, pricing)
     alloc = allocate(cfg, cost, pricing)

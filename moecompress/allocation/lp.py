@@ -95,6 +95,9 @@ def solve_allocation(prob: AllocationProblem, config: AllocationConfig) -> Alloc
         status = "feasible"
         log.warning("bit allocation stopped at the %.0f s time limit with a feasible, unproven allocation",
                     config.time_limit_s)
+    elif lp.status == pulp.LpStatusNotSolved:
+        raise MoeCompressError(f"the bit allocation solver found no allocation within {config.time_limit_s:g} s; "
+                               f"raise time_limit_s or mip_gap")
     else:
         raise MoeCompressError(f"the bit allocation solver found no allocation (CBC: {pulp.LpStatus[lp.status]}); "
                                f"raise the budget or relax min/max bits and the top-two rule")

@@ -146,6 +146,10 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
         router.weight = torch.nn.Parameter(red.router_weight.to(router.weight.dtype), requires_grad=False)
         if bias is not None:
             router.bias = torch.nn.Parameter(red.router_bias.to(bias.dtype), requires_grad=False)
+        reps = [g[0] for g in red.groups]
+        for name, buf in list(router.named_buffers(recurse=False)):  # e.g. DeepSeek-V3 score correction
+            if buf is not None and buf.dim() >= 1 and buf.shape[0] == gu.shape[0]:
+                setattr(router, name, buf[reps].clone())
         for attr in ("num_experts", "n_routed_experts"):
             if hasattr(router, attr):
                 setattr(router, attr, red.num_experts)

@@ -39,28 +39,88 @@ class LayerRecord:
     specs: dict = field(default_factory=dict)
 
 
+TERNARY_CODECS = ("ternary", "sub1")
+DEFAULT_THRESHOLD = 0.35  # ternary dead zone: ~94% zeros on trained experts, under 1 bit with sub1
+
+
 def grid_for(spec: QuantSpec):
     if spec.codec == "int":
         return AsymmetricGrid(spec.bits)
-    from ..quant import ternary  # the sub-1-bit grids
-    return ternary.grid_for(spec)
+    from ..quant.ternary import TernaryGrid
+    return TernaryGrid(threshold=float(spec.option("threshold", DEFAULT_THRESHOLD)),
+                       fit_method=spec.option("fit", "minmax"))
 
 
-def encode(spec: QuantSpec, res_codes, scale, zero) -> PackedTensor:
-    """Pack one (N, K) matrix's codes and grid parameters with the spec's codec."""
-    return get_codec(spec.codec).encode(res_codes, scale, zero, spec)
+class LayerEncoder:
+    """Turns quantizer results into PackedTensors, holding what is shared across layers.
+
+    Integer codes are packed at once. Ternary codes wait for the end of their layer: the first MoE layer's
+    codes build the sub1 dictionary (QMoE's fixed dictionary, here fitted to the model's own statistics),
+    which every later layer reuses; each tensor is then stored as "sub1" or dense "ternary", whichever is
+    smaller. The dictionary is stored once, in the shard of the layer that built it (`take_shared`).
+    """
+
+    def __init__(self):
+        self.dictionary = None
+        self._shared: dict[str, torch.Tensor] = {}
+        self._pending: dict = {}
+        self._written: set[str] = set()
+
+    def restore_from(self, directory: str) -> None:
+        """--resume: pick the dictionary up from shards already written."""
+        import glob
+        import os
+
+        from safetensors import safe_open
+        for f in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+            with safe_open(f, "pt") as t:
+                for k in t.keys():
+                    if k.startswith("moecompress.sub1_dictionary."):
+                        self.dictionary = t.get_tensor(k)
+                        self._written.add(k)
+                        return
+
+    def add(self, key, spec: QuantSpec, codes, scale, zero) -> PackedTensor | None:
+        if spec.codec == "int":
+            return get_codec("int").encode(codes, scale, zero, spec)
+        self._pending[key] = (codes, zero, scale)  # ternary grids keep lo in zero and hi in scale
+        return None
+
+    def finish_layer(self) -> dict:
+        from ..codecs.ternary import encode_ternary, split_shared
+        if not self._pending:
+            return {}
+        if self.dictionary is None:
+            from ..codecs.sub1_dict import build_dictionary
+            self.dictionary = build_dictionary([c for c, _, _ in self._pending.values()])
+        out = {}
+        for key, (codes, lo, hi) in self._pending.items():
+            pt, shared = split_shared(encode_ternary(codes, lo, hi, 0, self.dictionary))
+            pt.attrs.pop("sizes", None)  # keep the manifest small: it counts in the size on disk
+            for k, v in shared.items():
+                self._shared.setdefault(k, v)
+            out[key] = pt
+        self._pending = {}
+        return out
+
+    def take_shared(self) -> dict[str, torch.Tensor]:
+        """Shared tensors not yet stored (the dictionary, once): the caller writes them into its shard."""
+        new = {k: v for k, v in self._shared.items() if k not in self._written}
+        self._written |= set(new)
+        return new
 
 
 def _quantize_group(W: torch.Tensor, Hs: torch.Tensor | None, spec: QuantSpec, method: str, gcfg: GPTQConfig) -> GPTQResult:
     grid = grid_for(spec)
-    gs = spec.group_size if spec.codec == "int" else (spec.group_size or W.shape[-1])
+    gs = spec.group_size or W.shape[-1]  # 0: one group per row (ternary, as QMoE)
     if method == "rtn" or Hs is None:
         return rtn(W, grid, gs)
     return gptq(W, Hs, grid, gs, gcfg)
 
 
 def quantize_moe_layer(streamer, layer, hidden, kwargs, *, layer_idx: int, specs: dict, method: str,
-                       gcfg: GPTQConfig, affinity: bool, min_tokens: int, batch_size: int):
+                       gcfg: GPTQConfig, affinity: bool, min_tokens: int, batch_size: int,
+                       encoder: LayerEncoder | None = None):
     """Quantize the experts of one materialized MoE layer in place.
 
     specs: {expert: QuantSpec}. Returns ({(expert, proj): PackedTensor}, LayerRecord).
@@ -68,6 +128,7 @@ def quantize_moe_layer(streamer, layer, hidden, kwargs, *, layer_idx: int, specs
     from ..layerwise import find_experts
     t0 = time.time()
     _, ex = find_experts(layer)
+    encoder = encoder or LayerEncoder()
     E = ex.num_experts
     experts = list(range(E))
     packed: dict[tuple[int, str], PackedTensor] = {}
@@ -105,8 +166,11 @@ def quantize_moe_layer(streamer, layer, hidden, kwargs, *, layer_idx: int, specs
                     for p, n in zip(projs, rows):
                         sl = slice(r0, r0 + n)
                         r0 += n
-                        packed[(e, p)] = encode(spec, res.codes[j, sl], res.scale[j, sl], res.zero[j, sl])
+                        pt = encoder.add((e, p), spec, res.codes[j, sl], res.scale[j, sl], res.zero[j, sl])
+                        if pt is not None:
+                            packed[(e, p)] = pt
                         ex.set_dense(e, p, res.deq[j, sl].to(streamer.dtype))
+    packed.update(encoder.finish_layer())
     record.seconds = round(time.time() - t0, 3)
     record.specs = {e: specs[e].label for e in experts}
     if fallback and method != "rtn":

@@ -65,7 +65,6 @@ def _check_dirs(compressed: str, baseline: str) -> dict | None:
 def build_report(compressed: str, baseline: str, config: ReportConfig, out: str, *, progress: bool = False) -> dict:
     """Write report.json, report.md, report.html and the PNG plots into `out`; returns the report dict."""
     from ..checkpoint import CheckpointReader
-    from .html import write_html, write_markdown
     manifest = _check_dirs(compressed, baseline)
     base_reader = CheckpointReader(baseline)
     os.makedirs(out, exist_ok=True)
@@ -110,9 +109,17 @@ def build_report(compressed: str, baseline: str, config: ReportConfig, out: str,
         "missing_records": [f"run/{k}.json" for k in ("calibration", "metrics", "run_config") if run[k] is None],
     }
     report["summary"] = summarize(report)
-    made = [plots.size_plot(size, out), plots.perplexity_plot(ppl, out), plots.bits_heatmap(report["experts"], out),
-            plots.routing_heatmap(report["experts"], out), plots.merge_map_plot(merge, out),
-            plots.coverage_plot(report["experts"], out), plots.timing_plot(report["timing"], out)]
+    return render(report, out)
+
+
+def render(report: dict, out: str) -> dict:
+    """Plots, report.json, report.md and report.html from a report dict (also re-renders a saved report.json)."""
+    from .html import write_html, write_markdown
+    os.makedirs(out, exist_ok=True)
+    ex = report["experts"]
+    made = [plots.size_plot(report["size"], out), plots.perplexity_plot(report["accuracy"]["texts"], out),
+            plots.bits_heatmap(ex, out), plots.routing_heatmap(ex, out), plots.merge_map_plot(ex["merge"], out),
+            plots.coverage_plot(ex, out), plots.timing_plot(report["timing"], out)]
     report["plots"] = [p for p in made if p]
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -38,10 +38,12 @@ def _pct(x: float) -> str:
     return f"{100 * x:+.2f}%"
 
 
-def _table(head: list[str], rows: list[list], left: int = 1) -> str:
+def _table(head: list[str], rows: list[list], left: int = 1, cls: dict | None = None) -> str:
+    """An HTML table of already-escaped cells; the first `left` columns align left, cls: column -> class."""
+    def c(i):
+        return (cls or {}).get(i, "l" if i < left else "")
     th = "".join(f'<th class="{"l" if i < left else ""}">{escape(str(h))}</th>' for i, h in enumerate(head))
-    body = "".join("<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{c}</td>' for i, c in enumerate(r)) + "</tr>"
-                   for r in rows)
+    body = "".join("<tr>" + "".join(f'<td class="{c(i)}">{x}</td>' for i, x in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
@@ -52,10 +54,20 @@ def _img(out: str, name: str) -> str:
     return f'<img alt="{escape(name)}" src="data:image/png;base64,{data}"><p class="note">{escape(cap)}</p>'
 
 
+def _change(b: int, c: int) -> str:
+    if b == c:
+        return "unchanged"
+    if not c:
+        return "removed"
+    if not b or c > b:
+        return f"+{mb(c - b)}"
+    return f"{b / c:.2f}x smaller"
+
+
 def size_rows(s: dict) -> list[list[str]]:
-    rows = [[c, mb(v["baseline"]), mb(v["compressed"]),
-             f"{v['baseline'] / v['compressed']:.2f}x" if v["compressed"] else "-"] for c, v in s["components"].items()]
-    rows.append(["total", mb(s["baseline_bytes"]), mb(s["compressed_bytes"]), f"{s['compression_ratio']:.2f}x"])
+    rows = [[c, mb(v["baseline"]), mb(v["compressed"]), _change(v["baseline"], v["compressed"])]
+            for c, v in s["components"].items()]
+    rows.append(["total", mb(s["baseline_bytes"]), mb(s["compressed_bytes"]), f"{s['compression_ratio']:.2f}x smaller"])
     return rows
 
 
@@ -86,7 +98,7 @@ def write_html(r: dict, out: str, path: str) -> None:
         b.append(f'<div class="cards"><div class="card watch"><h3>Worth a look</h3>{escape(sm["watch"])}</div></div>')
     imgs = {p: _img(out, p) for p in r["plots"]}
     b += ["<h2>Size</h2>", imgs.get("size.png", ""),
-          _table(["component", "original", "compressed", "ratio"], size_rows(s)),
+          _table(["component", "original", "compressed", "change"], size_rows(s)),
           f'<p class="note">Parameters: {s["params"]:,} ({s["expert_params"]:,} in experts). Bits per parameter: '
           f'{s["baseline_bits_per_param"]:.2f} -> {s["bits_per_param"]:.2f} overall, {s["baseline_expert_bits_per_param"]:.2f} -> '
           f'{s["expert_bits_per_param"]:.3f} for expert weights. Metadata: safetensors headers, config, index and manifest.</p>']
@@ -104,10 +116,12 @@ def write_html(r: dict, out: str, path: str) -> None:
                          _gen_cell(g, "compressed"), where])
         b += [f"<h3>Greedy generations ({acc['generations'][0]['new_tokens']} new tokens)</h3>",
               '<p class="note">Green: identical continuations. Red: the text after the first token where the two differ.</p>',
-              _table(["prompt", "original", "compressed", "first divergence"], rows, left=3)]
+              _table(["prompt", "original", "compressed", "first divergence"], rows, left=4, cls={1: "gen", 2: "gen"})]
     b.append(_lm_eval_html(acc["lm_eval"]))
-    b += ["<h2>Experts: layer x expert</h2>", imgs.get("bits_heatmap.png", '<p class="note">no packed experts recorded</p>'),
-          imgs.get("routing_heatmap.png", '<p class="note">no calibration record (run/calibration.json)</p>')]
+    b += ["<h2>Experts: layer x expert</h2>", '<div class="grid">',
+          "<div>" + imgs.get("bits_heatmap.png", '<p class="note">no packed experts recorded</p>') + "</div>",
+          "<div>" + imgs.get("routing_heatmap.png", '<p class="note">no calibration record (run/calibration.json)</p>') + "</div>",
+          "</div>"]
     if "merge_map.png" in imgs:
         b.append(imgs["merge_map.png"])
     else:
@@ -168,7 +182,7 @@ def write_markdown(r: dict, path: str) -> None:
              f"**Saved.** {sm['saved']}", "", f"**Lost.** {sm['lost']}", ""]
     if sm["watch"]:
         lines += [f"**Worth a look.** {sm['watch']}", ""]
-    lines += ["## Size", "", "![size](size.png)", "", table(["component", "original", "compressed", "ratio"], size_rows(s)), "",
+    lines += ["## Size", "", "![size](size.png)", "", table(["component", "original", "compressed", "change"], size_rows(s)), "",
               "## Accuracy", "", "![perplexity](perplexity.png)", "",
               table(["text", "original ppl", "compressed ppl", "change", "tokens"], ppl_rows(acc)), "",
               f"Windows of {acc['seqlen']} tokens" + (f", first {acc['max_tokens']} tokens" if acc["max_tokens"] else "") + ".", ""]

@@ -38,18 +38,19 @@ def size_plot(size: dict, out: str) -> str:
     for y, (label, side) in enumerate(reversed(rows)):
         left = 0
         for comp, v in size["components"].items():
-            w = v[side]
+            w = v[side] / 1e6
             if not w:
                 continue
             ax.barh(y, w, left=left, color=COLORS.get(comp, "#cccccc"), edgecolor="white", height=0.6,
                     label=comp if y == 0 else None)
-            if w > 0.06 * size["baseline_bytes"]:
-                ax.text(left + w / 2, y, f"{comp}\n{mb(w)}", ha="center", va="center", fontsize=7.5, color="white")
+            if w > 0.06 * size["baseline_bytes"] / 1e6:
+                ax.text(left + w / 2, y, f"{comp}\n{w:.2f} MB", ha="center", va="center", fontsize=7.5, color="white")
             left += w
-        ax.text(left, y, f"  {mb(left)}", va="center", fontsize=9, fontweight="bold")
+        extra = f"  ({100 * size['saved_bytes'] / size['baseline_bytes']:.0f}% saved)" if side == "compressed" else ""
+        ax.text(left, y, f"  {left:.2f} MB{extra}", va="center", fontsize=9, fontweight="bold")
     ax.set_yticks([0, 1], ["compressed", "original"])
-    ax.set_xlim(0, size["baseline_bytes"] * 1.18)
-    ax.set_xlabel("bytes on disk (tensors, headers and metadata)")
+    ax.set_xlim(0, size["baseline_bytes"] / 1e6 * 1.25)
+    ax.set_xlabel("MB on disk (tensors, safetensors headers, config and manifest)")
     ax.set_title(f"Size: {mb(size['baseline_bytes'])} -> {mb(size['compressed_bytes'])}  "
                  f"({size['compression_ratio']:.2f}x smaller; experts {size['baseline_expert_bits_per_param']:.1f} -> "
                  f"{size['expert_bits_per_param']:.2f} bits/param)", fontsize=10)
@@ -73,17 +74,18 @@ def perplexity_plot(texts: dict, out: str) -> str | None:
         b, c = r["baseline"]["perplexity"], r["compressed"]["perplexity"]
         ax.bar(k - w / 2, b, w, color=BASE_C, label="original" if k == 0 else None)
         ax.bar(k + w / 2, c, w, color=COMP_C, label="compressed" if k == 0 else None)
-        ax.text(k - w / 2, b, f"{b:.2f}", ha="center", va="bottom", fontsize=8)
-        ax.text(k + w / 2, c, f"{c:.2f}", ha="center", va="bottom", fontsize=8)
-        ch = 100 * r["relative_change"]
-        ax.text(k, max(b, c) * 1.09, f"{ch:+.1f}%", ha="center", fontsize=10, fontweight="bold",
-                color="#c44e52" if ch > 0.5 else "#2e7d32")
+        ax.text(k - w / 2, b * 0.97, f"{b:.2f}", ha="center", va="top", fontsize=8, color="white")
+        ax.text(k + w / 2, c * 0.97, f"{c:.2f}", ha="center", va="top", fontsize=8, color="white")
         top = max(top, b, c)
+    for k, r in enumerate(texts.values()):  # the change, on one line above every pair
+        ch = 100 * r["relative_change"]
+        ax.text(k, top * 1.06, f"{ch:+.1f}%", ha="center", fontsize=10, fontweight="bold",
+                color="#c44e52" if ch > 0.5 else "#2e7d32")
     ax.set_xticks(range(len(names)), names)
-    ax.set_ylim(0, top * 1.25)
+    ax.set_ylim(0, top * 1.18)
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title("Accuracy: perplexity on held-out text", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     for s in ("top", "right"):
         ax.spines[s].set_visible(False)
     return _save(fig, out, "perplexity.png")
@@ -122,10 +124,15 @@ def _heatmap(grid, layers, title, cbar, fmt, out, name, cmap="viridis", marks=()
 def bits_heatmap(experts: dict, out: str) -> str | None:
     if not any(v is not None for row in experts["bits"] for v in row):
         return None
+    import math
+    vals = [v for row in experts["bits"] for v in row if v is not None]
+    lo, hi = math.floor(min(vals)) - 0.5, math.ceil(max(vals)) + 0.5
     note = "red outline: too few calibration tokens, quantized by round-to-nearest" if experts["fallback"] else None
-    return _heatmap(experts["bits"], experts["layers"], "Bits stored per expert weight (scales and zeros included)",
-                    "bits / parameter", lambda v: f"{v:.2f}", out, "bits_heatmap.png", cmap="viridis",
-                    marks=experts["fallback"], note=note)
+    title = "Bits stored per expert weight (scales and zeros included)"
+    if max(vals) - min(vals) < 1e-9:
+        title += f": all {vals[0]:.2f}"
+    return _heatmap(experts["bits"], experts["layers"], title, "bits / parameter", lambda v: f"{v:.2f}", out,
+                    "bits_heatmap.png", cmap="viridis", marks=experts["fallback"], vmin=lo, vmax=hi, note=note)
 
 
 def routing_heatmap(experts: dict, out: str) -> str | None:
@@ -134,7 +141,8 @@ def routing_heatmap(experts: dict, out: str) -> str | None:
     E = experts["num_experts"]
     pct = [[None if v is None else 100 * v for v in row] for row in experts["share"]]
     return _heatmap(pct, experts["layers"], f"Routing frequency on the calibration set (uniform = {100 / E:.1f}%)",
-                    "% of the layer's routed tokens", lambda v: f"{v:.1f}", out, "routing_heatmap.png", cmap="magma")
+                    "% of the layer's routed tokens", lambda v: f"{v:.1f}", out, "routing_heatmap.png", cmap="magma",
+                    vmin=0, note="bright: busy expert; black: (almost) never chosen, so (almost) uncalibrated")
 
 
 def merge_map_plot(merge: dict, out: str) -> str | None:
@@ -185,7 +193,10 @@ def coverage_plot(experts: dict, out: str) -> str | None:
     ax.set_yscale("log")
     if thr:
         ax.axhline(thr, color="#c44e52", ls="--", lw=1)
-        ax.text(xs[-1] + 0.6, thr, f" min-tokens {thr}", va="bottom", ha="right", fontsize=8, color="#c44e52")
+        ax.text(-0.5, thr * 1.15, f"--min-tokens {thr}", va="bottom", ha="left", fontsize=8, color="#c44e52")
+    for x, y, c in zip(xs, ys, cs):
+        if c != COMP_C:
+            ax.text(x, y * 1.1, f"{int(y) if y >= 1 else 0}", ha="center", va="bottom", fontsize=7, color="#c44e52")
     ax.set_xticks(ticks, [f"layer {i}" for i in layers])
     ax.set_ylabel("calibration tokens routed")
     ax.set_title("Calibration coverage: tokens each expert saw (red: too few, fell back to round-to-nearest)",
