@@ -24,6 +24,13 @@ def _bits(s: str) -> float:
     return int(v) if v == int(v) else v
 
 
+def _widths(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of bit widths: {s!r} (e.g. 2,3,4)") from None
+
+
 def add_calib_args(p):
     p.add_argument("--calib", nargs="+", metavar="FILE", default=list(C.sources),
                    help="calibration text: files, .jsonl (a 'text' field), directories, PATH:WEIGHT mixes "
@@ -43,12 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="calibrate, quantize and pack the experts of a checkpoint")
     q.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: the built-in demo model)")
     q.add_argument("--out", default=None, help="output directory for the packed checkpoint (default: ./demo-w<bits>)")
-    q.add_argument("--bits", type=_bits, default=Q.bits, help=f"bits per expert weight, or average with --allocation lp (default {Q.bits})")
+    q.add_argument("--bits", type=_bits, default=Q.bits,
+                   help=f"code bits per expert weight (default {Q.bits}); with --allocation lp the average code bits: "
+                        "the byte budget is (B + the fp16 scale/zero bits per weight of the group size) x expert "
+                        "params / 8, so --bits 2.5 --group-size 64 stores 3.0 bits/param, between uniform 2 (2.5) and 3 (3.5)")
     q.add_argument("--group-size", type=int, default=Q.group_size,
                    help="weights per scale along the input dimension (default 128, or the largest of 64/32/16 that divides)")
     q.add_argument("--method", choices=["gptq", "rtn", "ternary"], default=Q.method, help=f"quantizer (default {Q.method})")
     q.add_argument("--allocation", choices=["uniform", "lp"], default=Q.allocation, help="bit allocation across experts")
     q.add_argument("--plan", default=None, help="replay a plan.json (per-expert widths) from an earlier run")
+    q.add_argument("--candidates", type=_widths, default=Q.candidates, metavar="B,B,...",
+                   help="--allocation lp: the widths an expert may get (default " + ",".join(map(str, Q.candidates)) + ")")
+    q.add_argument("--budget-scope", choices=["model", "layer"], default=Q.budget_scope,
+                   help="--allocation lp: one byte budget for all experts (model) or one per MoE layer (default model)")
+    q.add_argument("--min-bits", type=float, default=Q.min_bits, help="--allocation lp: narrowest width in every layer")
+    q.add_argument("--max-bits", type=float, default=Q.max_bits, help="--allocation lp: widest width in every layer")
+    q.add_argument("--top-two", action="store_true",
+                   help="--allocation lp: every layer keeps at least one expert at each of its two widest widths (MC-MoE)")
+    q.add_argument("--alpha", type=float, default=Q.alpha, help=f"--allocation lp: cost exponent of activation frequency (default {Q.alpha})")
+    q.add_argument("--beta", type=float, default=Q.beta, help=f"--allocation lp: cost exponent of gate weight (default {Q.beta})")
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     q.add_argument("--percdamp", type=float, default=Q.percdamp, help=f"GPTQ relative damping (default {Q.percdamp})")
     q.add_argument("--affinity", action="store_true", help="weight each token's Hessian term by its gate weight (AGQ)")
@@ -85,6 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tasks", nargs="*", default=None,
                    help="lm-eval tasks, run when lm-eval and the task data are installed (default arc_easy hellaswag piqa)")
     r.add_argument("--lm-eval-limit", type=int, default=200, help="examples per lm-eval task (default 200)")
+    for name, default, what in (("merge", "msmoe", "merge experts into fewer"), ("prune", "reap", "drop experts")):
+        m = sub.add_parser(name, help=f"{what}: a checkpoint with fewer experts per MoE layer")
+        m.add_argument("model", help="checkpoint directory")
+        m.add_argument("--out", required=True, help="output directory")
+        k = m.add_mutually_exclusive_group(required=True)
+        k.add_argument("--experts", type=int, help="experts per MoE layer (a standard Hugging Face checkpoint)")
+        k.add_argument("--ratio", type=float, help="fraction of all experts to keep, counts chosen per layer "
+                                                   "(moecompress format with an expert map)")
+        m.add_argument("--method", choices=["frequency", "reap", "average", "msmoe", "hcsmoe"], default=default,
+                       help=f"how experts are chosen and combined (default {default})")
+        add_calib_args(m)
+
+    pl = sub.add_parser("plan", help="print a plan (per-expert widths) as a layer x expert table")
+    pl.add_argument("path", help="plan.json, or a packed directory with run/plan.json")
     return ap
 
 
@@ -93,7 +127,8 @@ def cmd_quantize(a) -> int:
     calib = CalibConfig(tuple(a.calib or ()), a.nsamples, a.seqlen, a.seed, a.sampler)
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, method=a.method, allocation=a.allocation,
                          percdamp=a.percdamp, act_order=a.act_order, affinity=a.affinity, min_tokens=a.min_tokens,
-                         ternary_threshold=a.ternary_threshold,
+                         ternary_threshold=a.ternary_threshold, candidates=a.candidates, budget_scope=a.budget_scope,
+                         min_bits=a.min_bits, max_bits=a.max_bits, top_two=a.top_two, alpha=a.alpha, beta=a.beta,
                          calib=calib)
     if a.dry_run:
         a.threshold, a.json = a.min_tokens, None
@@ -103,6 +138,26 @@ def cmd_quantize(a) -> int:
     print(f"packed {s['out']}: expert bits/param {s['expert_bits_per_param']:.3f}, "
           f"{s['source_bytes'] / 1e6:.1f} MB -> {s['packed_bytes'] / 1e6:.1f} MB ({s['compression']:.2f}x), "
           f"{s['seconds']:.1f} s" + (f", {s['fallback_experts']} experts fell back to round-to-nearest" if s["fallback_experts"] else ""))
+    if a.allocation == "lp" or a.plan:
+        from moecompress.allocation.plan import plan_table
+        print(plan_table(s["out"]))
+        if "allocation" in s:
+            print(f"allocation: sensitivity pass {s['allocation']['sensitivity_seconds']:.1f} s, "
+                  f"solver {s['allocation']['solve_seconds']:.2f} s ({s['allocation']['status']})")
+    return 0
+
+
+def cmd_merge(a) -> int:
+    from moecompress.merge.pipeline import run_merge
+    s = run_merge(a.model, a.out, experts=a.experts, ratio=a.ratio, method=a.method, calib=tuple(a.calib or ()),
+                  nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, progress=not a.quiet)
+    print(json.dumps(s, indent=1, default=str))
+    return 0
+
+
+def cmd_plan(a) -> int:
+    from moecompress.allocation.plan import plan_table
+    print(plan_table(a.path))
     return 0
 
 
@@ -143,6 +198,8 @@ def cmd_report(a) -> int:
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "calib-stats": cmd_calib_stats}
 COMMANDS["report"] = cmd_report
+COMMANDS["plan"] = cmd_plan
+COMMANDS["merge"] = COMMANDS["prune"] = cmd_merge
 
 
 def main(argv=None) -> int:

@@ -83,6 +83,8 @@ def fixture_perplexity_table(quantize_and_eval: Callable[[object], dict], config
     quantize_and_eval(allocation) -> dict of metrics (e.g. {"perplexity": {domain: ppl},
     "expert_bits_per_param": b}) quantizes and evaluates the fixture with that allocation.
     rows: ("lp", budget_bits) | ("random", budget_bits) (one run per seed) | ("uniform", bits).
+    budget_bits are STORED bits (scales and zeros included): at group 64 uniform int2 is 2.5 stored bits,
+    so "2.5 code bits" is budget_bits = 2.5 + overhead_bits(QuantSpec("int", 2, 64), shapes) = 3.0.
     Nothing is measured here; every number comes from quantize_and_eval.
     """
     out = []

@@ -121,15 +121,18 @@ def quantize(model: str | None, out: str, config: QuantizeConfig = QuantizeConfi
         raise MoeCompressError(f"output {out} already exists: remove it or choose another --out")
     validate_input(model, progress)
     reader = CheckpointReader(model)
+    allocator = None
     if config.allocation == "lp" or plan:
-        from .passes.allocate import allocation_specs  # LP bit allocation / replayed plan
-        specs = allocation_specs(reader, config, plan)
+        from .passes.allocate import Allocator  # LP bit allocation / replayed plan: checked from shapes here
+        allocator = Allocator(reader, config, plan)
     else:
         specs = plan_specs(reader, config)
     with _progress(desc="checking weights", enabled=progress) as bar:
         validate_checkpoint(model, progress=bar).raise_if_bad()  # NaN/Inf, fp16 range: every tensor read once
 
     windows = calibration_windows(model, config.calib)
+    if allocator is not None:  # LP: sensitivity pass on the original weights, then the integer program
+        specs = allocator.specs(windows, progress)
     writer = PackedWriter(out, resume=resume, fingerprints=run_fingerprints(reader, config, specs, windows, plan))
     streamer = LayerStreamer(reader)
     bs = config.calib.batch_size
@@ -223,6 +226,10 @@ def quantize(model: str | None, out: str, config: QuantizeConfig = QuantizeConfi
         "run/metrics.json": summary,
         "run/coverage.json": _coverage_json(records, windows, config),
     }
+    if allocator is not None and allocator.record is not None:
+        run["run/allocation.json"] = allocator.record
+        summary["allocation"] = {k: allocator.record[k] for k in ("sensitivity_seconds", "solve_seconds", "status",
+                                                                   "predicted_bits_per_param")}
     writer.finish(cfg, manifest, run)
     return summary
 

@@ -43,7 +43,16 @@ class QuantizeConfig:
     act_order: bool = False
     affinity: bool = False           # AGQ: weight each token's Hessian term by its gate weight
     min_tokens: int = 16             # fewer routed tokens than this: round-to-nearest fallback
-    ternary_threshold: float = 0.35  # --method ternary: dead zone |w| < t * (hi - lo) codes to 0
+    ternary_threshold: float = 0.4  # --method ternary: dead zone |w| < t * (hi - lo) codes to 0
+    # --allocation lp (see moecompress.allocation.AllocationConfig): bits is the average CODE bits per expert
+    # weight; the byte budget adds the int codec's scale/zero overhead at the group size (2.5 @ g64 -> 3.0 stored)
+    candidates: tuple[int, ...] = (2, 3, 4)
+    budget_scope: str = "model"      # "model": one budget for all experts; "layer": one per MoE layer
+    min_bits: float | None = None    # per-layer bounds on an expert's width
+    max_bits: float | None = None
+    top_two: bool = False            # MC-MoE: every layer keeps an expert at each of its two widest widths
+    alpha: float = 1.0               # cost = phi^alpha * w^beta * eps(b)
+    beta: float = 1.5
     calib: CalibConfig = field(default_factory=CalibConfig)
     format_version: int = FORMAT_VERSION
 
@@ -68,6 +77,12 @@ class QuantizeConfig:
             raise MoeCompressError(f"--threshold must be in [0, 0.5), got {self.ternary_threshold}")
         if self.min_tokens < 0:
             raise MoeCompressError(f"--min-tokens must be >= 0, got {self.min_tokens}")
+        if self.allocation == "lp" and self.method == "ternary":
+            raise MoeCompressError("--allocation lp chooses among integer widths: use --method gptq or rtn")
+        if self.budget_scope not in ("model", "layer"):
+            raise MoeCompressError(f"--budget-scope must be model or layer, got {self.budget_scope!r}")
+        if not self.candidates or any(isinstance(b, bool) or b not in (2, 3, 4, 8) for b in self.candidates):
+            raise MoeCompressError(f"--candidates must list widths from 2, 3, 4, 8 (e.g. 2,3,4), got {self.candidates}")
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -20,7 +20,10 @@ def load_any(path: str, dtype=torch.float32):
         from .runtime import load
         return load(path, dtype=dtype)
     from .checkpoint import CheckpointReader
-    CheckpointReader(path)  # validates (missing shards, truncation, pickles) with a clear error
+    from .merge.loader import is_merged, load_merged
+    reader = CheckpointReader(path)  # validates (missing shards, truncation, pickles) with a clear error
+    if is_merged(reader.config):  # --ratio output: per-layer expert counts
+        return load_merged(path, dtype)
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     return model.eval()

@@ -59,10 +59,14 @@ def _read_config(path: str, tensors: dict[str, torch.Tensor], dtype):
             raise ValueError("not a JSON object")
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise PackedFormatError(f"{path}/config.json is missing or invalid ({e})") from None
+    if not isinstance(cfg_dict.get("model_type"), str):
+        raise PackedFormatError(f"config.json: model_type should be a name, found {str(cfg_dict.get('model_type'))[:40]!r}")
     try:
         arch = arch_for(cfg_dict)
     except CheckpointError as e:
         raise PackedFormatError(f"config.json: {e}") from None
+    except TypeError:  # e.g. architectures that is not a list of names
+        raise PackedFormatError("config.json: malformed model_type or architectures") from None
     n = cfg_dict.get("num_hidden_layers")
     stored = {int(m.group(1)) for k in tensors if (m := _LAYER.match(k))}
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_LAYERS or stored != set(range(n)):
@@ -126,6 +130,14 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype | None = None, verif
 
     A damaged or hostile directory raises PackedFormatError before anything is allocated beyond the
     stored tensors themselves (whose sizes are bounded by the files)."""
+    from .packed import MANIFEST
+    if not os.path.isfile(os.path.join(path, MANIFEST)):
+        from .merge.loader import is_merged, load_merged
+        cfg_path = os.path.join(path, "config.json")
+        if os.path.isfile(cfg_path):
+            with open(cfg_path) as f:
+                if is_merged(json.load(f)):  # a `merge --ratio` output: per-layer expert counts
+                    return load_merged(path, dtype or torch.float32).to(device)
     manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)
@@ -135,9 +147,17 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype | None = None, verif
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
     tensors = _read_shards(path, manifest)
     arch, config = _read_config(path, tensors, dtype)
-    model = meta_model(config)
+    try:
+        model = meta_model(config)  # meta device: a config that lies about sizes allocates nothing here
+    except Exception as e:
+        raise PackedFormatError(f"config.json describes no buildable model: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:120] if str(e) else ''}") from None
     layers = model.model.layers
     num_experts = max([getattr(found[1], "num_experts", 0) for found in map(find_experts, layers) if found] or [0])
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= max(num_experts, 1)):
+        raise PackedFormatError(f"config.json: num_experts_per_tok={str(top_k)[:20]} is not between 1 and the "
+                                f"{num_experts} experts")
     by_layer, consumed = _manifest_experts(manifest, tensors, config.num_hidden_layers, num_experts)
     from .experts import make_glu
     glu = make_glu(arch.glu, config)

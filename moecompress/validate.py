@@ -64,6 +64,7 @@ class _Scan:
     path: str
     problems: list[str] = field(default_factory=list)
     infos: dict[str, tuple[str, str, tuple[int, ...]]] = field(default_factory=dict)  # name -> (shard, dtype, shape)
+    shapes: dict[tuple, list[str]] = field(default_factory=dict)  # (found, wanted, why) -> tensor names
     readable: list[str] = field(default_factory=list)
 
     def add(self, msg: str) -> None:
@@ -99,10 +100,16 @@ def _config(s: _Scan) -> tuple[dict | None, ArchSpec | None]:
     if not isinstance(config, dict):
         s.add("config.json is not a JSON object: restore it from the original checkpoint")
         return None, None
+    if not isinstance(config.get("model_type"), str):
+        s.add(f"config.json has no model_type name (found {str(config.get('model_type'))[:40]!r}): restore it from the original")
+        return config, None
     try:
         arch = arch_for(config)
     except CheckpointError as e:
         s.add(str(e))
+        return config, None
+    except TypeError:
+        s.add("config.json: malformed architectures list: restore it from the original checkpoint")
         return config, None
     try:
         from transformers import AutoConfig
@@ -118,6 +125,9 @@ def _config(s: _Scan) -> tuple[dict | None, ArchSpec | None]:
         n = arch.num_experts(config)
         if n < 1:
             s.add(f"config.json: {arch.expert_count_key(config)} should be at least 1, found {n}")
+        k = config.get("num_experts_per_tok")
+        if k is not None and (not isinstance(k, int) or not 1 <= k <= n):
+            s.add(f"config.json: num_experts_per_tok={k!r} should be between 1 and the {n} experts")
     except (CheckpointError, TypeError, ValueError) as e:
         s.add(str(e) if isinstance(e, CheckpointError) else f"config.json: the expert count is not an integer ({e})")
     return config, arch
@@ -220,6 +230,10 @@ def _structure(s: _Scan, config: dict, arch: ArchSpec) -> tuple[int, ...]:
     if not moe:
         s.add(f"config says {arch.family} but no expert tensors were found "
               f"(looked for e.g. {arch.per_expert_key(0, 0, 'gate', prefix)})")
+    for (shape, want, what), names in s.shapes.items():
+        n = len(names)
+        s.add(f"{names[0]}{f' and {n - 1} more expert tensors' if n > 1 else ''} ha{'ve' if n > 1 else 's'} shape "
+              f"{list(shape)} but config.json implies {list(want)} ({what})")
     emb = f"{prefix.rsplit('.', 1)[0]}.embed_tokens.weight"
     if emb in s.infos and isinstance(H, int) and s.infos[emb][2][-1:] != (H,):
         s.add(f"{emb} has shape {list(s.infos[emb][2])} but config.json says hidden_size={H}")
@@ -234,8 +248,8 @@ def _expect(s: _Scan, name: str, want: tuple, what: str) -> None:
     _, dtype, shape = info
     if dtype not in FLOAT_DTYPES:
         s.add(f"{name} has dtype {dtype}; expert weights must be floating point ({', '.join(FLOAT_DTYPES)})")
-    if None not in want and shape != want:
-        s.add(f"{name} has shape {list(shape)} but config.json implies {list(want)} ({what})")
+    if None not in want and shape != want:  # grouped: one line per kind of mismatch, not one per expert
+        s.shapes.setdefault((shape, want, what), []).append(name)
 
 
 def _per_expert_layer(s, arch, prefix, i, E, H, I, width_key) -> None:

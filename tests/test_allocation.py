@@ -8,7 +8,7 @@ import torch
 
 from moecompress.allocation import (Allocation, AllocationConfig, allocate, allocation_table, budget_bytes,
                                     build_problem, expert_costs, expert_output_error, expert_shapes,
-                                    price_candidates, random_allocation, stored_bits, uniform_allocation)
+                                    overhead_bits, price_candidates, random_allocation, stored_bits, uniform_allocation)
 from moecompress.allocation.lp import repair_budget
 from moecompress.codecs import QuantSpec, nbytes
 from moecompress.errors import MoeCompressError
@@ -90,6 +90,7 @@ def test_prices_are_codec_bytes_and_budget_is_floored():
     assert budget_bytes(pr.params, 2.7, "model").tolist() == [int(2.7 * 8 * 3 * 64 * 128) // 8]  # 66355.2 -> 66355
     assert budget_bytes(pr.params, 2.7, "layer").tolist() == [33177, 33177]
     assert stored_bits(QuantSpec("int", 2, 64), SHAPES) == 2.5
+    assert overhead_bits(QuantSpec("int", 3, 32), SHAPES) == 1.0  # fp16 scale + zero per 32 weights
     with pytest.raises(MoeCompressError, match="does not divide"):
         price_candidates((QuantSpec("int", 4, 48),), SHAPES, 1, 2)
 
@@ -164,6 +165,8 @@ def test_deterministic():
     prob = build_problem(cfg, cost, pricing)
     assert random_allocation(prob, 1).choice == random_allocation(prob, 1).choice
     assert random_allocation(prob, 1).choice != random_allocation(prob, 2).choice
+    r = random_allocation(prob, 3).choice_array()
+    assert all(t in r[l] for l in range(L) for t in prob.top_two[l])  # the top-two rule holds for baselines too
 
 
 def test_expert_output_error_is_relative_contribution_error():

@@ -17,11 +17,11 @@ from .baselines import random_allocation, uniform_allocation
 from .config import AllocationConfig
 from .importance import Costs, expert_costs, expert_output_error
 from .lp import allocate, solve_allocation
-from .pricing import Pricing, budget_bytes, expert_shapes, price_candidates, stored_bits
+from .pricing import Pricing, budget_bytes, expert_shapes, overhead_bits, price_candidates, stored_bits
 from .problem import AllocationProblem, build_problem, check_feasible
 from .result import Allocation, allocation_table
 
 __all__ = ["AllocationConfig", "Allocation", "AllocationProblem", "Costs", "Pricing", "allocate",
            "allocation_table", "budget_bytes", "build_problem", "check_feasible", "expert_costs",
-           "expert_output_error", "expert_shapes", "price_candidates", "random_allocation",
+           "expert_output_error", "expert_shapes", "overhead_bits", "price_candidates", "random_allocation",
            "solve_allocation", "stored_bits", "uniform_allocation"]

@@ -50,22 +50,44 @@ def expert_output_error(X: torch.Tensor, g: torch.Tensor, weights: Sequence[torc
     weight (the candidate width). Returns sum ||g (f - f_q)||^2 / sum ||g f||^2 as a float; NaN when
     T == 0 (unmeasurable: expert_costs fills it), 0.0 when the output is identically zero.
     """
-    if X.dim() != 2 or g.dim() != 1 or X.shape[0] != g.shape[0]:
-        raise MoeCompressError(f"expected X (T, H) and g (T,), got {tuple(X.shape)} and {tuple(g.shape)}")
-    Wg, Wu, Wd = (w.float() for w in weights)
-    I, H = Wg.shape
-    if X.shape[1] != H or Wu.shape != (I, H) or Wd.shape != (H, I):
-        raise MoeCompressError(f"expert shapes gate {tuple(Wg.shape)}, up {tuple(Wu.shape)}, down {tuple(Wd.shape)} "
-                               f"do not fit hidden size {X.shape[1]}")
+    _check_expert(X, g, weights)
     if X.shape[0] == 0:
         return math.nan
-    Qg, Qu, Qd = (quantize(w).float() for w in (Wg, Wu, Wd))
+    quantized = [quantize(w.float()) for w in weights]
+    return contribution_error(X, g, weights, quantized, lambda a, b: act(a) * b, chunk_tokens=chunk_tokens)
+
+
+def _check_expert(X, g, weights):
+    if X.dim() != 2 or g.dim() != 1 or X.shape[0] != g.shape[0]:
+        raise MoeCompressError(f"expected X (T, H) and g (T,), got {tuple(X.shape)} and {tuple(g.shape)}")
+    Wg, Wu, Wd = weights
+    I, H = Wg.shape
+    if X.shape[1] != H or tuple(Wu.shape) != (I, H) or tuple(Wd.shape) != (H, I):
+        raise MoeCompressError(f"expert shapes gate {tuple(Wg.shape)}, up {tuple(Wu.shape)}, down {tuple(Wd.shape)} "
+                               f"do not fit hidden size {X.shape[1]}")
+
+
+def contribution_error(X: torch.Tensor, g: torch.Tensor, weights: Sequence[torch.Tensor],
+                       quantized: Sequence[torch.Tensor], glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                       biases: Sequence[torch.Tensor | None] = (None, None, None), chunk_tokens: int = 4096) -> float:
+    """eps with the quantized weights given: (gate, up, down) dense and dequantized, the family's
+    glu(gate_out, up_out) -> intermediate, optional (gate, up, down) biases (GPT-OSS; never quantized).
+    Same value and conventions as expert_output_error."""
+    _check_expert(X, g, weights)
+    if X.shape[0] == 0:
+        return math.nan
+    Wg, Wu, Wd = (w.float() for w in weights)
+    Qg, Qu, Qd = (w.float() for w in quantized)
+    bg, bu, bd = (None if b is None else b.float() for b in biases)
+
+    def f(x, A, B, D):
+        h = glu(F.linear(x, A, bg), F.linear(x, B, bu))  # (t, I)
+        return F.linear(h, D, bd)  # (t, H)
     num = den = 0.0
     for s in range(0, X.shape[0], chunk_tokens):
         x = X[s:s + chunk_tokens].float()  # (t, H)
         gt = g[s:s + chunk_tokens].float().unsqueeze(1)  # (t, 1)
-        y = gt * ((act(x @ Wg.T) * (x @ Wu.T)) @ Wd.T)  # (t, H)
-        yq = gt * ((act(x @ Qg.T) * (x @ Qu.T)) @ Qd.T)  # (t, H)
+        y, yq = gt * f(x, Wg, Wu, Wd), gt * f(x, Qg, Qu, Qd)  # (t, H) each
         num += float(((y - yq).double() ** 2).sum())
         den += float((y.double() ** 2).sum())
     return num / den if den > 0 else 0.0

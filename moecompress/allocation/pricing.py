@@ -105,3 +105,9 @@ def budget_bytes(params: np.ndarray, budget_bits: float, scope: str) -> np.ndarr
 def stored_bits(spec: QuantSpec, shapes: Sequence[Shape]) -> float:
     """Average stored bits per parameter of one expert at `spec` (e.g. int2 g64 -> 2.5: fp16 scale+zero per 64)."""
     return 8 * _price(shapes, spec) / sum(n * k for n, k in shapes)
+
+
+def overhead_bits(spec: QuantSpec, shapes: Sequence[Shape]) -> float:
+    """Stored bits per parameter beyond the nominal width (int2 g64 -> 0.5). A front end that reads
+    --bits B as code bits, like uniform's --bits 2, budgets B + overhead_bits of its group size."""
+    return stored_bits(spec, shapes) - spec.bits

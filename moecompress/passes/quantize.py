@@ -40,7 +40,8 @@ class LayerRecord:
 
 
 TERNARY_CODECS = ("ternary", "sub1")
-DEFAULT_THRESHOLD = 0.35  # ternary dead zone: ~94% zeros on trained experts, under 1 bit with sub1
+DEFAULT_THRESHOLD = 0.4   # ternary dead zone |w| < t * (hi - lo) codes to 0
+TERNARY_PERCDAMP = 0.25   # stronger GPTQ damping for ternary: less error feedback, more zeros (~93%)
 
 
 def grid_for(spec: QuantSpec):
@@ -113,6 +114,8 @@ class LayerEncoder:
 def _quantize_group(W: torch.Tensor, Hs: torch.Tensor | None, spec: QuantSpec, method: str, gcfg: GPTQConfig) -> GPTQResult:
     grid = grid_for(spec)
     gs = spec.group_size or W.shape[-1]  # 0: one group per row (ternary, as QMoE)
+    if spec.codec in TERNARY_CODECS:  # error feedback fills the dead zone back in: damp it (measured trade-off)
+        gcfg = GPTQConfig(max(gcfg.percdamp, float(spec.option("percdamp", TERNARY_PERCDAMP))), gcfg.block_size, gcfg.act_order)
     if method == "rtn" or Hs is None:
         return rtn(W, grid, gs)
     return gptq(W, Hs, grid, gs, gcfg)

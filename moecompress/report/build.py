@@ -153,7 +153,7 @@ def summarize(r: dict) -> dict:
                      f"(layer.expert: {', '.join(f'{a}.{b}' for a, b in ex['fallback'][:8])}).")
     if ex.get("merge"):
         watch.append("Experts were merged or pruned: " + "; ".join(f"layer {k}: {v}" for k, v in ex["merge"]["summary"].items()) + ".")
-    if r["provenance"]["baseline_is_source"] is False:
+    if r["provenance"]["baseline_is_source"] is False and not ex.get("merge"):
         watch.append("--baseline is not the checkpoint this run was made from (fingerprints differ).")
     if r["missing_records"]:
         watch.append(f"Missing run records: {', '.join(r['missing_records'])}.")

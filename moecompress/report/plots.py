@@ -91,7 +91,8 @@ def perplexity_plot(texts: dict, out: str) -> str | None:
     return _save(fig, out, "perplexity.png")
 
 
-def _heatmap(grid, layers, title, cbar, fmt, out, name, cmap="viridis", marks=(), vmin=None, vmax=None, note=None):
+def _heatmap(grid, layers, title, cbar, fmt, out, name, cmap="viridis", marks=(), vmin=None, vmax=None, note=None,
+             labels=None):
     import numpy as np
     plt = _plt()
     a = np.array([[np.nan if v is None else float(v) for v in row] for row in grid])  # (layers, experts)
@@ -105,7 +106,8 @@ def _heatmap(grid, layers, title, cbar, fmt, out, name, cmap="viridis", marks=()
                 if np.isnan(a[r, e]):
                     continue
                 frac = (a[r, e] - lo) / (hi - lo) if hi > lo else 0.5
-                ax.text(e, r, fmt(a[r, e]), ha="center", va="center", fontsize=7.5,
+                text = fmt(a[r, e]) + (f"\n{labels[r][e]}" if labels and labels[r][e] else "")
+                ax.text(e, r, text, ha="center", va="center", fontsize=7.5 if not labels else 6.5,
                         color="black" if frac > 0.55 else "white")
     for i, e in marks:  # outlined cells (fallback experts)
         if i in layers:
@@ -132,7 +134,8 @@ def bits_heatmap(experts: dict, out: str) -> str | None:
     if max(vals) - min(vals) < 1e-9:
         title += f": all {vals[0]:.2f}"
     return _heatmap(experts["bits"], experts["layers"], title, "bits / parameter", lambda v: f"{v:.2f}", out,
-                    "bits_heatmap.png", cmap="viridis", marks=experts["fallback"], vmin=lo, vmax=hi, note=note)
+                    "bits_heatmap.png", cmap="viridis", marks=experts["fallback"], vmin=lo, vmax=hi, note=note,
+                    labels=experts["labels"] if len({x for row in experts["labels"] for x in row if x}) > 1 else None)
 
 
 def routing_heatmap(experts: dict, out: str) -> str | None:

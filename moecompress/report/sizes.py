@@ -19,7 +19,7 @@ import os
 import re
 from typing import NamedTuple
 
-from ..checkpoint import DTYPE_BYTES, read_safetensors_header
+from ..checkpoint import read_safetensors_header
 from ..errors import MoeCompressError
 
 COMPONENTS = ("experts", "expert scales", "attention", "embeddings/head", "norms/router", "dense MLP/shared experts",

@@ -1,0 +1,246 @@
+"""The allocation pass: per-expert bit widths for `quantize --allocation lp`, or a replayed `--plan`.
+
+Two phases, so that every user error surfaces before a weight is read:
+
+1. `Allocator(reader, config, plan)` works from shapes alone. A plan is checked against the checkpoint
+   (fingerprint, every expert covered, codec and group size fit every projection). For LP, every
+   candidate is priced in real bytes by its codec's nbytes and the budget is checked for feasibility.
+   `--bits B` is the average number of CODE bits per expert weight, as in uniform `--bits 2`, which
+   stores int2 codes plus an fp16 scale and zero per group (2.5 stored bits at group 64). The byte
+   budget is therefore (B + overhead) * P / 8 with overhead = the int codec's scale/zero bits per
+   weight at the chosen group size (0.5 at group 64): `--bits 2.5 --group-size 64` -> 3.0 stored bits.
+2. `Allocator.specs(windows)` (LP only) runs the sensitivity pass and solves the program:
+   the model is streamed layer by layer with its ORIGINAL weights on the calibration windows. In each
+   MoE layer one forward pass collects, per expert, the routed-token count n_e, the summed gate weight
+   w_e, the input Hessians of gate/up (x) and down (h = glu(gate x, up x), from the original weights),
+   and a uniform random sample of at most `sample_tokens` routed inputs X_e with their gate weights
+   g_e (priority sampling: the smallest of i.i.d. uniform keys, seeded per layer). Then, for each
+   candidate width b, all experts are quantized with GPTQ as the quantize pass does (batched, gate+up
+   stacked, then down; identity Hessian below `min_tokens` tokens) and
+       eps_e(b) = sum_t ||g_t (f_e(x_t) - f_e,b(x_t))||^2 / sum_t ||g_t f_e(x_t)||^2   over X_e,
+   the error of the MoE block output when only expert e is quantized (allocation.contribution_error).
+   Costs c = phi^alpha w^beta eps(b) (allocation.expert_costs) go to the 0/1 program (allocation.lp).
+   Cost of the pass: one forward per layer plus one GPTQ of every expert per candidate, on top of the
+   quantization itself; the run records it in run/allocation.json.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from ..allocation import (AllocationConfig, Allocation, allocate, build_problem, expert_costs, overhead_bits,
+                          price_candidates)
+from ..allocation.importance import contribution_error
+from ..allocation.plan import read_plan, validate_plan
+from ..arch import PROJS
+from ..codecs import QuantSpec
+from ..config import QuantizeConfig, resolve_group_size
+from ..errors import MoeCompressError
+from .calibrate import HessianCollector, expert_chunks
+from .quantize import HESSIAN_BUDGET, _quantize_group
+
+log = logging.getLogger("moecompress")
+SAMPLE_TOKENS = 1024
+
+
+class LayerSensitivity:
+    """Observer of one MoE layer: counts, gate mass, a capped seeded sample of routed inputs, and (for
+    experts in `subset`) the Hessians of gate/up inputs x and of down inputs h."""
+
+    def __init__(self, E: int, H: int, I: int, subset, affinity: bool, cap: int, seed: int, hessians: bool = True):
+        self.hx = HessianCollector(E, H, "x", subset=subset if hessians else [], affinity=affinity)
+        self.hh = HessianCollector(E, I, "h", subset=subset if hessians else [], affinity=affinity)
+        self.cap = cap
+        self.gen = torch.Generator().manual_seed(seed)
+        self.X = [torch.zeros(0, H) for _ in range(E)]
+        self.g = [torch.zeros(0) for _ in range(E)]
+        self.key = [torch.zeros(0) for _ in range(E)]
+
+    def __call__(self, e, tok, x, h, w):
+        self.hx(e, tok, x, h, w)
+        self.hh(e, tok, x, h, w)
+        keys = torch.cat([self.key[e], torch.rand(x.shape[0], generator=self.gen)])  # (n_kept + n,)
+        X, g = torch.cat([self.X[e], x.float()]), torch.cat([self.g[e], w.float()])
+        if keys.numel() > self.cap:
+            keep = torch.topk(keys, self.cap, largest=False).indices.sort().values
+            keys, X, g = keys[keep], X[keep], g[keep]
+        self.key[e], self.X[e], self.g[e] = keys, X, g
+
+    @property
+    def tokens(self):
+        return self.hx.tokens
+
+    @property
+    def gate_sum(self):
+        return self.hx.gate_sum
+
+
+def layer_eps(ex, obs: LayerSensitivity, chunk: list[int], candidates, method: str, gcfg, fallback: set,
+              eps: np.ndarray) -> None:
+    """eps[e, c] for experts in `chunk` of one materialized layer (experts module `ex`), every candidate."""
+    H = ex.weights[0]["gate"].shape[1]
+    I = ex.weights[0]["gate"].shape[0]
+    Wgu = torch.stack([torch.cat([ex.weights[e]["gate"], ex.weights[e]["up"]]) for e in chunk]).float()  # (G, 2I, H)
+    Wd = torch.stack([ex.weights[e]["down"] for e in chunk]).float()  # (G, H, I)
+    Hx = Hh = None
+    if method != "rtn":
+        Hx, Hh = obs.hx.stacked(chunk), obs.hh.stacked(chunk)  # (G, H, H), (G, I, I)
+        for j, e in enumerate(chunk):  # too few tokens: identity Hessian == round-to-nearest
+            if e in fallback:
+                Hx[j], Hh[j] = torch.eye(H), torch.eye(I)
+    for c, spec in enumerate(candidates):
+        gu = _quantize_group(Wgu, Hx, spec, method, gcfg).deq  # (G, 2I, H)
+        dn = _quantize_group(Wd, Hh, spec, method, gcfg).deq  # (G, H, I)
+        for j, e in enumerate(chunk):
+            b = ex.biases[e] if ex.biases else {}
+            dense = (ex.weights[e]["gate"], ex.weights[e]["up"], ex.weights[e]["down"])
+            quant = (gu[j, :I], gu[j, I:], dn[j])  # (2I, H) -> (I, H), (I, H)
+            eps[e, c] = contribution_error(obs.X[e], obs.g[e], dense, quant, ex.glu,
+                                           tuple(b.get(p) for p in PROJS))
+
+
+def sensitivity_pass(reader, config: QuantizeConfig, candidates, windows: torch.Tensor, *,
+                     sample_tokens: int = SAMPLE_TOKENS, progress: bool = True) -> dict:
+    """Stream the original model; returns {"tokens", "gate_mass": (L, E), "eps": (L, E, C), "seconds"}."""
+    from ..api import _progress
+    from ..layerwise import LayerStreamer, find_experts
+    from ..quant.gptq import GPTQConfig
+    t0 = time.time()
+    streamer = LayerStreamer(reader)
+    bs = config.calib.batch_size
+    kwargs = streamer.layer_kwargs(min(bs, len(windows)), windows.shape[1])
+    gcfg = GPTQConfig(config.percdamp, config.block_size, config.act_order)
+    moe = list(reader.moe_layers)
+    L, E, C = len(moe), reader.layer_num_experts(moe[0]), len(candidates)
+    tokens, mass = np.zeros((L, E)), np.zeros((L, E))
+    eps = np.full((L, E, C), np.nan)
+    hidden = torch.cat([streamer.embed(windows[s:s + bs]) for s in range(0, len(windows), bs)])
+    last = moe[-1]
+    for i in _progress(range(last + 1), desc="allocation: sensitivity", enabled=progress):
+        layer = streamer.build_layer(i)
+        if i in moe:
+            l = moe.index(i)
+            _, ex = find_experts(layer)
+            H, I = ex.weights[0]["gate"].shape[1], ex.weights[0]["gate"].shape[0]
+            need_h = config.method != "rtn"
+            chunks = expert_chunks(list(range(E)), H + I, HESSIAN_BUDGET) if need_h else [list(range(E))]
+            out = None
+            for n, chunk in enumerate(chunks):
+                # same seed for every chunk: the sample is the same whichever chunk collects it
+                obs = LayerSensitivity(E, H, I, chunk, config.affinity, sample_tokens,
+                                       config.calib.seed * 1_000_003 + i, need_h)
+                ex.observer = obs
+                y = streamer.run_layer(layer, hidden, kwargs[i], bs)
+                ex.observer = None
+                out = y if out is None else out
+                if n == 0:
+                    tokens[l], mass[l] = obs.tokens.numpy(), obs.gate_sum.numpy()
+                fallback = {e for e in chunk if tokens[l, e] < config.min_tokens}
+                layer_eps(ex, obs, chunk, candidates, config.method, gcfg, fallback, eps[l])
+                del obs
+            hidden = out
+        elif i < last:
+            hidden = streamer.run_layer(layer, hidden, kwargs[i], bs)
+        del layer
+    return {"tokens": tokens, "gate_mass": mass, "eps": eps, "seconds": time.time() - t0}
+
+
+def _num_experts(reader) -> int:
+    counts = {reader.layer_num_experts(i) for i in reader.moe_layers}
+    if len(counts) != 1:
+        raise MoeCompressError(f"LP allocation needs the same number of experts in every MoE layer, got "
+                               f"{sorted(counts)}; use --allocation uniform or a --plan")
+    return counts.pop()
+
+
+class Allocator:
+    """Shapes-first allocation: construct (checks everything from shapes), then `specs(windows)`."""
+
+    def __init__(self, reader, config: QuantizeConfig, plan: str | None = None):
+        self.reader, self.config, self.plan_path = reader, config, plan
+        self.record: dict | None = None
+        self.allocation: Allocation | None = None
+        moe = list(reader.moe_layers)
+        if not moe:
+            raise MoeCompressError("the checkpoint has no MoE layers: nothing to allocate")
+        shapes = {i: reader.expert_shapes(i) for i in moe}
+        if plan:
+            experts = {i: reader.layer_num_experts(i) for i in moe}
+            self.plan_specs = validate_plan(read_plan(plan), reader.fingerprint, experts, shapes)
+            return
+        self.plan_specs = None
+        widths = [shapes[i][p][1] for i in moe for p in PROJS]
+        gs = resolve_group_size(config.group_size, widths)
+        layer_shapes = [tuple(shapes[i][p] for p in PROJS) for i in moe]
+        E = _num_experts(reader)
+        # B code bits + the int codec's scale/zero overhead at this group size (the same for every width)
+        ref = QuantSpec("int", 2, gs)
+        P = sum(n * k for ls in layer_shapes for n, k in ls)
+        self.overhead = sum(overhead_bits(ref, ls) * sum(n * k for n, k in ls) for ls in layer_shapes) / P
+        self.acfg = AllocationConfig(
+            candidates=tuple(sorted(set(int(b) for b in config.candidates))), group_size=gs, alpha=config.alpha,
+            beta=config.beta, budget_bits=float(config.bits) + self.overhead, budget_scope=config.budget_scope,
+            min_bits=config.min_bits, max_bits=config.max_bits, top_two_each=config.top_two, seed=config.calib.seed)
+        self.pricing = price_candidates(self.acfg.candidates, layer_shapes, len(moe), E)
+        try:  # feasibility from shapes, before any weight is read
+            build_problem(self.acfg, np.zeros(self.pricing.bytes.shape), self.pricing)
+        except MoeCompressError as e:
+            raise MoeCompressError(_in_code_bits(str(e), self.overhead, config.bits)) from None
+
+    def specs(self, windows: torch.Tensor, progress: bool = True) -> dict:
+        """{(layer, expert): QuantSpec} for every expert of every MoE layer."""
+        if self.plan_specs is not None:
+            return dict(self.plan_specs)
+        r, cfg, acfg = self.reader, self.config, self.acfg
+        moe = list(r.moe_layers)
+        sens = sensitivity_pass(r, cfg, acfg.candidates, windows, progress=progress)
+        costs = expert_costs(sens["eps"], sens["tokens"], sens["gate_mass"], acfg.alpha, acfg.beta,
+                             acfg.importance_floor)
+        alloc = allocate(acfg, costs.cost, self.pricing)
+        self.allocation = alloc
+        labels = [c.label for c in acfg.candidates]
+        self.record = {
+            "format_version": 1, "config": acfg.to_json(), "moe_layers": moe,
+            "code_bits": float(cfg.bits), "overhead_bits": self.overhead, "budget_stored_bits": acfg.budget_bits,
+            "sensitivity_seconds": round(sens["seconds"], 3), "solve_seconds": round(alloc.solve_seconds, 3),
+            "status": alloc.status, "predicted_bytes": alloc.predicted_bytes, "budget_bytes": alloc.budget_bytes,
+            "predicted_bits_per_param": alloc.average_bits, "widths": alloc.widths().tolist(),
+            "sample_tokens": SAMPLE_TOKENS, "tokens": sens["tokens"].astype(int).tolist(),
+            "gate_mass": np.round(sens["gate_mass"], 6).tolist(), "phi": costs.phi.tolist(), "w": costs.w.tolist(),
+            "eps": {lab: _nan_none(sens["eps"][..., c]) for c, lab in enumerate(labels)},
+            "cost": {lab: costs.cost[..., c].tolist() for c, lab in enumerate(labels)},
+            "unmeasured": costs.unmeasured, "allocation": alloc.to_json(),
+        }
+        log.info("allocation: sensitivity %.1f s, solve %.2f s (%s), %.4f stored bits/param predicted",
+                 sens["seconds"], alloc.solve_seconds, alloc.status, alloc.average_bits)
+        return {(i, e): alloc.spec(l, e) for l, i in enumerate(moe) for e in range(len(alloc.choice[l]))}
+
+
+def _nan_none(a: np.ndarray) -> list:
+    return [[None if not np.isfinite(v) else float(v) for v in row] for row in a]
+
+
+def _in_code_bits(msg: str, overhead: float, bits: float) -> str:
+    """Restate the core's infeasibility message (stored bits) in --bits terms (code bits)."""
+    import re
+    m = re.search(r"needs ([0-9.]+) bits", msg)
+    if not m:
+        return msg
+    need = float(m.group(1)) - overhead
+    return (f"--bits {bits:g} is infeasible: the narrowest allowed allocation needs {need:.4f} code bits per expert "
+            f"weight ({float(m.group(1)):.4f} stored, scales and zeros included); use --bits "
+            f"{np.ceil(need * 1e4) / 1e4:g} or more, or allow narrower --candidates / --min-bits")
+
+
+def allocation_specs(reader, config: QuantizeConfig, plan: str | None = None, windows: torch.Tensor | None = None,
+                     progress: bool = False) -> dict:
+    """One call: {(layer, expert): QuantSpec} from a plan or the LP (windows: the calibration windows;
+    None: drawn from config.calib as quantize does)."""
+    alloc = Allocator(reader, config, plan)
+    if windows is None and alloc.plan_specs is None:
+        from ..api import calibration_windows
+        windows = calibration_windows(reader.path, config.calib)
+    return alloc.specs(windows, progress)

@@ -1,0 +1,171 @@
+"""The allocation pass wired into quantize: LP widths from a sensitivity pass, plan replay, checks from shapes."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TEXT
+from moecompress.errors import MoeCompressError
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(TEXT), reason="needs the shared fixture text")
+
+
+def _cfg(**kw):
+    from moecompress.config import CalibConfig, QuantizeConfig
+    base = dict(bits=2.5, group_size=32, method="gptq", allocation="lp",
+                calib=CalibConfig((os.path.join(TEXT, "calib_mix.txt"),), nsamples=8, seqlen=32))
+    return QuantizeConfig(**{**base, **kw})
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def lp_run(tiny_dir, tmp_path_factory):
+    from moecompress.api import quantize
+    model = tiny_dir("Mixtral")
+    out = str(tmp_path_factory.mktemp("alloc") / "lp")
+    summary = quantize(model, out, _cfg(), progress=False)
+    return model, out, summary
+
+
+def test_lp_run_size_matches_plan_and_budget(lp_run):
+    model, out, summary = lp_run
+    man = _json(os.path.join(out, "moecompress.json"))
+    rec = _json(os.path.join(out, "run", "allocation.json"))
+    plan = _json(os.path.join(out, "run", "plan.json"))
+    # --bits 2.5 code bits at group 32 with fp16 scale+zero: 2.5 + 32/32 = 3.5 stored bits
+    assert rec["overhead_bits"] == pytest.approx(1.0)
+    assert rec["budget_stored_bits"] == pytest.approx(3.5)
+    measured, predicted = man["expert_bits_per_param"], rec["predicted_bits_per_param"]
+    assert abs(measured - predicted) / predicted < 0.01, (measured, predicted)
+    assert measured <= 3.5 + 1e-6
+    assert measured > 3.5 - 0.3  # the budget is used (uniform 2 would be 3.0)
+    widths = np.array(rec["widths"])
+    assert widths.shape == (2, 4) and set(widths.ravel()) <= {2, 3, 4} and len(set(widths.ravel())) > 1
+    # the manifest, the plan and the allocation record agree expert by expert
+    for d in plan["experts"]:
+        assert man["expert_bits"][f"{d['layer']}.{d['expert']}"] == f"int{d['bits']}g32"
+        assert d["bits"] == widths[d["layer"], d["expert"]]
+    assert rec["status"] == "optimal" and rec["sensitivity_seconds"] > 0 and rec["solve_seconds"] >= 0
+    assert summary["allocation"]["status"] == "optimal"
+
+
+def test_sensitivity_record_is_sane(lp_run):
+    _, out, _ = lp_run
+    rec = _json(os.path.join(out, "run", "allocation.json"))
+    eps = np.array([rec["eps"][k] for k in ("int2g32", "int3g32", "int4g32")], dtype=float)  # (C, L, E)
+    tokens = np.array(rec["tokens"])
+    assert tokens.sum(axis=1).tolist() == [8 * 32 * 2] * 2  # every token routed to top-2 experts, each layer
+    seen = tokens > 0
+    assert np.isfinite(eps[:, seen]).all()
+    # more bits, less error: int4 well below int2 for every measured expert (GPTQ, ~4x per bit)
+    assert (eps[2][seen] < 0.5 * eps[0][seen]).all()
+    assert 1e-4 < np.nanmedian(eps[0]) < 1.0
+    assert np.allclose(np.array(rec["phi"]).mean(axis=1), 1.0, atol=0.01)  # mean-1 per layer
+
+
+def test_plan_replay_reproduces_the_run_and_prints(lp_run, tmp_path, capsys):
+    from moecompress.api import quantize
+    from moecompress.cli import main
+    model, out, _ = lp_run
+    re_out = str(tmp_path / "replay")
+    # --plan overrides the allocation: no sensitivity pass, the same specs, so the same bytes
+    quantize(model, re_out, _cfg(allocation="uniform", bits=4), plan=os.path.join(out, "run", "plan.json"),
+             progress=False)
+    a, b = _json(os.path.join(out, "moecompress.json")), _json(os.path.join(re_out, "moecompress.json"))
+    assert a["expert_bits"] == b["expert_bits"]
+    assert a["expert_bytes"] == b["expert_bytes"]
+    assert not os.path.exists(os.path.join(re_out, "run", "allocation.json"))
+    assert main(["plan", out]) == 0
+    table = capsys.readouterr().out
+    assert "layer |" in table and "lp (optimal)" in table and "stored bits/param" in table
+    assert main(["plan", os.path.join(re_out, "run", "plan.json")]) == 0
+    assert "plan: mean nominal width" in capsys.readouterr().out
+
+
+def _edited_plan(out, tmp_path, edit):
+    plan = _json(os.path.join(out, "run", "plan.json"))
+    edit(plan)
+    p = tmp_path / "plan.json"
+    p.write_text(json.dumps(plan))
+    return str(p)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda p: p.update(source_fingerprint="0" * 32), "was made for checkpoint"),
+    (lambda p: p["experts"].pop(3), "does not cover 1 experts"),
+    (lambda p: p["experts"].append(dict(p["experts"][0])), "twice"),
+    (lambda p: p["experts"][0].update(group_size=48), "layer 0 expert 0"),
+    (lambda p: p["experts"][1].update(codec="nope"), "layer 0 expert 1"),
+    (lambda p: p.update(format_version=9), "format_version 9"),
+])
+def test_bad_plan_fails_before_any_weight_is_read(lp_run, tmp_path, monkeypatch, edit, words):
+    from moecompress import api
+    model, out, _ = lp_run
+    plan = _edited_plan(out, tmp_path, edit)
+
+    def boom(*a, **k):
+        raise AssertionError("weights read before the plan was checked")
+    monkeypatch.setattr("moecompress.validate.validate_checkpoint", boom)
+    monkeypatch.setattr(api, "calibration_windows", boom)
+    with pytest.raises(MoeCompressError, match=words):
+        api.quantize(model, str(tmp_path / "x"), _cfg(), plan=plan, progress=False)
+
+
+def test_infeasible_budget_fails_before_sensitivity(tiny_dir, tmp_path, monkeypatch):
+    from moecompress import api
+    from moecompress.passes import allocate
+
+    def boom(*a, **k):
+        raise AssertionError("calibration started before the budget was checked")
+    monkeypatch.setattr(allocate, "sensitivity_pass", boom)
+    monkeypatch.setattr(api, "calibration_windows", boom)
+    with pytest.raises(MoeCompressError, match=r"--bits 1.5 is infeasible.*needs 2.0000 code bits.*--bits 2 or more"):
+        api.quantize(tiny_dir("Mixtral"), str(tmp_path / "x"), _cfg(bits=1.5), progress=False)
+    with pytest.raises(MoeCompressError, match=r"needs 3.0000 code bits"):  # bounds count too
+        api.quantize(tiny_dir("Mixtral"), str(tmp_path / "x"), _cfg(bits=2.9, min_bits=3), progress=False)
+    with pytest.raises(MoeCompressError, match="--method gptq or rtn"):
+        _cfg(method="ternary", bits=1)
+
+
+def test_layer_eps_matches_expert_output_error_and_sample_is_seeded():
+    from moecompress.allocation import expert_output_error
+    from moecompress.codecs import QuantSpec
+    from moecompress.experts import MoEExperts
+    from moecompress.passes.allocate import LayerSensitivity, layer_eps
+    from moecompress.quant.gptq import GPTQConfig, rtn
+    from moecompress.quant.grids import AsymmetricGrid
+    torch.manual_seed(0)
+    E, H, I, T = 3, 16, 32, 200
+    weights = [{"gate": torch.randn(I, H) / 4, "up": torch.randn(I, H) / 4, "down": torch.randn(H, I) / 6}
+               for _ in range(E)]
+    ex = MoEExperts(weights, lambda g, u: torch.nn.functional.silu(g) * u)
+    x = torch.randn(T, H)
+    idx = torch.stack([torch.arange(T) % E, (torch.arange(T) + 1) % E], 1)  # (T, 2)
+    w = torch.rand(T, 2)
+
+    def observe(seed):
+        obs = LayerSensitivity(E, H, I, range(E), affinity=False, cap=50, seed=seed, hessians=False)
+        ex.observer = obs
+        ex(x, idx, w)
+        ex.observer = None
+        return obs
+    obs, again = observe(7), observe(7)
+    assert [len(s) for s in obs.X] == [50] * E and obs.tokens.tolist() == [2 * T // E + (1 if e < 2 else 0) for e in range(E)]
+    assert all(torch.equal(a, b) for a, b in zip(obs.X, again.X))
+    assert not torch.equal(obs.X[0], observe(8).X[0])
+    spec = QuantSpec("int", 2, 16)
+    eps = np.full((E, 1), np.nan)
+    layer_eps(ex, obs, list(range(E)), (spec,), "rtn", GPTQConfig(), set(), eps)
+    for e in range(E):
+        ref = expert_output_error(obs.X[e], obs.g[e], [weights[e][p] for p in ("gate", "up", "down")],
+                                  lambda W: rtn(W[None], AsymmetricGrid(2), 16).deq[0])
+        assert eps[e, 0] == pytest.approx(ref, rel=1e-5)
+        assert 0.01 < eps[e, 0] < 1.0
