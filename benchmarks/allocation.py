@@ -10,14 +10,26 @@ Prints model-build + CBC time, status and the achieved stored bits per parameter
     python benchmarks/allocation.py            # full size
     python benchmarks/allocation.py --quick    # 8 layers x 64 experts, a few seconds
 
-Part 2 (fixture perplexity table: LP vs uniform vs random) needs the quantize pipeline; see
-`fixture_perplexity_table`, which the pipeline wires with its own `quantize_and_eval`.
+Part 2 (fixture perplexity table, `--fixture WORKDIR`): the trained fixture quantized with GPTQ at
+group 64 on calib_mix.txt (seed 0) as uniform 2-bit, LP at 2.5 code bits (3.0 stored), random
+allocations of the same byte budget (3 seeds), LP at 3.0 code bits (3.5 stored) and uniform 3-bit; each
+evaluated on the four domain test texts (first --max-tokens tokens, windows of 256). The sensitivity pass
+runs once, in `moecompress quantize --allocation lp --bits 2.5`; its measured costs (run/allocation.json)
+then give the LP 3.0 and random allocations through the same solver, replayed with `--plan`, which is
+what `--allocation lp --bits 3.0` would quantize (the costs do not depend on the budget). Every output
+lands in WORKDIR and is reused when present, so an interrupted benchmark resumes.
+
+    python benchmarks/allocation.py --fixture /tmp/alloc_bench [--nsamples 128] [--max-tokens 16384]
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import resource
+import subprocess
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -109,6 +121,106 @@ def _fields(config: AllocationConfig) -> dict:
     return {k: getattr(config, k) for k in config.__dataclass_fields__}
 
 
+FIXTURES = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures"))
+DOMAINS = ("prose", "verse", "c", "python")
+
+
+def _moecompress(*args) -> None:
+    cmd = [sys.executable, "-m", "moecompress.cli", "-q", *map(str, args)]
+    print("+ moecompress " + " ".join(map(str, args)), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+class FixtureBench:
+    """Quantize/evaluate the fixture once per distinct plan, outputs cached in `work`."""
+
+    def __init__(self, work: str, nsamples: int, max_tokens: int, group_size: int = 64, seed: int = 0):
+        self.work, self.nsamples, self.max_tokens, self.gs, self.seed = work, nsamples, max_tokens, group_size, seed
+        self.model = os.path.join(FIXTURES, "mixtral-wiki4")
+        self.texts = [os.path.join(FIXTURES, "text", f"{d}_test.txt") for d in DOMAINS]
+        os.makedirs(work, exist_ok=True)
+
+    def quantize(self, name: str, *extra) -> str:
+        out = os.path.join(self.work, name)
+        if not os.path.exists(os.path.join(out, "moecompress.json")):
+            _moecompress("quantize", self.model, "--out", out, "--group-size", self.gs, "--method", "gptq", "--calib",
+                         os.path.join(FIXTURES, "text", "calib_mix.txt"), "--seed", self.seed,
+                         "--nsamples", self.nsamples, *extra)
+        return out
+
+    def evaluate(self, out: str) -> dict:
+        js = out + ".eval.json"
+        if not os.path.exists(js):
+            _moecompress("eval", out, "--text", *self.texts, "--max-tokens", self.max_tokens, "--json", js)
+        res = _load(js)["texts"]
+        man = _load(os.path.join(out, "moecompress.json"))
+        return {"perplexity": {d: round(res[t]["perplexity"], 4) for d, t in zip(DOMAINS, self.texts)},
+                "expert_bits_per_param": man["expert_bits_per_param"], "out": out}
+
+    def plan_run(self, alloc, fingerprint: str, moe_layers) -> dict:
+        """Quantize with `alloc` replayed as a plan (an existing run with the same widths is reused)."""
+        experts = [{"layer": int(moe_layers[l]), "expert": e, **alloc.spec(l, e).to_json()}
+                   for l in range(alloc.num_layers) for e in range(len(alloc.choice[l]))]
+        want = {f"{moe_layers[l]}.{e}": alloc.spec(l, e).label
+                for l in range(alloc.num_layers) for e in range(len(alloc.choice[l]))}
+        for name in sorted(os.listdir(self.work)):
+            m = os.path.join(self.work, name, "moecompress.json")
+            if os.path.isfile(m) and _load(m)["expert_bits"] == want:
+                return self.evaluate(os.path.join(self.work, name))
+        key = hashlib.sha256(json.dumps(experts, sort_keys=True).encode()).hexdigest()[:10]
+        plan = os.path.join(self.work, f"plan-{key}.json")
+        with open(plan, "w") as f:
+            json.dump({"format_version": 1, "source_fingerprint": fingerprint, "experts": experts}, f)
+        return self.evaluate(self.quantize(f"plan-{key}", "--plan", plan))
+
+
+def run_fixture(work: str, nsamples: int, max_tokens: int, seeds=(0, 1, 2)) -> dict:
+    from moecompress.allocation import overhead_bits
+    from moecompress.checkpoint import CheckpointReader
+    bench = FixtureBench(work, nsamples, max_tokens)
+    reader = CheckpointReader(bench.model)
+    bench.quantize("u2", "--bits", 2)  # a uniform run from the CLI itself
+    lp = bench.quantize("lp2.5", "--bits", 2.5, "--allocation", "lp")
+    rec = _load(os.path.join(lp, "run", "allocation.json"))
+    cfg = AllocationConfig.from_json(rec["config"])
+    moe = list(rec["moe_layers"])
+    shapes = [tuple(reader.expert_shapes(i)[p] for p in ("gate", "up", "down")) for i in moe]
+    pricing = price_candidates(cfg.candidates, shapes, len(moe), reader.layer_num_experts(moe[0]))
+    cost = np.stack([np.array(rec["cost"][c.label]) for c in cfg.candidates], axis=-1)  # (L, E, C)
+    over = overhead_bits(cfg.candidates[0], shapes[0])
+    rows = (("lp", 2.5 + over), ("uniform", 2), ("random", 2.5 + over), ("lp", 3.0 + over), ("uniform", 3))
+    table = fixture_perplexity_table(lambda a: bench.plan_run(a, reader.fingerprint, moe), cfg, cost, pricing,
+                                     rows=rows, seeds=seeds)
+    lp_plan = {(d["layer"], d["expert"]): d["bits"] for d in _load(os.path.join(lp, "run", "plan.json"))["experts"]}
+    same = all(lp_plan[(moe[l], e)] == w for l, row in enumerate(rec["widths"]) for e, w in enumerate(row))
+    return {"rows": table, "sensitivity_seconds": rec["sensitivity_seconds"], "solve_seconds": rec["solve_seconds"],
+            "status": rec["status"], "lp_run_plan_matches_table_row": same, "nsamples": nsamples,
+            "max_tokens": max_tokens, "overhead_bits": over}
+
+
+def print_fixture(res: dict) -> None:
+    print(f"fixture (GPTQ g64, calib_mix {res['nsamples']} windows x 256, eval first {res['max_tokens']} tokens):")
+    print(f"{'row':<22} {'bits/param':>10} " + " ".join(f"{d:>8}" for d in DOMAINS))
+    for r in res["rows"]:
+        print(f"{r['row']:<22} {r['expert_bits_per_param']:>10.4f} " +
+              " ".join(f"{r['perplexity'][d]:>8.3f}" for d in DOMAINS))
+    rows = {r["row"]: r for r in res["rows"]}  # lp/random labels carry STORED bits (code bits + overhead)
+    lp = [r for k, r in rows.items() if k.startswith("lp ")]
+    rnd = [r for k, r in rows.items() if k.startswith("random")]
+    u2, u3 = rows["uniform 2"], rows["uniform 3"]
+    lp25, lp30 = lp[0], lp[-1]  # 2.5 and 3.0 code bits
+    ok1 = all(lp25["perplexity"][d] < min([u2["perplexity"][d]] + [r["perplexity"][d] for r in rnd]) for d in DOMAINS)
+    ok2 = all(lp30["perplexity"][d] <= u3["perplexity"][d] for d in DOMAINS)
+    print(f"LP 2.5 beats uniform 2 and every random seed on every domain: {ok1}; "
+          f"LP 3.0 no worse than uniform 3 on every domain: {ok2}")
+    print(f"sensitivity pass {res['sensitivity_seconds']:.1f} s, solver {res['solve_seconds']:.2f} s ({res['status']})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="8 layers x 64 experts instead of 58 x 256")
@@ -118,7 +230,17 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gap", type=float, default=1e-4, help="CBC relative gap (0: prove optimality)")
     ap.add_argument("--table", action="store_true", help="print the layer x expert table")
+    ap.add_argument("--fixture", metavar="WORKDIR", default=None,
+                    help="part 2: the fixture perplexity table, outputs kept in WORKDIR (minutes per quantize)")
+    ap.add_argument("--nsamples", type=int, default=128, help="part 2: calibration windows (default 128)")
+    ap.add_argument("--max-tokens", type=int, default=16384, help="part 2: tokens evaluated per text (default 16384)")
     a = ap.parse_args()
+    if a.fixture:
+        res = run_fixture(a.fixture, a.nsamples, a.max_tokens)
+        with open(os.path.join(a.fixture, "allocation_fixture.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        print_fixture(res)
+        return
     L, E = (8, 64) if a.quick else (58, 256)
     res, alloc = solver_benchmark(L, E, 7168, 2048, budget_bits=a.bits, scope=a.scope, top_two=a.top_two,
                                   seed=a.seed, mip_gap=a.gap)
@@ -128,7 +250,7 @@ def main():
     print(f"solver: {L}x{E}x4 = {res['binaries']} binaries, {res['solve_seconds']:.2f} s wall, "
           f"{res['solve_cpu_seconds']:.2f} s CPU (target < 60 s), "
           f"status {res['status']}, achieved {res['achieved_bits']:.4f} of {a.bits} stored bits/param")
-    print("part 2 (fixture perplexity table): not run here; the pipeline wires fixture_perplexity_table")
+    print("part 2 (fixture perplexity table): python benchmarks/allocation.py --fixture WORKDIR")
 
 
 if __name__ == "__main__":

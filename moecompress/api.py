@@ -40,7 +40,8 @@ def plan_specs(reader, config: QuantizeConfig) -> dict:
     widths = [reader.expert_shapes(i)[p][1] for i in reader.moe_layers for p in PROJS]
     gs = resolve_group_size(config.group_size, widths)
     if config.method == "ternary":
-        spec = QuantSpec("sub1", 1, 0, (("threshold", config.ternary_threshold),))
+        codec = "ternary" if config.bits == 1.6 else "sub1"  # 1.6: dense ternary; 1: dictionary-coded below 1 bit
+        spec = QuantSpec(codec, 1, 0, (("threshold", config.ternary_threshold),))
     else:
         spec = QuantSpec("int", int(config.bits), gs)
     for i in reader.moe_layers:  # shapes first: every option priced before a weight is read

@@ -62,8 +62,9 @@ class QuantizeConfig:
         if self.allocation not in ALLOCATIONS:
             raise MoeCompressError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.method == "ternary":
-            if self.bits not in (1, 1.0, 1.6, 2):
-                raise MoeCompressError("--method ternary stores experts below 2 bits: use --bits 1")
+            if self.bits not in (1, 1.6):
+                raise MoeCompressError("--method ternary takes --bits 1 (dictionary-coded, below 1 bit) or "
+                                       "--bits 1.6 (dense ternary, 5 weights per byte)")
         elif self.allocation == "uniform" and self.bits not in (2, 3, 4, 8):
             hint = " (fractional budgets need --allocation lp)" if self.bits != int(self.bits) else ""
             raise MoeCompressError(f"unsupported bit width {self.bits:g}: choose 2, 3, 4 or 8{hint}")

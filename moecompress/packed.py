@@ -11,7 +11,18 @@ Layout of a packed directory:
     tokenizer files, run/       (run_config.json, plan.json, metrics.json, calibration.json)
 
 Everything is written into `.<name>.partial` beside the target and renamed into place at the end, so a
-killed run never leaves a directory that looks complete.
+killed run never leaves a directory that looks complete. While a run is in progress the partial
+directory also holds `progress.json` (fingerprints of the input, plan, options and calibration tokens;
+per finished layer its shard's sha256, tensor names, manifest entries and calibration record) and
+`hidden-<i>.safetensors`, the float32 hidden states leaving the last finished layer. `--resume` checks
+the fingerprints and checksums and continues with the next layer; since every layer's inputs are
+restored bit for bit (and the torch thread count is adopted), the result is byte-identical to an
+uninterrupted run. Neither file reaches the finished output.
+
+Reading is defensive: the manifest's structure, every shard name, size and checksum, each safetensors
+header (bounded by its file's size before it is mapped) and each entry (codec from the fixed registry,
+shape, fields, codec `check`) are validated, and the runtime ties every shape to config.json on the
+meta device before allocating, so a damaged or hostile directory raises PackedFormatError.
 """
 from __future__ import annotations
 

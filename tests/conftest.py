@@ -7,6 +7,9 @@ import shutil
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: -n 2 on 2 cores
+    torch.set_num_threads(1)
+
 SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures"))
 TRAINED = os.path.join(SHARED, "mixtral-wiki4")
 TEXT = os.path.join(SHARED, "text")

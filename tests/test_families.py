@@ -82,3 +82,26 @@ def test_dense_and_unknown_models_are_refused(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="unsupported MoE architecture"):
         CheckpointReader(str(d))
+
+
+@pytest.mark.parametrize("bits,codec", [(1, "sub1"), (1.6, "ternary")])
+def test_ternary_pipeline_decodes_exactly(tiny_dir, tmp_path, bits, codec):
+    import json
+    import moecompress
+    from moecompress.api import quantize
+    from moecompress.codecs.ternary import get_codes
+    from moecompress.config import CalibConfig, QuantizeConfig
+    path = tiny_dir("Mixtral", "native")
+    cfg = QuantizeConfig(bits=bits, method="ternary",
+                         calib=CalibConfig((os.path.join(TEXT, "calib_mix.txt"),), nsamples=4, seqlen=32))
+    out = str(tmp_path / "t")
+    quantize(path, out, cfg, progress=False)
+    m = json.load(open(os.path.join(out, "moecompress.json")))
+    assert {t["codec"] for t in m["tensors"]} <= {"sub1", "ternary"} and codec in {t["codec"] for t in m["tensors"]}
+    q = moecompress.load(out)
+    for e in q.model.layers[0].mlp.experts.weights:
+        for pt in e.values():
+            c = get_codes(pt)
+            assert c.min() >= 0 and c.max() <= 2 and c.shape == pt.shape
+    with torch.no_grad():
+        assert torch.isfinite(q(torch.arange(1, 33)[None]).logits).all()

@@ -265,7 +265,7 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, tiny, reference, capsys
     out = str(tmp_path / "killed")
     argv = ["-q", "quantize", tiny, "--out", out, *OPTS, "--calib", TEXT]
     p = subprocess.run([sys.executable, "-c", KILLER, *argv], env={**os.environ, "KILL_AT": "3", "OMP_NUM_THREADS": "1"},
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == -9, p.stderr[-2000:]
     assert not os.path.exists(out)  # nothing that looks complete
     prog = json.load(open(os.path.join(partial_dir(out), PROGRESS)))

@@ -51,6 +51,8 @@ def plan_entries(plan: dict) -> dict:
         try:
             key = (int(d["layer"]), int(d["expert"]))
             spec = QuantSpec.from_json(d)
+        except MoeCompressError as e:
+            raise MoeCompressError(f"plan entry {n} (layer {d.get('layer')} expert {d.get('expert')}): {e}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise MoeCompressError(f"plan entry {n} is malformed ({type(e).__name__}: {e}); each entry needs "
                                    f"layer, expert, codec, bits, group_size (and options)") from None

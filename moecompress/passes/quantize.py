@@ -84,6 +84,9 @@ class LayerEncoder:
     def add(self, key, spec: QuantSpec, codes, scale, zero) -> PackedTensor | None:
         if spec.codec == "int":
             return get_codec("int").encode(codes, scale, zero, spec)
+        if spec.codec == "ternary":  # dense ternary asked for: 5 trits per byte, no dictionary
+            from ..codecs.ternary import encode_ternary
+            return encode_ternary(codes, zero, scale, 0, None)
         self._pending[key] = (codes, zero, scale)  # ternary grids keep lo in zero and hi in scale
         return None
 

@@ -196,7 +196,8 @@ def coverage_plot(experts: dict, out: str) -> str | None:
     ax.set_yscale("log")
     if thr:
         ax.axhline(thr, color="#c44e52", ls="--", lw=1)
-        ax.text(-0.5, thr * 1.15, f"--min-tokens {thr}", va="bottom", ha="left", fontsize=8, color="#c44e52")
+        ax.text(1.005, thr, f"--min-tokens {thr}", transform=ax.get_yaxis_transform(), va="center", ha="left",
+                fontsize=8, color="#c44e52")
     for x, y, c in zip(xs, ys, cs):
         if c != COMP_C:
             ax.text(x, y * 1.1, f"{int(y) if y >= 1 else 0}", ha="center", va="bottom", fontsize=7, color="#c44e52")
