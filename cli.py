@@ -204,6 +204,9 @@ COMMANDS["merge"] = COMMANDS["prune"] = cmd_merge
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.quiet:  # transformers' own "Loading weights" bar too
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     from moecompress.errors import MoeCompressError
     try:

@@ -175,3 +175,21 @@ def test_layer_eps_matches_expert_output_error_and_sample_is_seeded():
                                   lambda W: rtn(W[None], AsymmetricGrid(2), 16).deq[0])
         assert eps[e, 0] == pytest.approx(ref, rel=1e-5)
         assert 0.01 < eps[e, 0] < 1.0
+
+
+def test_cli_options_reach_the_allocation_config(tiny_dir):
+    from moecompress.checkpoint import CheckpointReader
+    from moecompress.cli import build_parser
+    from moecompress.passes.allocate import Allocator
+    a = build_parser().parse_args(["quantize", "--allocation", "lp", "--bits", "3", "--candidates", "4,2",
+                                   "--budget-scope", "layer", "--top-two", "--min-bits", "2", "--beta", "2"])
+    assert a.candidates == (4, 2) and a.budget_scope == "layer" and a.top_two and a.beta == 2.0
+    alloc = Allocator(CheckpointReader(tiny_dir("Mixtral")),
+                      _cfg(bits=a.bits, candidates=a.candidates, budget_scope=a.budget_scope, top_two=a.top_two,
+                           min_bits=a.min_bits, beta=a.beta))
+    c = alloc.acfg
+    assert [s.label for s in c.candidates] == ["int2g32", "int4g32"]
+    assert (c.budget_scope, c.top_two_each, c.min_bits, c.beta, c.budget_bits) == ("layer", True, 2.0, 2.0, 4.0)
+    assert alloc.pricing.bytes.shape == (2, 4, 2)
+    # int2 g32 of one tiny expert (3 x 64 x 128 weights): codes 2 bits + fp16 scale and zero per 32
+    assert alloc.pricing.bytes[0, 0, 0] == 3 * 64 * 128 * (2 + 1) // 8
