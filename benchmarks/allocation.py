@@ -195,8 +195,9 @@ def run_fixture(work: str, nsamples: int, max_tokens: int, seeds=(0, 1, 2)) -> d
     over = overhead_bits(cfg.candidates[0], shapes[0])
     # most telling rows first (each quantize takes minutes on a shared machine); rows land in rows.jsonl
     order = [((("lp", 2.5 + over), ("uniform", 2)), ()), ((("random", 2.5 + over),), seeds[:1]),
-             ((("lp", 3.0 + over), ("uniform", 3)), ()), ((("random", 2.5 + over),), seeds[1:])]
+             ((("uniform", 3), ("lp", 3.0 + over)), ()), ((("random", 2.5 + over),), seeds[1:])]
     table = []
+    open(os.path.join(work, "rows.jsonl"), "w").close()
     for rows, sd in order:
         got = fixture_perplexity_table(lambda a: bench.plan_run(a, reader.fingerprint, moe), cfg, cost, pricing,
                                        rows=rows, seeds=sd)

@@ -60,14 +60,15 @@ def gptq_table(fixture_weights: bool):
         shapes = [("fixture gate+up", torch.cat([ex["gate"], ex["up"]], 1)), ("fixture down", ex["down"])]
     else:
         shapes = [("fixture-shaped gate+up", torch.randn(8, 768, 192)), ("fixture-shaped down", torch.randn(8, 192, 384))]
-    shapes += [("synthetic 64 experts gate+up", torch.randn(64, 1024, 512)),
-                ("synthetic 64 experts down", torch.randn(64, 512, 512))]
+    shapes += [("synthetic 64 experts gate+up", torch.randn(64, 512, 256)),
+                ("synthetic 64 experts down", torch.randn(64, 256, 256))]
     for name, W in shapes:
         W = W.float()
         H = hessians(W.shape[0], W.shape[2])
         b, l = time_gptq(W, H)
         mparams = W.numel() / 1e6
         rows.append((name, tuple(W.shape), b / mparams, l / mparams, l / b))
+        print(f"  measured {name}: batched {b:.2f} s, loop {l:.2f} s", flush=True)
     print(f"\nGPTQ, 4-bit, group 64 (torch {torch.__version__}, {torch.get_num_threads()} threads)")
     print(f"{'layer':32s} {'W (E, N, K)':>18s} {'batched s/Mparam':>17s} {'loop s/Mparam':>14s} {'speed-up':>9s}")
     for name, shape, b, l, x in rows:

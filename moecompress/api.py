@@ -105,7 +105,17 @@ def _existing_output(out: str, model: str, config: QuantizeConfig) -> dict | Non
 
 def quantize(model: str | None, out: str, config: QuantizeConfig = QuantizeConfig(), *, plan: str | None = None,
              progress: bool = True, resume: bool = False) -> dict:
-    """Quantize the experts of checkpoint `model` (None: the built-in demo model) into packed dir `out`."""
+    """Quantize the experts of checkpoint `model` (None: the built-in demo model) into packed dir `out`.
+
+    One writer per output at a time; with resume=True a run still writing `out` is waited for, then
+    continued from its last finished layer (or reported complete)."""
+    from .packed import output_lock
+    with output_lock(out, wait=resume):
+        return _quantize(model, out, config, plan=plan, progress=progress, resume=resume)
+
+
+def _quantize(model: str | None, out: str, config: QuantizeConfig, *, plan: str | None, progress: bool,
+              resume: bool) -> dict:
     from .checkpoint import CheckpointReader
     from .layerwise import LayerStreamer, copy_tokenizer_files, find_experts
     from .packed import FORMAT_VERSION, PackedWriter, packed_entry, tensor_bytes

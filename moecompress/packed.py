@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+from contextlib import contextmanager
 
 import torch
 from safetensors.torch import save_file
@@ -37,6 +39,7 @@ from safetensors.torch import save_file
 from .codecs import PackedTensor, get_codec
 from .errors import MoeCompressError, PackedFormatError
 
+log = logging.getLogger("moecompress")
 MANIFEST = "moecompress.json"
 PROGRESS = "progress.json"  # in the partial directory only
 FORMAT_VERSION = 1
@@ -53,6 +56,51 @@ def sha256_file(path: str) -> str:
 def partial_dir(out: str) -> str:
     out = os.path.abspath(out)
     return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
+
+
+@contextmanager
+def output_lock(out: str, wait: bool = False):
+    """Exclusive right to write `out` and its partial directory, held through an flock on `.<name>.lock`.
+
+    The kernel drops the lock when its holder exits, even by SIGKILL, so a stale lock file never blocks.
+    wait=False (a fresh run): another live writer is an error. wait=True (--resume): wait for it to
+    finish or die, then continue from what it left."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        fcntl = None
+    if fcntl is None or not os.path.isdir(parent):
+        yield
+        return
+    path = os.path.join(parent, f".{os.path.basename(out)}.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                os.close(fd)
+                raise MoeCompressError(f"another moecompress run is writing {out} right now: wait for it, "
+                                       "or choose another --out") from None
+            log.warning("waiting for the run still writing %s to finish or die", out)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:  # the holder removes the file when done: make sure ours is still the live one
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def dump_json(path: str, obj) -> None:

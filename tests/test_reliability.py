@@ -343,3 +343,25 @@ def test_loader_rejects_lying_config(tmp_path, reference):
     _config(num_hidden_layers=LAYERS, vocab_size=10 ** 9)(d)
     with pytest.raises(PackedFormatError, match="shape"):
         load(d)
+
+
+def test_one_writer_per_output(tmp_path, tiny, reference):
+    """A second fresh run into a busy output is refused; --resume waits for the busy run, then finishes."""
+    import threading
+
+    from moecompress.packed import output_lock
+    out = str(tmp_path / "busy")
+    held = output_lock(out, wait=False)
+    held.__enter__()  # stands in for a live run (a different open file: flock conflicts even in-process)
+    try:
+        with pytest.raises(MoeCompressError, match="another moecompress run is writing"):
+            api.quantize(tiny, out, CFG, progress=False)
+        timer = threading.Timer(1.0, held.__exit__, (None, None, None))
+        timer.start()
+        api.quantize(tiny, out, CFG, progress=False, resume=True)  # blocks until the timer releases the lock
+        timer.join()
+    except BaseException:
+        held.__exit__(None, None, None)
+        raise
+    assert digest(out) == digest(reference)
+    assert not os.path.exists(os.path.join(str(tmp_path), ".busy.lock"))

@@ -19,6 +19,18 @@ def is_merged(config: dict) -> bool:
     return isinstance(config.get(MERGE_KEY), dict)
 
 
+def resize_router(router: torch.nn.Module, params: dict[str, torch.Tensor], num_experts: int) -> None:
+    """Give a (meta) router module the per-layer expert count of a reduced checkpoint: every direct
+    parameter whose stored shape differs (weight (K_l, H), bias (K_l,)) becomes a meta parameter of the
+    stored shape, and num_experts / n_routed_experts attributes are set to K_l."""
+    for name, p in list(router.named_parameters(recurse=False)):
+        if name in params and params[name].shape != p.shape:
+            setattr(router, name, torch.nn.Parameter(torch.empty(params[name].shape, device="meta"), requires_grad=False))
+    for attr in ("num_experts", "n_routed_experts"):
+        if hasattr(router, attr):
+            setattr(router, attr, num_experts)
+
+
 def load_merged(path: str, dtype=torch.float32):
     """A model from a reduced checkpoint with per-layer expert counts (CPU, eval mode)."""
     from ..arch import PROJS
@@ -44,14 +56,9 @@ def load_merged(path: str, dtype=torch.float32):
         set_submodule(layers[i], found[0], torch.nn.Module())
     state = {arch.to_mem(k): reader.get(k).to(dtype) for k in reader.tensors if not reader.is_expert_tensor(k)}
     for i in experts:  # router rows: (K_l, H) instead of the config's count
-        router = layers[i].get_submodule(arch.router_mem)
-        for name, p in list(router.named_parameters(recurse=False)):
-            key = f"{reader.prefix}.{i}.{arch.router_mem}.{name}"
-            if key in state and state[key].shape != p.shape:
-                setattr(router, name, torch.nn.Parameter(torch.empty(state[key].shape, device="meta"), requires_grad=False))
-        for attr in ("num_experts", "n_routed_experts"):
-            if hasattr(router, attr):
-                setattr(router, attr, len(experts[i][1]))
+        pre = f"{reader.prefix}.{i}.{arch.router_mem}."
+        resize_router(layers[i].get_submodule(arch.router_mem),
+                      {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}, len(experts[i][1]))
     model.to_empty(device="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = getattr(config, "tie_word_embeddings", False)

@@ -25,7 +25,7 @@ import torch
 from ..errors import MoeCompressError
 from . import METHODS, reduce_layer
 from .counts import allocate_counts, importance
-from .stats import LayerStats, compute_layer_stats
+from .stats import LayerStats, combine, compute_layer_stats
 
 log = logging.getLogger("moecompress")
 FORMAT_VERSION = 1
@@ -45,32 +45,34 @@ def _stack(experts) -> tuple[torch.Tensor, torch.Tensor]:
     return gu, dn
 
 
-def _layer_stats(streamer, layer, hidden, kwargs, bs, router, experts, max_router_samples):
+def _layer_stats(streamer, layer, hidden, kwargs, bs, router, experts, max_router_samples, max_output_tokens=4096):
     """Run the layer on hidden (S, L, H); returns (LayerStats, layer output)."""
     gu, dn = _stack(experts)
     acc: list[LayerStats] = []
+    per_batch = max(16, max_output_tokens // max(1, -(-hidden.shape[0] // bs)))  # HC-SMoE's sample, spread over batches
 
     def hook(mod, args, kw):
         x, idx, w = (list(args) + [kw[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kw])[:3]
         logits = torch.nn.functional.linear(x.float(), router.weight.float(),
                                             None if getattr(router, "bias", None) is None else router.bias.float())
-        acc.append(compute_layer_stats(x, logits, idx, w, gu, dn, max_router_samples=max_router_samples))
+        acc.append(compute_layer_stats(x, logits, idx, w, gu, dn, max_output_tokens=per_batch,
+                                       max_router_samples=max_router_samples))
 
     h = experts.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         out = streamer.run_layer(layer, hidden, kwargs, bs)
     finally:
         h.remove()
-    stats = acc[0]
-    for s in acc[1:]:
-        stats = stats + s
-    return stats, out
+    return combine(acc), out
 
 
 def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float | None = None,
               method: str = "msmoe", calib=(), nsamples: int = 64, seqlen: int = 256, seed: int = 0,
-              batch_size: int = 8, max_router_samples: int = 4096, progress: bool = True) -> dict:
-    """Reduce every MoE layer of checkpoint `source` to `experts` experts (or `ratio` of all, adaptively)."""
+              batch_size: int = 8, max_router_samples: int = 8192, progress: bool = True,
+              router_mode: str | None = None, refit: bool = True) -> dict:
+    """Reduce every MoE layer of checkpoint `source` to `experts` experts (or `ratio` of all, adaptively).
+    router_mode / refit override the method's defaults (merged router rows, least-squares down refit);
+    the benchmark measures them."""
     from ..api import _progress, calibration_windows
     from ..checkpoint import CheckpointReader
     from ..config import CalibConfig
@@ -134,7 +136,7 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
         gu, dn = _stack(ex)
         bias = getattr(router, "bias", None)
         red = reduce_layer(method, gu, dn, router.weight.data, None if bias is None else bias.data, st, counts[i],
-                           top_k=top_k)
+                           top_k=top_k, router_mode=router_mode, refit=refit)
         red.record["layer"] = i
         records.append(red.record)
         # the reduced layer feeds the next one
@@ -166,6 +168,7 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
     run = {
         "run/run_config.json": {"source": reader.path, "fingerprint": reader.fingerprint, "method": method,
                                 "experts": experts, "ratio": ratio, "calib": list(calib or ()), "nsamples": nsamples,
+                                "router_mode": router_mode, "refit": refit,
                                 "seqlen": seqlen, "seed": seed, "format_version": FORMAT_VERSION},
         "run/merge_record.json": {"format_version": FORMAT_VERSION, "source_fingerprint": reader.fingerprint,
                                   "layers": records},

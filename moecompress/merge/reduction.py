@@ -6,7 +6,9 @@ each member is optionally permuted into alignment with r (align.py), then
 
     W_G = sum_{e in G} a_e P_e(W_e) / sum_{e in G} a_e        (a_e = usage weight, or 1 for "average")
 
-for the gate, up and down projections, and the router row comes from router.py.
+for the gate, up and down projections, and the router row comes from router.py. With `refit` the
+down projections of the reduced layer are then fitted by least squares so that the reduced layer's
+routed output tracks the original layer's on the calibration sample (refit.py).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 
 from ..errors import MoeCompressError
 from .align import align_expert, permute_expert
-from .refit import refit_down, route
+from .refit import moe_output, refit_layer
 from .router import merge_router
 from .stats import LayerStats
 
@@ -87,14 +89,12 @@ def merge_groups(
 ) -> LayerReduction:
     """Merge each group (representative first) into one expert. weights (E,) None = plain mean;
     align None = no permutation, else "weight" or "activation" matching to the representative;
-    refit: least-squares down projection of merged groups on the calibration inputs (refit.py)."""
+    refit: least-squares down projections so the reduced layer reproduces the original layer's routed
+    output on the calibration sample (refit.py)."""
     E = gate_up.shape[0]
     groups = tuple(tuple(int(e) for e in g) for g in groups)
     inputs = stats.router_inputs if stats is not None else None
     new_gu, new_dn, scores = [], [], {}
-    routing = None
-    if refit and inputs is not None and inputs.shape[0] > 0 and top_k:
-        routing = route(inputs, router_weight, router_bias, top_k)
     for g in groups:
         rep = g[0]
         a = torch.ones(len(g), dtype=torch.float64) if weights is None else weights[list(g)].double().clamp_min(0)
@@ -111,24 +111,29 @@ def merge_groups(
                 scores[e] = round(al.score, 4)
             acc_gu += ae * gu
             acc_dn += ae * dn
-        if routing is not None and len(g) > 1:
-            acc_dn = refit_down(acc_gu, acc_dn, g, gate_up, down, inputs, *routing)
         new_gu.append(acc_gu.to(gate_up.dtype))
         new_dn.append(acc_dn.to(down.dtype))
     usage = stats.counts if stats is not None else None
     r = merge_router(router_weight, router_bias, groups, mode=router_mode, inputs=inputs, usage=usage)
+    new_gu, new_dn = torch.stack(new_gu), torch.stack(new_dn)  # (K, 2I, H), (K, H, I)
+    refitted = bool(refit and top_k and inputs is not None and inputs.shape[0] > 0)
+    if refitted:
+        idx, w = stats.router_topk_index, stats.router_topk_weight
+        target = moe_output(inputs, gate_up, down, idx, w)  # (N, H) what the original layer computed
+        renorm = bool(torch.allclose(w.sum(-1), torch.ones(w.shape[0]), atol=1e-3))
+        new_dn = refit_layer(new_gu, new_dn, r.weight, r.bias, target, inputs, top_k, renormalize=renorm)
     emap = groups_to_map(groups, E)
     record = {
         "method": method, "experts_before": E, "experts_after": len(groups),
         "groups": [list(g) for g in groups],
         "dropped": [e for e in range(E) if emap[e] < 0],
-        "router": router_mode, "align": align or "none", "refit": routing is not None,
+        "router": router_mode, "align": align or "none", "refit": refitted,
     }
     if scores:
         record["alignment_score"] = {str(k): v for k, v in scores.items()}
     if stats is not None:
         record["usage"] = stats.summary()
     return LayerReduction(
-        gate_up=torch.stack(new_gu), down=torch.stack(new_dn),  # (K, 2I, H), (K, H, I)
+        gate_up=new_gu, down=new_dn,
         router_weight=r.weight, router_bias=r.bias, expert_map=emap, groups=groups,
         method=method, record=record)

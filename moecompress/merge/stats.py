@@ -9,7 +9,9 @@ experts S_t with renormalised gate weights g_{t,e}, and f_e(x) = W_down_e (silu(
     reap_sum[e]    = sum_{t : e in S_t} g_{t,e} * ||f_e(x_t)||_2         (REAP, Lasby et al. 2025)
     output_sum[e]  = sum_{t in sample} f_e(x_t)   over *all* sampled tokens (HC-SMoE, Chen et al. 2024)
     logit_gram     = L^T L : (E, E), logit_sum = sum_t L_t               (M-SMoE router-logit similarity)
-    router_inputs  = up to `max_router_samples` rows of X, kept to refit merged router rows
+    router_inputs  = up to `max_router_samples` rows of X (evenly spaced over all batches), with the
+                     original router's choice for them (router_topk_index / router_topk_weight), kept
+                     to refit merged router rows and the reduced layer's down projections (refit.py)
 
 Experts that see no calibration tokens are normal: their counts are 0, and every method treats
 them as "least used" (pruning) or assigns them by weight/output similarity (merging), never NaN.
@@ -34,11 +36,15 @@ class LayerStats:
     logit_sum: torch.Tensor  # (E,) float64
     logit_gram: torch.Tensor  # (E, E) float64
     tokens: int  # calibration tokens seen
-    router_inputs: torch.Tensor  # (N, H) float32 sample of X, N <= max_router_samples
+    router_inputs: torch.Tensor  # (N, H) float32 sample of X, N <= max_samples
+    router_topk_index: torch.Tensor  # (N, k) long: the original router's experts for those rows
+    router_topk_weight: torch.Tensor  # (N, k) float32: and their gate weights
+    max_samples: int = 4096
 
     def __post_init__(self):
         E = self.counts.shape[0]
         assert self.output_sum.shape[0] == E and self.logit_gram.shape == (E, E)
+        assert self.router_inputs.shape[0] == self.router_topk_index.shape[0] == self.router_topk_weight.shape[0]
 
     @property
     def num_experts(self) -> int:
@@ -68,18 +74,7 @@ class LayerStats:
         return cov / torch.outer(d, d)
 
     def __add__(self, other: "LayerStats") -> "LayerStats":
-        keep = max(self.router_inputs.shape[0], other.router_inputs.shape[0])
-        return LayerStats(
-            counts=self.counts + other.counts,
-            gate_sum=self.gate_sum + other.gate_sum,
-            reap_sum=self.reap_sum + other.reap_sum,
-            output_sum=self.output_sum + other.output_sum,
-            output_tokens=self.output_tokens + other.output_tokens,
-            logit_sum=self.logit_sum + other.logit_sum,
-            logit_gram=self.logit_gram + other.logit_gram,
-            tokens=self.tokens + other.tokens,
-            router_inputs=_interleave(self.router_inputs, other.router_inputs, keep),
-        )
+        return combine([self, other])
 
     def summary(self) -> list[dict]:
         """Per-expert usage record (JSON-able) for the run record."""
@@ -91,13 +86,24 @@ class LayerStats:
         ]
 
 
-def _interleave(a: torch.Tensor, b: torch.Tensor, keep: int) -> torch.Tensor:
-    """Keep `keep` rows of cat(a, b) evenly spread (deterministic, so both batches stay represented)."""
-    x = torch.cat([a, b])  # (Na + Nb, H)
-    if x.shape[0] <= keep:
-        return x
-    idx = torch.linspace(0, x.shape[0] - 1, keep).round().long()
-    return x[idx]
+def combine(parts: list["LayerStats"]) -> "LayerStats":
+    """Sum of per-batch statistics; the row samples are concatenated once and thinned evenly to
+    max_samples, so every batch keeps its share (pairwise thinning would favour the last batches)."""
+    first = parts[0]
+    keep = max(p.max_samples for p in parts)
+    X = torch.cat([p.router_inputs for p in parts])  # (sum N, H)
+    idx = torch.cat([p.router_topk_index for p in parts])  # (sum N, k)
+    w = torch.cat([p.router_topk_weight for p in parts])  # (sum N, k)
+    if X.shape[0] > keep:
+        pick = torch.linspace(0, X.shape[0] - 1, keep).round().long()
+        X, idx, w = X[pick], idx[pick], w[pick]
+    total = lambda name: sum((getattr(p, name) for p in parts[1:]), getattr(first, name))
+    return LayerStats(
+        counts=total("counts"), gate_sum=total("gate_sum"), reap_sum=total("reap_sum"),
+        output_sum=total("output_sum"), output_tokens=total("output_tokens"),
+        logit_sum=total("logit_sum"), logit_gram=total("logit_gram"), tokens=total("tokens"),
+        router_inputs=X, router_topk_index=idx, router_topk_weight=w, max_samples=keep,
+    )
 
 
 def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -115,7 +121,7 @@ def compute_layer_stats(
     down: torch.Tensor,
     *,
     max_output_tokens: int = 2048,
-    max_router_samples: int = 4096,
+    max_router_samples: int = 8192,
 ) -> LayerStats:
     """Statistics of one batch entering a MoE block.
 
@@ -151,5 +157,6 @@ def compute_layer_stats(
         counts=counts, gate_sum=gate_sum, reap_sum=reap_sum,
         output_sum=output_sum, output_tokens=int(out_pick.numel()),
         logit_sum=L.sum(0), logit_gram=L.T @ L, tokens=T,
-        router_inputs=X[r_pick].clone(),
+        router_inputs=X[r_pick].clone(), router_topk_index=idx[r_pick].clone(),
+        router_topk_weight=w[r_pick].float(), max_samples=max_router_samples,
     )
