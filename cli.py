@@ -202,7 +202,18 @@ COMMANDS["plan"] = cmd_plan
 COMMANDS["merge"] = COMMANDS["prune"] = cmd_merge
 
 
+def _return_freed_memory() -> None:
+    """Large buffers straight from mmap: glibc otherwise raises its mmap threshold after the first big
+    free and keeps later layers' freed buffers in the heap, so resident memory grows layer after layer."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv=None) -> int:
+    _return_freed_memory()
     args = build_parser().parse_args(argv)
     if args.quiet:  # transformers' own "Loading weights" bar too
         from transformers.utils import logging as hf_logging

@@ -3,7 +3,16 @@
 Pure tensor functions per method (one file each): prune.py (frequency, REAP), average.py (plain
 mean), msmoe.py (M-SMoE), hcsmoe.py (HC-SMoE); shared pieces: stats.py (LayerStats), align.py
 (Hungarian neuron alignment), router.py (router rows of merged groups), counts.py (adaptive
-per-layer counts for --ratio), reduction.py (LayerReduction). `reduce_layer` dispatches by name.
+per-layer counts for --ratio), reduction.py (LayerReduction), refit.py (least-squares down projections
+of the reduced layer). `reduce_layer` dispatches by name.
+
+How the router treats a merged group: the group keeps one router row and the family's top-k routing
+is unchanged, so a token reaches the merged expert exactly when that row is in its top-k. The default
+row (DEFAULT_ROUTER) is the representative's ("dominant": tokens that chose the most-used member still
+choose the group; tokens that chose only another member go to their next choice); "lse" fits a row
+to logsumexp of the members' logits (the group receives their summed probability), "mean" and
+"weighted" average the member rows. Pruned experts simply lose their rows. benchmarks/merge.py
+--variants measures each choice on the trained fixture.
 """
 from __future__ import annotations
 

@@ -114,6 +114,17 @@ class LayerEncoder:
         return new
 
 
+GPTQ_BUDGET = 256 << 20  # working memory of one batched GPTQ call
+
+
+def _sub_batches(experts: list[int], N: int, K: int) -> list[list[int]]:
+    """Experts per batched GPTQ call: all of them unless their working set (~6 (N, K) float copies plus
+    Hessian, its factor and a copy) passes GPTQ_BUDGET; large layers then run in a few batches."""
+    per = 6 * N * K * 4 + 3 * K * K * 4
+    n = max(1, GPTQ_BUDGET // per)
+    return [experts[i:i + n] for i in range(0, len(experts), n)]
+
+
 def _quantize_group(W: torch.Tensor, Hs: torch.Tensor | None, spec: QuantSpec, method: str, gcfg: GPTQConfig) -> GPTQResult:
     grid = grid_for(spec)
     gs = spec.group_size or W.shape[-1]  # 0: one group per row (ternary, as QMoE)
@@ -157,25 +168,30 @@ def quantize_moe_layer(streamer, layer, hidden, kwargs, *, layer_idx: int, specs
             by_spec: dict[QuantSpec, list[int]] = {}
             for e in chunk:
                 by_spec.setdefault(specs[e], []).append(e)
-            for spec, group in by_spec.items():
-                W = torch.stack([torch.cat([ex.weights[e][p] for p in projs]) for e in group]).float()  # (G, N, K)
-                Hs = None
-                if need_h:
-                    Hs = col.stacked(group)
-                    for j, e in enumerate(group):  # too few tokens: identity Hessian == round-to-nearest
-                        if e in fallback:
-                            Hs[j] = torch.eye(K)
-                res = _quantize_group(W, Hs, spec, method, gcfg)
-                rows = [ex.weights[group[0]][p].shape[0] for p in projs]
-                for j, e in enumerate(group):
-                    r0 = 0
-                    for p, n in zip(projs, rows):
-                        sl = slice(r0, r0 + n)
-                        r0 += n
-                        pt = encoder.add((e, p), spec, res.codes[j, sl], res.scale[j, sl], res.zero[j, sl])
-                        if pt is not None:
-                            packed[(e, p)] = pt
-                        ex.set_dense(e, p, res.deq[j, sl].to(streamer.dtype))
+            for spec, members in by_spec.items():
+                rows = [ex.weights[members[0]][p].shape[0] for p in projs]
+                for group in _sub_batches(members, sum(rows), K):
+                    W = torch.stack([torch.cat([ex.weights[e][p] for p in projs]) for e in group]).float()  # (G, N, K)
+                    Hs = None
+                    if need_h:
+                        Hs = col.stacked(group)
+                        for j, e in enumerate(group):  # too few tokens: identity Hessian == round-to-nearest
+                            if e in fallback:
+                                Hs[j] = torch.eye(K)
+                    res = _quantize_group(W, Hs, spec, method, gcfg)
+                    del W, Hs
+                    for j, e in enumerate(group):
+                        r0 = 0
+                        for p, n in zip(projs, rows):
+                            sl = slice(r0, r0 + n)
+                            r0 += n
+                            # clones: a view would keep the whole batch's result alive
+                            pt = encoder.add((e, p), spec, res.codes[j, sl].clone(), res.scale[j, sl].clone(),
+                                             res.zero[j, sl].clone())
+                            if pt is not None:
+                                packed[(e, p)] = pt
+                            ex.set_dense(e, p, res.deq[j, sl].to(streamer.dtype, copy=True))
+                    del res
     packed.update(encoder.finish_layer())
     record.seconds = round(time.time() - t0, 3)
     record.specs = {e: specs[e].label for e in experts}
