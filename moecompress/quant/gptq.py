@@ -92,7 +92,11 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid, group_size: int, config: GPTQCo
     scale = torch.zeros(E, N, G)
     zero = torch.zeros(E, N, G)
     codes = torch.zeros(E, N, K, dtype=torch.int32)
-    Q = torch.zeros_like(W)
+    # Work on W^T: (E, K, N), so a column of W is a contiguous row and the rank-1 updates stream memory.
+    Wt = W.transpose(1, 2).contiguous()  # (E, N, K) -> (E, K, N)
+    del W
+    Qt = torch.zeros_like(Wt)
+    codes_t = torch.zeros(E, K, N, dtype=torch.int32)
     loss = torch.zeros(E)
     # blocks hold whole groups so each group's grid is fitted on error-updated columns
     B = max(config.block_size // group_size, 1) * group_size
@@ -100,12 +104,12 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid, group_size: int, config: GPTQCo
     ar = torch.arange(E)
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
-        W1 = W[:, :, i1:i2].clone()
+        W1 = Wt[:, i1:i2].clone()  # (E, b, N)
         Err1 = torch.zeros_like(W1)
         U1 = U[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
-            w = W1[:, :, i]  # (E, N)
+            w = W1[:, i]  # (E, N): column j of W
             d = U1[:, i, i]  # (E,)
             if config.act_order:
                 orig = perm[:, j]  # (E,) original column index per expert
@@ -113,18 +117,22 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid, group_size: int, config: GPTQCo
                 p = GridParams(static_scale[g, ar], static_zero[g, ar])  # (E, N) each
             else:
                 if j % group_size == 0:
-                    params = grid.fit(W1[:, :, i:i + group_size])
+                    params = grid.fit(W1[:, i:i + group_size].transpose(1, 2))  # (E, g, N) -> (E, N, g)
                     scale[:, :, j // group_size] = params.scale
                     zero[:, :, j // group_size] = params.zero
                 p = params
             q, wq = grid.quantize(w, p)
-            Q[:, :, j] = wq
-            codes[:, :, j] = q
+            Qt[:, j] = wq
+            codes_t[:, j] = q
             err = (w - wq) / d[:, None]  # (E, N)
             loss += ((w - wq) ** 2 / d[:, None] ** 2).sum(-1) / 2
-            W1[:, :, i:] -= err[:, :, None] * U1[:, None, i, i:]
-            Err1[:, :, i] = err
-        W[:, :, i2:] -= torch.bmm(Err1, U[:, i1:i2, i2:])
+            W1[:, i:] -= U1[:, i, i:, None] * err[:, None, :]  # (E, b-i, N)
+            Err1[:, i] = err
+        Wt[:, i2:] -= torch.bmm(U[:, i1:i2, i2:].transpose(1, 2), Err1)  # (E, K-i2, b) @ (E, b, N)
+    del Wt
+    Q = Qt.transpose(1, 2).contiguous()  # (E, K, N) -> (E, N, K)
+    codes = codes_t.transpose(1, 2).contiguous()
+    del Qt, codes_t
 
     if config.act_order:
         inv = torch.argsort(perm, dim=-1)
