@@ -119,11 +119,12 @@ class MoEExperts(nn.Module):
             if getattr(self, "_prepared", None) is None:
                 self._prepared = prepare_experts(self.weights, self.biases)
             return moe_experts_forward(hidden_states, top_k_index, top_k_weights, self._prepared, self.glu, self.biases)
-        out = torch.zeros_like(hidden_states)
+        T, k = top_k_index.shape
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)  # group the (token, slot) pairs by expert
         counts = torch.bincount(flat.clamp(0, self.num_experts), minlength=self.num_experts + 1)
-        k = top_k_index.shape[-1]
+        # each (token, slot) pair owns one row: plain writes, then a sum over the k slots (no index_add_)
+        Y = hidden_states.new_zeros(T * k, hidden_states.shape[-1])
         start = 0
         for e, n in enumerate(counts.tolist()[: self.num_experts]):
             if n == 0:
@@ -133,11 +134,10 @@ class MoEExperts(nn.Module):
             if self.weights[e] is None:
                 continue
             tok = sel // k  # (n,) token of each routed pair
-            slot = sel % k
             x = hidden_states[tok]
-            w = top_k_weights[tok, slot]
+            w = top_k_weights.reshape(-1)[sel]
             h, y = self.expert_forward(e, x)
             if self.observer is not None:
                 self.observer(e, tok, x, h, w)
-            out.index_add_(0, tok, (y * w[:, None].to(y.dtype)).to(out.dtype))
-        return out
+            Y[sel] = (y * w[:, None].to(y.dtype)).to(Y.dtype)
+        return Y.view(T, k, -1).sum(1)
