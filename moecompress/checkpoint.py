@@ -297,20 +297,3 @@ class CheckpointReader:
     @property
     def expert_params(self) -> int:
         return sum(t.numel for k, t in self.tensors.items() if self.is_expert_tensor(k) and not k.endswith("_bias"))
-
-    def check_values(self, names=None, progress=None) -> list[str]:
-        """Tensors holding NaN/Inf or values beyond the fp16 range; returns the problems found."""
-        problems = []
-        for k in names if names is not None else sorted(self.tensors):
-            t = self.get(k)
-            if not t.is_floating_point():
-                continue
-            t = t.float()
-            if not torch.isfinite(t).all():
-                n = int((~torch.isfinite(t)).sum())
-                problems.append(f"{k} has {n} NaN/Inf value{'s' if n > 1 else ''}")
-            elif self.is_expert_tensor(k) and t.abs().max() > 65504:
-                problems.append(f"{k} has values beyond the fp16 range (max |w| = {float(t.abs().max()):.3g})")
-            if progress:
-                progress.update(1)
-        return problems

@@ -11,7 +11,7 @@ Convention: weights are (N, K) = (out_features, in_features), as in `nn.Linear`;
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -113,5 +113,3 @@ def decode(packed: PackedTensor) -> torch.Tensor:
 def nbytes(shape: tuple[int, int], spec: QuantSpec) -> int:
     return get_codec(spec.codec).nbytes(tuple(shape), spec)
 
-
-Encoder = Callable[..., PackedTensor]
