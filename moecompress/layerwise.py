@@ -10,7 +10,6 @@ weights, and freed after use: peak memory is one layer plus the activations.
 from __future__ import annotations
 
 import copy
-import json
 import os
 
 import torch
@@ -190,11 +189,6 @@ def _fit_batch(kwargs: dict, n: int) -> dict:
             return {k: cut(t) for k, t in v.items()}
         return v
     return {k: cut(v) for k, v in kwargs.items()}
-
-
-def load_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
 
 
 def copy_tokenizer_files(src: str, dst: str) -> list[str]:
