@@ -5,7 +5,7 @@ Triton on CUDA tensors (when triton imports) and the torch reference on the CPU.
 TRITON_INTERPRET=1 and MOECOMPRESS_KERNELS=triton the Triton kernels run on CPU tensors (that is how
 the tests check them). Codecs map to kernels through two fixed tables; a codec without a kernel falls
 back to the torch reference (decode, then matmul), so new codecs (ternary, sub1) slot in by adding
-one entry per table.
+one entry per table (int, ternary and sub1 all have both).
 """
 from __future__ import annotations
 
@@ -81,8 +81,18 @@ def _ternary_decode(packed):
     return decode_ternary(packed)
 
 
-TRITON_LINEAR = {"int": _int_linear, "ternary": _ternary_linear}  # "sub1": not yet (falls back to decode)
-TRITON_DECODE = {"int": _int_decode, "ternary": _ternary_decode}
+def _sub1_linear(x, packed):
+    from .sub1_triton import packed_linear_sub1
+    return packed_linear_sub1(x, packed)
+
+
+def _sub1_decode(packed):
+    from .sub1_triton import decode_sub1
+    return decode_sub1(packed)
+
+
+TRITON_LINEAR = {"int": _int_linear, "ternary": _ternary_linear, "sub1": _sub1_linear}
+TRITON_DECODE = {"int": _int_decode, "ternary": _ternary_decode, "sub1": _sub1_decode}
 
 
 def _check_packed(packed: PackedTensor) -> None:

@@ -31,7 +31,9 @@ from moecompress.errors import MoeCompressError
 from .dispatch import _check_packed, _check_triton_device, backend, packed_linear
 
 Glu = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-GROUPED_CODECS = ("int",)  # grouped Triton launch; other codecs loop over experts (packed_linear each)
+GROUPED_CODECS = ("int", "ternary", "sub1")  # grouped Triton launch; others loop over experts (packed_linear each)
+INFO_ATTRS = ("sizes",)  # informational attrs (sub1 vs ternary sizes) that do not change the format
+SHARED_TENSORS = ("dictionary",)  # one tensor shared by every member (sub1's dictionary): never stacked
 
 
 def silu_glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -62,7 +64,22 @@ class PreparedExperts(NamedTuple):
 
 
 def _fmt(p: PackedTensor) -> tuple:
-    return (p.codec, tuple(sorted(p.attrs.items())))
+    return (p.codec, tuple(sorted((k, v) for k, v in p.attrs.items() if k not in INFO_ATTRS)))
+
+
+def _stack(codec: str, members: list[PackedTensor]) -> dict[str, torch.Tensor]:
+    """The group's tensors with a leading expert axis; sub1 concatenates its variable-length codewords
+    and stores each row's first codeword index ("starts", (E_g, N)) instead of the counts."""
+    first = members[0].tensors
+    if codec != "sub1":
+        return {k: torch.stack([m.tensors[k] for m in members]).contiguous() for k in first}
+    from .sub1_triton import row_starts
+    counts = torch.stack([m.tensors["row_counts"] for m in members])  # (E_g, N)
+    return {"codewords": torch.cat([m.tensors["codewords"] for m in members]).contiguous(),
+            "starts": row_starts(counts).to(counts.device),
+            "lo": torch.stack([m.tensors["lo"] for m in members]).contiguous(),
+            "hi": torch.stack([m.tensors["hi"] for m in members]).contiguous(),
+            "dictionary": first["dictionary"]}
 
 
 def _group(items: list[tuple[int, int, PackedTensor]]) -> list[ExpertGroup]:
@@ -76,14 +93,16 @@ def _group(items: list[tuple[int, int, PackedTensor]]) -> list[ExpertGroup]:
         g.members.append(p)
     for g in groups.values():
         if g.codec in GROUPED_CODECS:
-            g.tensors = {k: torch.stack([m.tensors[k] for m in g.members]).contiguous() for k in g.members[0].tensors}
+            g.tensors = _stack(g.codec, g.members)
     return list(groups.values())
 
 
 def _cat_rows(a: PackedTensor, b: PackedTensor) -> PackedTensor:
     # Row-wise formats: stacking the rows of two same-format matrices is the packed form of cat([A, B]).
+    # A shared tensor (same id in both, _fmt checked it) is kept once; informational attrs are dropped.
     return PackedTensor(a.codec, (a.shape[0] + b.shape[0], a.shape[1]),
-                        {k: torch.cat([a.tensors[k], b.tensors[k]]) for k in a.tensors}, dict(a.attrs))
+                        {k: a.tensors[k] if k in SHARED_TENSORS else torch.cat([a.tensors[k], b.tensors[k]])
+                         for k in a.tensors}, {k: v for k, v in a.attrs.items() if k not in INFO_ATTRS})
 
 
 def _stack_bias(biases, live, E, width, parts, like) -> torch.Tensor | None:
@@ -179,15 +198,21 @@ def _block_m(M: int, E: int, on_gpu: bool) -> int:
 def _run_stage(groups: list[ExpertGroup], x: torch.Tensor, rows: torch.Tensor, r: Routing, out: torch.Tensor,
                num_experts: int) -> None:
     from .intq_triton import int_matmul
+    from .sub1_triton import sub1_matmul
+    from .ternary_triton import ternary_matmul
     for g in groups:
         N, K = g.shape
         lut = torch.full((num_experts + 1,), -1, dtype=torch.int32, device=x.device)  # global -> local, E -> -1
         lut[torch.tensor(g.experts, device=x.device)] = torch.arange(len(g.experts), dtype=torch.int32, device=x.device)
         blk = lut[r.block_expert]  # (nblocks,) local expert or -1
-        if g.codec in GROUPED_CODECS:
-            t = g.tensors
-            int_matmul(x, t["qweight"], t["scales"], t["zeros"], N, K, g.attrs["bits"], g.attrs["group_size"],
-                       out=out, col_off=g.col_off, rows=rows, block_expert=blk, block_m=r.block_m)
+        t, gs = g.tensors, g.attrs.get("group_size")
+        grouped = dict(out=out, col_off=g.col_off, rows=rows, block_expert=blk, block_m=r.block_m)
+        if g.codec == "int":
+            int_matmul(x, t["qweight"], t["scales"], t["zeros"], N, K, g.attrs["bits"], gs, **grouped)
+        elif g.codec == "ternary":
+            ternary_matmul(x, t["trits"], t["lo"], t["hi"], N, K, gs, **grouped)
+        elif g.codec == "sub1":
+            sub1_matmul(x, t["codewords"], t["starts"], t["dictionary"], t["lo"], t["hi"], N, K, gs, **grouped)
         else:  # per-expert loop (one host sync per expert) for codecs without a grouped kernel yet
             row_blk = blk.repeat_interleave(r.block_m)
             for j, p in enumerate(g.members):

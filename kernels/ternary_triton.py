@@ -10,7 +10,8 @@ Matmul: when BLOCK_K divides g (one group per K step) the levels factor out:
     sum_k x[m, k] W[n, k] = lo[n, j] * sum_{t=0} x[m, k] + hi[n, j] * sum_{t=2} x[m, k]
 
 two dots with 0/1 indicator matrices (exact in 16 bits) and fp32 accumulation; otherwise each weight
-is decoded in fp32 first. Batch < 16 uses broadcast-multiply-reduce instead of tl.dot.
+is decoded in fp32 first. Batch < 16 uses broadcast-multiply-reduce instead of tl.dot. With GATHER the kernel serves the grouped
+MoE launch (stacked (E, N, .) weights, a per-block expert id), as the "int" kernel does.
 """
 from __future__ import annotations
 
@@ -23,20 +24,31 @@ import triton.language as tl
 from .intq_triton import _pow2_divisor, interpreting
 
 
-def _ternary_mm_kernel(x_ptr, stride_xm, t_ptr, lo_ptr, hi_ptr, out_ptr, stride_om,
+def _ternary_mm_kernel(x_ptr, stride_xm, rows_ptr, blk_ptr, t_ptr, lo_ptr, hi_ptr, stride_te, stride_ge,
+                       out_ptr, stride_om, col_off,
                        M, N, K, KB, G, group_size,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        USE_DOT: tl.constexpr, DOT_NATIVE: tl.constexpr, FACTORED: tl.constexpr,
-                       DECODE_ONLY: tl.constexpr):
+                       DECODE_ONLY: tl.constexpr, GATHER: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)  # DECODE_ONLY: K tiles
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
+    if GATHER:  # grouped MoE launch: the block's expert and the x row of every padded row
+        e = tl.load(blk_ptr + pid_m)
+        if e < 0:
+            return
+        rows = tl.load(rows_ptr + offs_m, mask=offs_m < M, other=-1)
+        m_mask = rows >= 0
+        rows = tl.where(m_mask, rows, 0)
+    else:
+        e = 0
+        rows = offs_m
+        m_mask = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    t_row = t_ptr + offs_n[:, None].to(tl.int64) * KB
-    g_row = offs_n.to(tl.int64) * G
+    t_row = t_ptr + e.to(tl.int64) * stride_te + offs_n[:, None].to(tl.int64) * KB
+    g_row = e.to(tl.int64) * stride_ge + offs_n.to(tl.int64) * G
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = pid_k * BLOCK_K if DECODE_ONLY else 0
     k_hi = tl.minimum(k_lo + BLOCK_K, K) if DECODE_ONLY else K
@@ -56,7 +68,7 @@ def _ternary_mm_kernel(x_ptr, stride_xm, t_ptr, lo_ptr, hi_ptr, out_ptr, stride_
             if DECODE_ONLY:
                 tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], w, mask=w_mask)
             else:
-                xt = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
                              mask=m_mask[:, None] & k_mask[None, :], other=0).to(tl.float32)
                 if USE_DOT:
                     acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
@@ -66,7 +78,7 @@ def _ternary_mm_kernel(x_ptr, stride_xm, t_ptr, lo_ptr, hi_ptr, out_ptr, stride_
             j = k0 // group_size
             lo = tl.load(lo_ptr + g_row + j, mask=n_mask, other=0).to(tl.float32)
             hi = tl.load(hi_ptr + g_row + j, mask=n_mask, other=0).to(tl.float32)
-            xt = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+            xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
                          mask=m_mask[:, None] & k_mask[None, :], other=0)
             if USE_DOT:
                 if DOT_NATIVE:
@@ -82,7 +94,8 @@ def _ternary_mm_kernel(x_ptr, stride_xm, t_ptr, lo_ptr, hi_ptr, out_ptr, stride_
                 s_hi = tl.sum(tl.where((trit == 2)[None, :, :], xf, 0.0), axis=2)
             acc += s_lo * lo[None, :] + s_hi * hi[None, :]
     if not DECODE_ONLY:
-        out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        out_rows = offs_m if GATHER else rows  # grouped outputs stay in padded (sorted) order
+        out = out_ptr + out_rows[:, None].to(tl.int64) * stride_om + col_off + offs_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -107,29 +120,50 @@ def decode_ternary(packed) -> torch.Tensor:
     out = torch.empty((N, K), dtype=torch.float32, device=trits.device)
     BN, BK = 32, 64
     _kernel()[(1, triton.cdiv(N, BN), triton.cdiv(K, BK))](
-        out, 0, trits, lo, hi, out, 0, 0, N, K, trits.shape[1], lo.shape[1], packed.attrs["group_size"],
-        BLOCK_M=1, BLOCK_N=BN, BLOCK_K=BK, USE_DOT=False, DOT_NATIVE=False, FACTORED=False, DECODE_ONLY=True)
+        out, 0, trits, trits, trits, lo, hi, 0, 0, out, 0, 0, 0, N, K, trits.shape[1], lo.shape[1],
+        packed.attrs["group_size"], BLOCK_M=1, BLOCK_N=BN, BLOCK_K=BK, USE_DOT=False, DOT_NATIVE=False,
+        FACTORED=False, DECODE_ONLY=True, GATHER=False)
+    return out
+
+
+def ternary_matmul(x: torch.Tensor, trits: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, N: int, K: int,
+                   group_size: int, out: torch.Tensor | None = None, col_off: int = 0,
+                   rows: torch.Tensor | None = None, block_expert: torch.Tensor | None = None,
+                   block_m: int | None = None) -> torch.Tensor:
+    """Launch the fused decode-matmul.
+
+    Plain: x (M, K), trits (N, KB), lo/hi (N, G) -> out (M, N) in x's dtype. Grouped (rows and
+    block_expert given, as `int_matmul`): trits (E, N, KB) and lo/hi (E, N, G) stacked; out (P, >= col_off + N).
+    """
+    gather = rows is not None
+    M = rows.shape[0] if gather else x.shape[0]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    on_gpu = x.is_cuda
+    if gather:
+        bm = block_m
+    else:
+        bm = triton.next_power_of_2(max(M, 1)) if M <= 8 else max(16, min(64, triton.next_power_of_2(M)))
+    use_dot = bm >= 16
+    bk = _pow2_divisor(group_size, 128 if on_gpu else 64)
+    factored = bk >= (16 if use_dot else 1)
+    bk = bk if factored else 32
+    bn = (32 if use_dot else 16) if on_gpu else min(64, triton.next_power_of_2(N))
+    native = x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and not interpreting())
+    if out is None:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    stride_te = trits.stride(0) if trits.dim() == 3 else 0
+    stride_ge = lo.stride(0) if lo.dim() == 3 else 0
+    _kernel()[(triton.cdiv(M, bm), triton.cdiv(N, bn), 1)](
+        x, x.stride(0), rows if gather else trits, block_expert if gather else trits, trits, lo, hi,
+        stride_te, stride_ge, out, out.stride(0), col_off, M, N, K, trits.shape[-1], lo.shape[-1], group_size,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot, DOT_NATIVE=native, FACTORED=factored,
+        DECODE_ONLY=False, GATHER=gather)
     return out
 
 
 def packed_linear_ternary(x: torch.Tensor, packed) -> torch.Tensor:
     """x (M, K) @ W^T for a "ternary" PackedTensor, output (M, N) in x's dtype."""
     N, K = packed.shape
-    g = packed.attrs["group_size"]
-    M = x.shape[0]
-    x = x.contiguous()
     trits, lo, hi = _tensors(packed)
-    on_gpu = x.is_cuda
-    bm = triton.next_power_of_2(max(M, 1)) if M <= 8 else max(16, min(64, triton.next_power_of_2(M)))
-    use_dot = bm >= 16
-    bk = _pow2_divisor(g, 128 if on_gpu else 64)
-    factored = bk >= (16 if use_dot else 1)
-    bk = bk if factored else 32
-    bn = (32 if use_dot else 16) if on_gpu else min(64, triton.next_power_of_2(N))
-    native = x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and not interpreting())
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    _kernel()[(triton.cdiv(M, bm), triton.cdiv(N, bn), 1)](
-        x, x.stride(0), trits, lo, hi, out, out.stride(0), M, N, K, trits.shape[1], lo.shape[1], g,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot, DOT_NATIVE=native, FACTORED=factored,
-        DECODE_ONLY=False)
-    return out
+    return ternary_matmul(x, trits, lo, hi, N, K, packed.attrs["group_size"])

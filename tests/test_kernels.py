@@ -284,3 +284,77 @@ def test_moe_with_ternary_and_int_experts():
     w, idx = torch.topk(torch.randn(9, 3, generator=gen).softmax(-1), 2)
     torch.testing.assert_close(mk.moe_experts_forward(x, idx, w, experts), mk.moe_reference(x, idx, w, experts),
                                rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- sub1 (dictionary-coded ternary)
+
+def sparse_codes(N, K, zero_frac, gen):
+    """Ternary codes with about `zero_frac` zeros (code 1) and runs of zeros, like GPTQ-ternary experts."""
+    u = torch.rand(N, K, generator=gen)
+    return torch.where(u < zero_frac, 1, torch.where(u < (1 + zero_frac) / 2, 0, 2))
+
+
+def make_sub1(N, K, g, zero_frac=0.9, seed=0, dictionary=None):
+    from moecompress.codecs import sub1_dict as sd
+    gen = torch.Generator().manual_seed(seed)
+    gg = K if g == 0 else g
+    t = sparse_codes(N, K, zero_frac, gen)
+    lo, hi = -torch.rand(N, K // gg, generator=gen) / K ** 0.5, torch.rand(N, K // gg, generator=gen) / K ** 0.5
+    if dictionary is None:
+        dictionary = sd.build_dictionary([t], max_entries=512, max_len=16, sizes=(512,))
+    return get_codec("sub1").encode(t, lo, hi, dictionary, g)
+
+
+def test_sub1_decode_exact_and_products():
+    # odd K (a padded last pair), g = 0 (one group per row), odd groups, batch 1 to 64, three dtypes
+    cases = [(7, 96, 32, 1, 0.9), (33, 193, 0, 17, 0.95), (1, 35, 5, 3, 0.6), (5, 40, 8, 64, 0.99),
+             (9, 64, 16, 3, 0.0), (3, 101, 0, 40, 0.85)]
+    for i, (N, K, g, B, zf) in enumerate(cases):
+        p = make_sub1(N, K, g, zf, seed=i)
+        assert p.codec == "sub1"
+        assert torch.equal(mk.decode(p), decode(p)), (N, K, g)
+        x = torch.randn(B, K, generator=torch.Generator().manual_seed(i)).to(DTYPES[i % 3])
+        check_product(mk.packed_linear(x, p), x, p)
+
+
+def test_sub1_kernel_does_not_fall_back(monkeypatch):
+    from moecompress.kernels import dispatch
+    calls = []
+    monkeypatch.setattr(dispatch, "reference_linear", lambda *a: calls.append(1))
+    p = make_sub1(16, 64, 32)
+    y = mk.packed_linear(torch.randn(2, 64), p)
+    assert not calls and y.shape == (2, 16)
+
+
+def test_moe_grouped_ternary_and_sub1_experts():
+    # experts of every format in one layer: int (2 widths), dense ternary x2 (one grouped launch), sub1 x2
+    # sharing a dictionary (gate and up fused; encode_ternary's informational "sizes" attrs included)
+    from moecompress.codecs import sub1_dict as sd
+    from moecompress.codecs.ternary import encode_ternary
+    H, I = 64, 48
+    gen = torch.Generator().manual_seed(3)
+    experts = make_layer(H, I, [4, 2], g=16, seed=2)
+    for s in (4, 5):
+        experts.append({"gate": make_ternary(I, H, 32, s), "up": make_ternary(I, H, 32, s + 10),
+                        "down": make_ternary(H, I, 0, s + 20)})
+    codes = {(e, n): sparse_codes(*shape, 0.92, gen) for e in (6, 7)
+             for n, shape in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I)))}
+    dictionary = sd.build_dictionary(list(codes.values()), max_entries=1024, max_len=16, sizes=(1024,))
+    for e in (6, 7):
+        ex = {}
+        for n in ("gate", "up", "down"):
+            N, K = codes[e, n].shape
+            g = 16 if n != "down" else 0
+            G = K // (g or K)
+            ex[n] = encode_ternary(codes[e, n], -torch.rand(N, G, generator=gen) / 8, torch.rand(N, G, generator=gen) / 8,
+                                   g, dictionary)
+            assert ex[n].codec == "sub1" and "sizes" in ex[n].attrs
+        experts.append(ex)
+    px = mk.prepare_experts(experts)
+    fmts = {(g.codec, len(g.experts)) for g in px.stage1}
+    assert ("ternary", 2) in fmts and ("sub1", 2) in fmts, fmts
+    for T in (1, 6, 23):
+        x = torch.randn(T, H, generator=gen)
+        w, idx = torch.topk(torch.randn(T, len(experts), generator=gen).softmax(-1), 2)
+        torch.testing.assert_close(mk.moe_experts_forward(x, idx, w, px), mk.moe_reference(x, idx, w, experts),
+                                   rtol=1e-5, atol=1e-6)

@@ -1,0 +1,192 @@
+"""Triton kernels for the "sub1" codec: exact decode and a fused decode-matmul y = x @ W^T.
+
+Format (`moecompress/codecs/ternary.py`, `sub1_dict.py`): each row of W (N, K) is a stream of
+ceil(K/2) pair symbols s = 3 t[2i] + t[2i+1] coded as 16-bit codewords against a shared dictionary;
+row n's codewords start at sum(row_counts[:n]). Codeword c expands to lengths[c] symbols,
+table[c, 0:lengths[c]] (`sub1_dict.expansion_table`). W[n, k] = lo / 0 / hi[n, k // g] for t = 0 / 1 / 2.
+
+Kernel: each program owns BLOCK_N rows and walks them in lockstep, one pair symbol (two columns of W)
+per step. Every row has exactly ceil(K/2) symbols, so all rows of the block are at the same column at
+every step even though their codewords differ: per row a small state machine holds the current
+codeword and the position inside its expansion and fetches the next codeword when the expansion ends.
+The activation columns 2s and 2s+1 are therefore one broadcast load shared by all rows, and the decoded
+weights go straight into a (BLOCK_M, BLOCK_N) fp32 accumulator; the dense W is never written (except
+by the decode-only variant). Decoding is a selection, so it equals the reference bit for bit; the
+products are fp32 multiply-adds in column order.
+
+With GATHER the same kernel serves the grouped MoE launch (like the "int" kernel): the experts of a
+group have their codewords concatenated, a (E_g, N) table of row starts, stacked levels (E_g, N, G),
+and a per-block expert id picks the expert of each block of sorted tokens.
+
+A row cannot be split along K without extra offsets in the format (only row starts are stored), so
+K is walked by one program per row block: the parallelism is N / BLOCK_N programs per token block.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from moecompress.codecs import sub1_dict as sd
+
+from .intq_triton import interpreting
+
+
+def _sub1_mm_kernel(x_ptr, stride_xm, rows_ptr, blk_ptr,
+                    cw_ptr, start_ptr, tab_ptr, len_ptr, lo_ptr, hi_ptr, stride_re, stride_ge,
+                    out_ptr, stride_om, col_off,
+                    M, N, K, K2, G, group_size, LMAX,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
+                    DECODE_ONLY: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if GATHER:
+        e = tl.load(blk_ptr + pid_m)
+        if e < 0:  # a block of another group, or past the last used block
+            return
+        rows = tl.load(rows_ptr + offs_m, mask=offs_m < M, other=-1)
+        m_mask = rows >= 0
+        rows = tl.where(m_mask, rows, 0)
+    else:
+        e = 0
+        rows = offs_m
+        m_mask = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    g_row = e.to(tl.int64) * stride_ge + offs_n.to(tl.int64) * G  # (BLOCK_N,) first level of each row
+    x_row = x_ptr + rows.to(tl.int64) * stride_xm  # (BLOCK_M,)
+    # per-row decoder state: next codeword index, current codeword, its length, position inside it
+    ci = tl.load(start_ptr + e.to(tl.int64) * stride_re + offs_n, mask=n_mask, other=0)
+    cw = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    length = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    j = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(0, K2):
+        need = j >= length
+        nxt = tl.load(cw_ptr + ci, mask=need & n_mask, other=0).to(tl.int32) & 0xFFFF
+        cw = tl.where(need, nxt, cw)
+        ci = tl.where(need, ci + 1, ci)
+        j = tl.where(need, 0, j)
+        length = tl.load(len_ptr + cw, mask=n_mask, other=1)
+        sym = tl.load(tab_ptr + cw * LMAX + j, mask=n_mask, other=4).to(tl.int32)
+        j += 1
+        t0 = sym // 3
+        t1 = sym % 3
+        k0 = 2 * s
+        n1 = n_mask & ((offs_n * 0 + k0 + 1) < K)  # an odd K pads the last pair with a zero trit
+        m1 = m_mask & ((offs_m * 0 + k0 + 1) < K)
+        gi0 = g_row + k0 // group_size
+        gi1 = g_row + (k0 + 1) // group_size
+        lo0 = tl.load(lo_ptr + gi0, mask=n_mask, other=0).to(tl.float32)
+        hi0 = tl.load(hi_ptr + gi0, mask=n_mask, other=0).to(tl.float32)
+        lo1 = tl.load(lo_ptr + gi1, mask=n1, other=0).to(tl.float32)
+        hi1 = tl.load(hi_ptr + gi1, mask=n1, other=0).to(tl.float32)
+        w0 = tl.where(t0 == 0, lo0, tl.where(t0 == 2, hi0, 0.0))
+        w1 = tl.where(t1 == 0, lo1, tl.where(t1 == 2, hi1, 0.0))
+        if DECODE_ONLY:
+            dst = out_ptr + offs_n.to(tl.int64) * K + k0
+            tl.store(dst, w0, mask=n_mask)
+            tl.store(dst + 1, w1, mask=n1)
+        else:
+            x0 = tl.load(x_row + k0, mask=m_mask, other=0).to(tl.float32)
+            x1 = tl.load(x_row + k0 + 1, mask=m1, other=0).to(tl.float32)
+            acc += x0[:, None] * w0[None, :] + x1[:, None] * w1[None, :]
+    if not DECODE_ONLY:
+        out_rows = offs_m if GATHER else rows  # grouped outputs stay in padded (sorted) order
+        out = out_ptr + out_rows[:, None].to(tl.int64) * stride_om + col_off + offs_n[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@functools.cache
+def _jit(interpret: bool):
+    return triton.jit(_sub1_mm_kernel)  # wrapped lazily, once per TRITON_INTERPRET mode
+
+
+def _kernel():
+    return _jit(interpreting())
+
+
+_TABLES: dict = {}
+
+
+def device_tables(dictionary: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(flat expansion table uint8 (D * LMAX,), lengths int32 (D,), LMAX) on `device`, cached by content."""
+    key = (sd.dictionary_id(dictionary.cpu()), str(device))
+    got = _TABLES.get(key)
+    if got is None:
+        table, lengths = sd.tables_for(dictionary.cpu())
+        got = (table.reshape(-1).contiguous().to(device), lengths.to(torch.int32).to(device), table.shape[1])
+        if len(_TABLES) > 16:
+            _TABLES.clear()
+        _TABLES[key] = got
+    return got
+
+
+def row_starts(row_counts: torch.Tensor) -> torch.Tensor:
+    """(..., N) codewords per row -> (..., N) int64 index of each row's first codeword, rows in order."""
+    c = row_counts.reshape(-1).to(torch.int64)
+    return (torch.cumsum(c, 0) - c).view(row_counts.shape)
+
+
+def sub1_matmul(x: torch.Tensor, cw: torch.Tensor, starts: torch.Tensor, dictionary: torch.Tensor,
+                lo: torch.Tensor, hi: torch.Tensor, N: int, K: int, group_size: int,
+                out: torch.Tensor | None = None, col_off: int = 0, rows: torch.Tensor | None = None,
+                block_expert: torch.Tensor | None = None, block_m: int | None = None,
+                block_n: int | None = None) -> torch.Tensor:
+    """Launch the fused decode-matmul.
+
+    Plain: x (M, K), cw (C,) int16 codewords, starts (N,) int64, lo/hi (N, G) -> out (M, N) in x's dtype.
+    Grouped (rows and block_expert given, as `int_matmul`): starts (E, N) index the concatenated
+    codewords of the group's experts, lo/hi are (E, N, G); out (P, >= col_off + N).
+    """
+    gather = rows is not None
+    M = rows.shape[0] if gather else x.shape[0]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    table, lengths, lmax = device_tables(dictionary, x.device)
+    if gather:
+        bm = block_m
+    else:
+        bm = triton.next_power_of_2(max(M, 1)) if M <= 16 else 64
+    bn = block_n or (32 if x.is_cuda else min(64, triton.next_power_of_2(N)))
+    if out is None:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    G = lo.shape[-1]
+    stride_re = N if starts.dim() == 2 else 0
+    stride_ge = N * G if lo.dim() == 3 else 0
+    dummy = cw
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    _kernel()[grid](x, x.stride(0), rows if gather else dummy, block_expert if gather else dummy,
+                    cw, starts, table, lengths, lo, hi, stride_re, stride_ge, out, out.stride(0), col_off,
+                    M, N, K, (K + 1) // 2, G, group_size, lmax,
+                    BLOCK_M=bm, BLOCK_N=bn, GATHER=gather, DECODE_ONLY=False)
+    return out
+
+
+def _parts(packed):
+    t = packed.tensors
+    return (t["codewords"].contiguous(), row_starts(t["row_counts"]).to(t["codewords"].device),
+            t["dictionary"], t["lo"].contiguous(), t["hi"].contiguous())
+
+
+def decode_sub1(packed) -> torch.Tensor:
+    """(N, K) float32 weight of a "sub1" PackedTensor, decoded by the Triton kernel."""
+    N, K = packed.shape
+    cw, starts, dictionary, lo, hi = _parts(packed)
+    table, lengths, lmax = device_tables(dictionary, cw.device)
+    out = torch.empty((N, K), dtype=torch.float32, device=cw.device)
+    bn = 32 if cw.is_cuda else min(64, triton.next_power_of_2(N))
+    _kernel()[(1, triton.cdiv(N, bn))](out, 0, cw, cw, cw, starts, table, lengths, lo, hi, 0, 0, out, 0, 0,
+                                       0, N, K, (K + 1) // 2, lo.shape[1], packed.attrs["group_size"], lmax,
+                                       BLOCK_M=1, BLOCK_N=bn, GATHER=False, DECODE_ONLY=True)
+    return out
+
+
+def packed_linear_sub1(x: torch.Tensor, packed) -> torch.Tensor:
+    """x (M, K) @ W^T for a "sub1" PackedTensor, output (M, N) in x's dtype."""
+    N, K = packed.shape
+    cw, starts, dictionary, lo, hi = _parts(packed)
+    return sub1_matmul(x, cw, starts, dictionary, lo, hi, N, K, packed.attrs["group_size"])
