@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--percdamp", type=float, default=Q.percdamp, help=f"GPTQ relative damping (default {Q.percdamp})")
     q.add_argument("--affinity", action="store_true", help="weight each token's Hessian term by its gate weight (AGQ)")
     q.add_argument("--ternary-threshold", type=float, default=Q.ternary_threshold,
-                   help=f"--method ternary: weights with |w| < t * (hi - lo) become 0; more zeros, fewer bits (default {Q.ternary_threshold})")
+                   help="--method ternary: weights with |w| < t * (hi - lo) become 0; more zeros, fewer bits "
+                        "(default: searched per batch of experts so the sub-1-bit codes fit --bits; 0 at --bits 1.6)")
     q.add_argument("--min-tokens", type=int, default=Q.min_tokens,
                    help=f"experts with fewer routed calibration tokens fall back to round-to-nearest (default {Q.min_tokens})")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")

@@ -10,7 +10,11 @@ and a whole MoE layer (top-2, 8 experts, uniform and mixed precision) against a 
 Without a GPU it runs the correctness part on small shapes under TRITON_INTERPRET=1 and says that
 GPU numbers are not available.
 
-    python benchmarks/kernels.py [--bits 4] [--group-size 128] [--batches 1,2,4,8,16,32,64]
+    python benchmarks/kernels.py [--bits 4] [--group-size 128] [--batches 1,2,4,8,16,32,64] [--formats int4,ternary,sub1]
+
+Formats: "intB" groupwise (--group-size), dense "ternary" and dictionary-coded "sub1" (one level pair
+per row, 90% zeros, dictionary built from the weight itself). GB/s counts the packed bytes a call
+reads (sub1: codewords, row counts and levels; the shared dictionary is not counted).
 """
 from __future__ import annotations
 
@@ -32,6 +36,33 @@ def make_int(N, K, bits, g, seed=0, device="cpu"):
     z = torch.randint(0, 1 << bits, (N, K // g), generator=gen).float()
     p = get_codec("int").encode(q, s, z, QuantSpec("int", bits, g))
     return PackedTensor(p.codec, p.shape, {k: v.to(device) for k, v in p.tensors.items()}, p.attrs)
+
+
+def make_ternary(N, K, g, seed=0, device="cpu", codec="ternary", zero_frac=0.9):
+    """Random ternary weight with `zero_frac` zeros, packed dense ("ternary") or dictionary-coded ("sub1")."""
+    from moecompress.codecs import PackedTensor, get_codec
+    from moecompress.codecs import sub1_dict as sd
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(N, K, generator=gen)
+    t = torch.where(u < zero_frac, 1, torch.where(u < (1 + zero_frac) / 2, 0, 2))
+    G = K // (g or K)
+    lo, hi = -torch.rand(N, G, generator=gen) / K ** 0.5, torch.rand(N, G, generator=gen) / K ** 0.5
+    if codec == "sub1":
+        p = get_codec("sub1").encode(t, lo, hi, sd.build_dictionary([t], max_rows=2048), g)
+    else:
+        p = get_codec("ternary").encode(t, lo, hi, g)
+    return PackedTensor(p.codec, p.shape, {k: v.to(device) for k, v in p.tensors.items()}, p.attrs)
+
+
+def make_packed(fmt, N, K, g, seed=0, device="cpu"):
+    """fmt: "int2".."int8", "ternary" or "sub1" (ternary levels per row-group g; sub1 at 90% zeros)."""
+    if fmt.startswith("int"):
+        return make_int(N, K, int(fmt[3:]), g, seed, device)
+    return make_ternary(N, K, g, seed, device, codec=fmt)
+
+
+def packed_bytes(p) -> int:
+    return sum(t.numel() * t.element_size() for k, t in p.tensors.items() if k != "dictionary")
 
 
 def rel_err(y, ref) -> float:
@@ -67,17 +98,17 @@ def correctness(small: bool) -> bool:
     shapes = [(7, 96, 32), (33, 192, 64), (64, 128, 16)] if small else [(768, 2048, 128), (2048, 768, 128)]
     ok = True
     print(f"correctness on {dev} (backend {mk.backend(dev)}):")
-    for bits in (2, 3, 4, 8):
+    for fmt in ("int2", "int3", "int4", "int8", "ternary", "sub1"):
         for N, K, g in shapes:
-            p = make_int(N, K, bits, g, seed=bits, device=dev)
-            exact = torch.equal(mk.decode_int(p), decode(p))
+            p = make_packed(fmt, N, K, g, seed=len(fmt), device=dev)
+            exact = torch.equal(mk.decode(p), decode(p))
             errs = []
             for B in (1, 17):
                 x = torch.randn(B, K, device=dev)
                 errs.append(rel_err(mk.packed_linear(x, p), x @ decode(p).T))
             good = exact and max(errs) < 1e-5
             ok &= good
-            print(f"  int{bits} g{g} ({N}x{K}): decode {'exact' if exact else 'MISMATCH'}, "
+            print(f"  {fmt} g{g} ({N}x{K}): decode {'exact' if exact else 'MISMATCH'}, "
                   f"fp32 matmul max rel err {max(errs):.1e} {'ok' if good else 'FAIL'}")
     return ok
 
@@ -85,20 +116,22 @@ def correctness(small: bool) -> bool:
 def bench_linear(args, bw: float) -> None:
     from moecompress import kernels as mk
     from moecompress.codecs import decode
-    print(f"\n| model | proj | N x K | batch | packed ms | packed GB/s | % copy bw | bf16 ms | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, (H, I) in SHAPES.items():
-        for proj, (N, K) in (("gate/up", (I, H)), ("down", (H, I))):
-            p = make_int(N, K, args.bits, args.group_size, device="cuda")
-            w = decode(p).to(torch.bfloat16)
-            for B in args.batches:
-                x = torch.randn(B, K, device="cuda", dtype=torch.bfloat16)
-                t_p = cuda_time(lambda: mk.packed_linear(x, p), args.iters)
-                t_d = cuda_time(lambda: x @ w.T, args.iters)
-                gbs = p.nbytes / t_p
-                print(f"| {name} | {proj} | {N}x{K} | {B} | {t_p * 1e3:.3f} | {gbs / 1e9:.0f} | {100 * gbs / bw:.0f}% "
-                      f"| {t_d * 1e3:.3f} | {t_d / t_p:.2f}x |")
-            del w
+    print(f"\n| format | model | proj | N x K | batch | packed ms | packed GB/s | % copy bw | bf16 ms | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for fmt in args.formats:
+        for name, (H, I) in SHAPES.items():
+            for proj, (N, K) in (("gate/up", (I, H)), ("down", (H, I))):
+                p = make_packed(fmt, N, K, args.group_size if fmt.startswith("int") else 0, device="cuda")
+                w = decode(p).to(torch.bfloat16)
+                nbytes = packed_bytes(p)
+                for B in args.batches:
+                    x = torch.randn(B, K, device="cuda", dtype=torch.bfloat16)
+                    t_p = cuda_time(lambda: mk.packed_linear(x, p), args.iters)
+                    t_d = cuda_time(lambda: x @ w.T, args.iters)
+                    gbs = nbytes / t_p
+                    print(f"| {fmt} | {name} | {proj} | {N}x{K} | {B} | {t_p * 1e3:.3f} | {gbs / 1e9:.0f} | "
+                          f"{100 * gbs / bw:.0f}% | {t_d * 1e3:.3f} | {t_d / t_p:.2f}x |", flush=True)
+                del w
 
 
 def bench_moe(args) -> None:
@@ -144,6 +177,8 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--formats", type=lambda s: s.split(","), default=["int4", "ternary", "sub1"],
+                    help="packed formats for the linear table (int2..int8, ternary, sub1; default int4,ternary,sub1)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first wrapped

@@ -59,7 +59,7 @@ def run(W: dict, threshold: float, repeats: int = 3) -> dict:
             decode(p)
     t_dec = (time.perf_counter() - t0) / repeats
     nbytes = sum(encoded_nbytes(p) for p in packed)
-    cw_bits = sum(16 * p.tensors["codewords"].numel() for p in packed if p.codec == "sub1")
+    cw_bits = sum(8 * p.tensors["codewords"].numel() for p in packed if p.codec == "sub1")
     sub1_w = sum(p.shape[0] * p.shape[1] for p in packed if p.codec == "sub1")
     ent = sum(sd.pair_entropy(c) * c.numel() for c in codes) / nw
     return {

@@ -73,9 +73,13 @@ def _stack(codec: str, members: list[PackedTensor]) -> dict[str, torch.Tensor]:
     first = members[0].tensors
     if codec != "sub1":
         return {k: torch.stack([m.tensors[k] for m in members]).contiguous() for k in first}
+    from moecompress.codecs import sub1_dict as sd
+    from moecompress.codecs.ternary import Sub1Codec
+
     from .sub1_triton import row_starts
     counts = torch.stack([m.tensors["row_counts"] for m in members])  # (E_g, N)
-    return {"codewords": torch.cat([m.tensors["codewords"] for m in members]).contiguous(),
+    cw = torch.cat([Sub1Codec.codewords(m) for m in members])  # one stream: re-packed so indices run on
+    return {"codewords": sd.pack_codewords(cw, members[0].attrs["codeword_bits"]).to(counts.device),
             "starts": row_starts(counts).to(counts.device),
             "lo": torch.stack([m.tensors["lo"] for m in members]).contiguous(),
             "hi": torch.stack([m.tensors["hi"] for m in members]).contiguous(),
@@ -99,10 +103,16 @@ def _group(items: list[tuple[int, int, PackedTensor]]) -> list[ExpertGroup]:
 
 def _cat_rows(a: PackedTensor, b: PackedTensor) -> PackedTensor:
     # Row-wise formats: stacking the rows of two same-format matrices is the packed form of cat([A, B]).
-    # A shared tensor (same id in both, _fmt checked it) is kept once; informational attrs are dropped.
-    return PackedTensor(a.codec, (a.shape[0] + b.shape[0], a.shape[1]),
-                        {k: a.tensors[k] if k in SHARED_TENSORS else torch.cat([a.tensors[k], b.tensors[k]])
-                         for k in a.tensors}, {k: v for k, v in a.attrs.items() if k not in INFO_ATTRS})
+    # A shared tensor (same id in both, _fmt checked it) is kept once; informational attrs are dropped;
+    # sub1's codeword bit streams are joined codeword by codeword (a stream may end inside a byte).
+    t = {k: a.tensors[k] if k in SHARED_TENSORS else torch.cat([a.tensors[k], b.tensors[k]]) for k in a.tensors}
+    if a.codec == "sub1":
+        from moecompress.codecs import sub1_dict as sd
+        from moecompress.codecs.ternary import Sub1Codec
+        cw = torch.cat([Sub1Codec.codewords(a), Sub1Codec.codewords(b)])
+        t["codewords"] = sd.pack_codewords(cw, a.attrs["codeword_bits"]).to(a.tensors["codewords"].device)
+    return PackedTensor(a.codec, (a.shape[0] + b.shape[0], a.shape[1]), t,
+                        {k: v for k, v in a.attrs.items() if k not in INFO_ATTRS})
 
 
 def _stack_bias(biases, live, E, width, parts, like) -> torch.Tensor | None:
@@ -212,7 +222,8 @@ def _run_stage(groups: list[ExpertGroup], x: torch.Tensor, rows: torch.Tensor, r
         elif g.codec == "ternary":
             ternary_matmul(x, t["trits"], t["lo"], t["hi"], N, K, gs, **grouped)
         elif g.codec == "sub1":
-            sub1_matmul(x, t["codewords"], t["starts"], t["dictionary"], t["lo"], t["hi"], N, K, gs, **grouped)
+            sub1_matmul(x, t["codewords"], t["starts"], t["dictionary"], t["lo"], t["hi"], N, K, gs,
+                        g.attrs["codeword_bits"], **grouped)
         else:  # per-expert loop (one host sync per expert) for codecs without a grouped kernel yet
             row_blk = blk.repeat_interleave(r.block_m)
             for j, p in enumerate(g.members):

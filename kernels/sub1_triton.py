@@ -1,8 +1,9 @@
 """Triton kernels for the "sub1" codec: exact decode and a fused decode-matmul y = x @ W^T.
 
 Format (`moecompress/codecs/ternary.py`, `sub1_dict.py`): each row of W (N, K) is a stream of
-ceil(K/2) pair symbols s = 3 t[2i] + t[2i+1] coded as 16-bit codewords against a shared dictionary;
-row n's codewords start at sum(row_counts[:n]). Codeword c expands to lengths[c] symbols,
+ceil(K/2) pair symbols s = 3 t[2i] + t[2i+1] coded as b-bit codewords (b = ceil(log2 D) <= 16, an
+LSB-first bit stream: codeword i is cut out of the 3 bytes from bit i * b) against a shared dictionary;
+row n's codewords start at codeword sum(row_counts[:n]). Codeword c expands to lengths[c] symbols,
 table[c, 0:lengths[c]] (`sub1_dict.expansion_table`). W[n, k] = lo / 0 / hi[n, k // g] for t = 0 / 1 / 2.
 
 Kernel: each program owns BLOCK_N rows and walks them in lockstep, one pair symbol (two columns of W)
@@ -37,7 +38,7 @@ from .intq_triton import interpreting
 def _sub1_mm_kernel(x_ptr, stride_xm, rows_ptr, blk_ptr,
                     cw_ptr, start_ptr, tab_ptr, len_ptr, lo_ptr, hi_ptr, stride_re, stride_ge,
                     out_ptr, stride_om, col_off,
-                    M, N, K, K2, G, group_size, LMAX,
+                    M, N, K, K2, G, group_size, LMAX, NB, CW_BITS,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
                     DECODE_ONLY: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -66,7 +67,14 @@ def _sub1_mm_kernel(x_ptr, stride_xm, rows_ptr, blk_ptr,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for s in range(0, K2):
         need = j >= length
-        nxt = tl.load(cw_ptr + ci, mask=need & n_mask, other=0).to(tl.int32) & 0xFFFF
+        # codeword ci: CW_BITS (<= 16) bits at bit ci * CW_BITS of the LSB-first stream, within 3 bytes
+        bit = ci * CW_BITS
+        byte = bit >> 3
+        ld = need & n_mask
+        b0 = tl.load(cw_ptr + byte, mask=ld, other=0).to(tl.int32)
+        b1 = tl.load(cw_ptr + byte + 1, mask=ld & (byte + 1 < NB), other=0).to(tl.int32)
+        b2 = tl.load(cw_ptr + byte + 2, mask=ld & (byte + 2 < NB), other=0).to(tl.int32)
+        nxt = ((b0 | (b1 << 8) | (b2 << 16)) >> (bit & 7).to(tl.int32)) & ((1 << CW_BITS) - 1)
         cw = tl.where(need, nxt, cw)
         ci = tl.where(need, ci + 1, ci)
         j = tl.where(need, 0, j)
@@ -132,13 +140,14 @@ def row_starts(row_counts: torch.Tensor) -> torch.Tensor:
 
 
 def sub1_matmul(x: torch.Tensor, cw: torch.Tensor, starts: torch.Tensor, dictionary: torch.Tensor,
-                lo: torch.Tensor, hi: torch.Tensor, N: int, K: int, group_size: int,
+                lo: torch.Tensor, hi: torch.Tensor, N: int, K: int, group_size: int, cw_bits: int,
                 out: torch.Tensor | None = None, col_off: int = 0, rows: torch.Tensor | None = None,
                 block_expert: torch.Tensor | None = None, block_m: int | None = None,
                 block_n: int | None = None) -> torch.Tensor:
     """Launch the fused decode-matmul.
 
-    Plain: x (M, K), cw (C,) int16 codewords, starts (N,) int64, lo/hi (N, G) -> out (M, N) in x's dtype.
+    Plain: x (M, K), cw uint8 codeword stream of cw_bits-bit codewords, starts (N,) int64 codeword index of
+    each row's first codeword, lo/hi (N, G) -> out (M, N) in x's dtype.
     Grouped (rows and block_expert given, as `int_matmul`): starts (E, N) index the concatenated
     codewords of the group's experts, lo/hi are (E, N, G); out (P, >= col_off + N).
     """
@@ -161,7 +170,7 @@ def sub1_matmul(x: torch.Tensor, cw: torch.Tensor, starts: torch.Tensor, diction
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _kernel()[grid](x, x.stride(0), rows if gather else dummy, block_expert if gather else dummy,
                     cw, starts, table, lengths, lo, hi, stride_re, stride_ge, out, out.stride(0), col_off,
-                    M, N, K, (K + 1) // 2, G, group_size, lmax,
+                    M, N, K, (K + 1) // 2, G, group_size, lmax, cw.numel(), cw_bits,
                     BLOCK_M=bm, BLOCK_N=bn, GATHER=gather, DECODE_ONLY=False)
     return out
 
@@ -181,7 +190,7 @@ def decode_sub1(packed) -> torch.Tensor:
     bn = 32 if cw.is_cuda else min(64, triton.next_power_of_2(N))
     _kernel()[(1, triton.cdiv(N, bn))](out, 0, cw, cw, cw, starts, table, lengths, lo, hi, 0, 0, out, 0, 0,
                                        0, N, K, (K + 1) // 2, lo.shape[1], packed.attrs["group_size"], lmax,
-                                       BLOCK_M=1, BLOCK_N=bn, GATHER=False, DECODE_ONLY=True)
+                                       cw.numel(), packed.attrs["codeword_bits"], BLOCK_M=1, BLOCK_N=bn, GATHER=False, DECODE_ONLY=True)
     return out
 
 
@@ -189,4 +198,4 @@ def packed_linear_sub1(x: torch.Tensor, packed) -> torch.Tensor:
     """x (M, K) @ W^T for a "sub1" PackedTensor, output (M, N) in x's dtype."""
     N, K = packed.shape
     cw, starts, dictionary, lo, hi = _parts(packed)
-    return sub1_matmul(x, cw, starts, dictionary, lo, hi, N, K, packed.attrs["group_size"])
+    return sub1_matmul(x, cw, starts, dictionary, lo, hi, N, K, packed.attrs["group_size"], packed.attrs["codeword_bits"])

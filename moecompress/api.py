@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 
@@ -40,8 +41,14 @@ def plan_specs(reader, config: QuantizeConfig) -> dict:
     widths = [reader.expert_shapes(i)[p][1] for i in reader.moe_layers for p in PROJS]
     gs = resolve_group_size(config.group_size, widths)
     if config.method == "ternary":
-        codec = "ternary" if config.bits == 1.6 else "sub1"  # 1.6: dense ternary; 1: dictionary-coded below 1 bit
-        spec = QuantSpec(codec, 1, 0, (("threshold", config.ternary_threshold),))
+        if config.bits == 1.6:  # dense ternary: 5 weights per byte whatever the sparsity, so the least-error
+            # levels (Lloyd "mse" fit, no extra dead zone): half the error of min-max levels (measured)
+            t = 0.0 if config.ternary_threshold is None else config.ternary_threshold
+            spec = QuantSpec("ternary", 1, 0, (("fit", "mse"), ("threshold", t)))
+        elif config.ternary_threshold is None:  # sub1 under a budget: the threshold is searched
+            spec = QuantSpec("sub1", 1, 0, (("target_bits", float(config.bits)),))
+        else:
+            spec = QuantSpec("sub1", 1, 0, (("threshold", config.ternary_threshold),))
     else:
         spec = QuantSpec("int", int(config.bits), gs)
     for i in reader.moe_layers:  # shapes first: every option priced before a weight is read
@@ -159,7 +166,9 @@ def _quantize(model: str | None, out: str, config: QuantizeConfig, *, plan: str 
     else:
         hidden = torch.cat([streamer.embed(windows[s:s + bs]) for s in range(0, len(windows), bs)])
     gcfg = GPTQConfig(config.percdamp, config.block_size, config.act_order)
-    encoder = LayerEncoder()  # holds the sub1 dictionary across layers
+    expert_params = sum(math.prod(shape) * reader.layer_num_experts(i)
+                        for i in reader.moe_layers for shape in reader.expert_shapes(i).values())
+    encoder = LayerEncoder(len(reader.moe_layers), expert_params)  # holds the sub1 dictionary across layers
     encoder.restore_from(writer.tmp)
     arch = reader.arch
     bar = _progress(range(len(writer.completed), streamer.num_layers), desc="quantizing layers", enabled=progress)

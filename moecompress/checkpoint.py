@@ -29,6 +29,7 @@ TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 MAX_HEADER = 100 * 1024 * 1024
+MERGE_KEY = "moecompress_merge"  # config.json entry of a `merge --ratio` output (merge/writer.py writes it)
 PICKLE_NAMES = ("pytorch_model.bin", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
@@ -89,6 +90,22 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def merged_counts(config: dict) -> dict[int, int] | None:
+    """Per-layer expert counts {layer: K_l} that `merge --ratio` recorded in config.json (None: one count
+    for every layer, the config's own). A malformed entry is a CheckpointError that says how to fix it."""
+    entry = config.get(MERGE_KEY)
+    if entry is None:
+        return None
+    counts = entry.get("experts_per_layer") if isinstance(entry, dict) else None
+    ok = isinstance(counts, dict) and counts and all(
+        isinstance(k, str) and k.isdigit() and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        for k, v in counts.items())
+    if not ok:
+        raise CheckpointError(f'config.json: "{MERGE_KEY}" needs "experts_per_layer", a map of layer -> positive '
+                              "expert count: restore config.json from the merge output")
+    return {int(k): v for k, v in counts.items()}
+
+
 class CheckpointReader:
     """A local Hugging Face checkpoint directory, read lazily. See the module docstring."""
 
@@ -114,7 +131,8 @@ class CheckpointReader:
                     self.tensors[k] = TensorInfo(k, shard, v["dtype"], tuple(v["shape"]), start + s, start + e)
         self.prefix = self._layer_prefix()
         self.num_layers = int(self.config.get("num_hidden_layers", 0))
-        self.num_experts = self.arch.num_experts(self.config)
+        self.num_experts = self.arch.num_experts(self.config)  # the largest count where layers differ
+        self.experts_per_layer = merged_counts(self.config)  # {layer: K_l} of a `merge --ratio` output, else None
         if not self.moe_layers:
             raise CheckpointError(f"{path}: config says {self.arch.family} but no expert tensors were found "
                                   f"(looked for e.g. {self.arch.per_expert_key(0, 0, 'gate', self.prefix)})")
@@ -224,6 +242,10 @@ class CheckpointReader:
                 n += 1
             return n
         return self.tensors[self.arch.fused_keys(layer, self.prefix)["gate_up"]].shape[0]
+
+    def config_num_experts(self, layer: int) -> int:
+        """Routed experts config.json gives `layer`: its own count in a `merge --ratio` output, else the model's."""
+        return (self.experts_per_layer or {}).get(layer, self.num_experts)
 
     def expert_keys_on_disk(self, layer: int) -> list[str]:
         return [k for k in self.layer_keys(layer) if self.is_expert_tensor(k)]

@@ -43,7 +43,8 @@ class QuantizeConfig:
     act_order: bool = False
     affinity: bool = False           # AGQ: weight each token's Hessian term by its gate weight
     min_tokens: int = 16             # fewer routed tokens than this: round-to-nearest fallback
-    ternary_threshold: float = 0.4  # --method ternary: dead zone |w| < t * (hi - lo) codes to 0
+    ternary_threshold: float | None = None  # --method ternary: dead zone |w| < t * (hi - lo) codes to 0;
+    # None: searched per batch of experts to fit the --bits budget (sub1), or 0 for dense ternary
     # --allocation lp (see moecompress.allocation.AllocationConfig): bits is the average CODE bits per expert
     # weight; the byte budget adds the int codec's scale/zero overhead at the group size (2.5 @ g64 -> 3.0 stored)
     candidates: tuple[int, ...] = (2, 3, 4)
@@ -62,9 +63,9 @@ class QuantizeConfig:
         if self.allocation not in ALLOCATIONS:
             raise MoeCompressError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.method == "ternary":
-            if self.bits not in (1, 1.6):
-                raise MoeCompressError("--method ternary takes --bits 1 (dictionary-coded, below 1 bit) or "
-                                       "--bits 1.6 (dense ternary, 5 weights per byte)")
+            if not (0.3 <= self.bits < 1.6 or self.bits == 1.6):
+                raise MoeCompressError(f"--method ternary takes --bits 1.6 (dense ternary, 5 weights per byte) or a "
+                                       f"budget B in [0.3, 1.6) bits per weight (dictionary-coded), got {self.bits:g}")
         elif self.allocation == "uniform" and self.bits not in (2, 3, 4, 8):
             hint = " (fractional budgets need --allocation lp)" if self.bits != int(self.bits) else ""
             raise MoeCompressError(f"unsupported bit width {self.bits:g}: choose 2, 3, 4 or 8{hint}")
@@ -74,7 +75,7 @@ class QuantizeConfig:
             raise MoeCompressError(f"--group-size must be positive, got {self.group_size}")
         if not 0 <= self.percdamp < 1:
             raise MoeCompressError(f"--percdamp must be in [0, 1), got {self.percdamp}")
-        if not 0 <= self.ternary_threshold < 0.5:
+        if self.ternary_threshold is not None and not 0 <= self.ternary_threshold < 0.5:
             raise MoeCompressError(f"--threshold must be in [0, 0.5), got {self.ternary_threshold}")
         if self.min_tokens < 0:
             raise MoeCompressError(f"--min-tokens must be >= 0, got {self.min_tokens}")

@@ -146,11 +146,11 @@ class LayerStreamer:
         if moe:
             set_submodule(layer, found[0], nn.Module())  # placeholder: materialize the rest first
         state = self.layer_state(i)
-        if moe and r.layer_num_experts(i) != r.num_experts:  # reduced checkpoint (`merge --ratio`): K_l experts here
+        if moe and r.config_num_experts(i) != r.num_experts:  # reduced checkpoint (`merge --ratio`): K_l experts here
             from .merge.loader import resize_router
             pre = f"{r.arch.router_mem}."
             resize_router(layer.get_submodule(r.arch.router_mem),
-                          {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}, r.layer_num_experts(i))
+                          {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}, r.config_num_experts(i))
         layer.to_empty(device="cpu")
         missing, unexpected = layer.load_state_dict(state, strict=False)
         if missing or unexpected:

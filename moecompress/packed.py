@@ -103,9 +103,13 @@ def output_lock(out: str, wait: bool = False):
         os.close(fd)
 
 
-def dump_json(path: str, obj) -> None:
+def dump_json(path: str, obj, compact: bool = False) -> None:
+    """Sorted keys; compact (no whitespace) for the manifest, whose bytes count in the size on disk."""
     with open(path, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        if compact:
+            json.dump(obj, f, sort_keys=True, separators=(",", ":"))
+        else:
+            json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
 
 
@@ -233,7 +237,7 @@ class PackedWriter:
         for f in os.listdir(self.tmp):  # resume bookkeeping never reaches the output
             if f == PROGRESS or (f.startswith("hidden-") and f.endswith(".safetensors")) or f.endswith(".tmp"):
                 os.remove(os.path.join(self.tmp, f))
-        dump_json(os.path.join(self.tmp, MANIFEST), manifest)  # last: its presence means complete
+        dump_json(os.path.join(self.tmp, MANIFEST), manifest, compact=True)  # last: its presence means complete
         os.replace(self.tmp, self.out)
 
 

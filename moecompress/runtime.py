@@ -3,7 +3,8 @@
 The model skeleton is built on the meta device from the packed config, each MoE layer's fused experts
 module is replaced by `MoEExperts` over the stored `PackedTensor`s (decoded on the fly, only for experts
 that receive tokens; Triton kernels on CUDA, the torch reference on the CPU), and every other tensor is
-loaded as stored. The manifest is validated against the shards (checksums, codecs from the fixed
+loaded as stored. A quantized `merge --ratio` output keeps its per-layer expert counts in config.json
+("moecompress_merge"): those layers' routers get K_l rows and their experts K_l slots. The manifest is validated against the shards (checksums, codecs from the fixed
 registry, shapes) before anything is built.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from .arch import PROJS, arch_for
-from .checkpoint import read_safetensors_header
+from .checkpoint import merged_counts, read_safetensors_header
 from .errors import CheckpointError, PackedFormatError
 from .experts import MoEExperts
 from .layerwise import fresh_rotary, find_experts, hf_config, meta_model, set_submodule
@@ -79,7 +80,11 @@ def _read_config(path: str, tensors: dict[str, torch.Tensor], dtype):
     except Exception as e:  # transformers' own validation of hostile values
         raise PackedFormatError(f"config.json is not a valid {cfg_dict.get('model_type')} config: "
                                 f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from None
-    return arch, config
+    try:
+        counts = merged_counts(cfg_dict) or {}  # a quantized `merge --ratio` output: {layer: K_l}
+    except CheckpointError as e:
+        raise PackedFormatError(str(e)) from None
+    return arch, config, counts
 
 
 def _ranges(ids: set[int]) -> str:
@@ -103,8 +108,25 @@ def _check_shapes(model, state: dict[str, torch.Tensor], tied: bool) -> None:
                                 f"{list(want[bad[0]])}")
 
 
-def _manifest_experts(manifest: dict, tensors: dict, num_layers: int, num_experts: int):
-    """{layer: {expert: {proj: PackedTensor}}} from the manifest, every entry validated by its codec."""
+def _resize_routers(layers, arch, counts: dict[int, int], moe_layers, num_experts: int, top_k) -> None:
+    """Routers of a quantized `merge --ratio` model on meta: (K_l, H) rows (and K_l-long per-expert router
+    tensors) where the config's count implies (E, H); `_check_shapes` then holds the stored tensors to them."""
+    from .merge.loader import resize_router
+    for i, k in sorted(counts.items()):
+        if i not in moe_layers or not max(top_k or 1, 1) <= k <= num_experts:
+            raise PackedFormatError(f"config.json: moecompress_merge gives layer {i} {k} experts, which does not fit "
+                                    f"its MoE layers, {num_experts} experts and top-{top_k}: damaged or mismatched "
+                                    "packed checkpoint")
+        router = layers[i].get_submodule(arch.router_mem)
+        want = {n: torch.empty((k, *t.shape[1:]), device="meta")
+                for n, t in list(router.named_parameters(recurse=False)) + list(router.named_buffers(recurse=False))
+                if t is not None and t.dim() >= 1 and t.shape[0] == num_experts}
+        resize_router(router, want, k)
+
+
+def _manifest_experts(manifest: dict, tensors: dict, num_layers: int, num_experts: int, counts: dict | None = None):
+    """{layer: {expert: {proj: PackedTensor}}} from the manifest, every entry validated by its codec
+    (expert indices below the layer's own count in a `merge --ratio` model)."""
     by_layer: dict[int, dict[int, dict[str, object]]] = defaultdict(lambda: defaultdict(dict))
     consumed = set()
     for ent in manifest["tensors"]:
@@ -114,10 +136,11 @@ def _manifest_experts(manifest: dict, tensors: dict, num_layers: int, num_expert
             layer, e, proj = ent["layer"], ent["expert"], ent["proj"]
         except KeyError:
             raise PackedFormatError(f"malformed manifest entry {str(ent)[:80]}") from None
-        if (not all(isinstance(x, int) and not isinstance(x, bool) for x in (layer, e)) or proj not in PROJS
-                or not 0 <= layer < num_layers or not 0 <= e < num_experts):
+        ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (layer, e))
+        limit = (counts or {}).get(layer, num_experts) if ints else num_experts
+        if not ints or proj not in PROJS or not 0 <= layer < num_layers or not 0 <= e < limit:
             raise PackedFormatError(f"manifest entry {str(ent.get('name'))[:80]!r}: layer/expert/proj "
-                                    f"{layer!r}/{e!r}/{proj!r} out of range ({num_layers} layers, {num_experts} experts)")
+                                    f"{layer!r}/{e!r}/{proj!r} out of range ({num_layers} layers, {limit} experts)")
         if proj in by_layer[layer][e]:
             raise PackedFormatError(f"manifest lists layer {layer} expert {e} {proj} twice")
         by_layer[layer][e][proj] = rebuild(ent, tensors)
@@ -146,7 +169,7 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype | None = None, verif
     if dtype is None:
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
     tensors = _read_shards(path, manifest)
-    arch, config = _read_config(path, tensors, dtype)
+    arch, config, counts = _read_config(path, tensors, dtype)
     try:
         model = meta_model(config)  # meta device: a config that lies about sizes allocates nothing here
     except Exception as e:
@@ -158,7 +181,7 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype | None = None, verif
     if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= max(num_experts, 1)):
         raise PackedFormatError(f"config.json: num_experts_per_tok={str(top_k)[:20]} is not between 1 and the "
                                 f"{num_experts} experts")
-    by_layer, consumed = _manifest_experts(manifest, tensors, config.num_hidden_layers, num_experts)
+    by_layer, consumed = _manifest_experts(manifest, tensors, config.num_hidden_layers, num_experts, counts)
     from .experts import make_glu
     glu = make_glu(arch.glu, config)
     expert_paths = {}
@@ -183,6 +206,7 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype | None = None, verif
                 raise PackedFormatError(f"layer {i}: expert biases have inconsistent shapes")
             gub, db = gub.to(dtype), db.to(dtype)
             biases[i] = [{"gate": gub[e, 0::2], "up": gub[e, 1::2], "down": db[e]} for e in range(gub.shape[0])]
+    _resize_routers(layers, arch, counts, set(by_layer), num_experts, top_k)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     _check_shapes(model, state, tied)  # on meta: nothing allocated for a config that lies about sizes
     model.to_empty(device="cpu")

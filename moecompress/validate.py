@@ -3,9 +3,10 @@
 A compression run takes hours on a large MoE; a bad shard found at layer 40 wastes all of them. This
 pass reads only config.json and the safetensors headers first (every shard named by the index present,
 readable and not truncated; no pickle-only checkpoints, which are refused and never loaded), checks the
-tensors against the config (hidden size, routed expert count and expert width of every MoE layer, one
-floating dtype per expert tensor, no layer beyond num_hidden_layers), and then scans the values of every
-readable tensor for NaN/Inf and, in expert tensors, magnitudes beyond the fp16 range (65504), which no
+tensors against the config (hidden size, routed expert count and expert width of every MoE layer, with
+the per-layer counts of a `merge --ratio` output's "moecompress_merge" entry; one floating dtype per
+expert tensor, no layer beyond num_hidden_layers), and then scans the values of every readable tensor
+for NaN/Inf and, in expert tensors, magnitudes beyond the fp16 range (65504), which no
 fp16 scale can represent. It keeps going after a problem: the user gets the whole list in one message
 and fixes it in one go.
 
@@ -219,14 +220,19 @@ def _structure(s: _Scan, config: dict, arch: ArchSpec) -> tuple[int, ...]:
         gone = [i for i in range(L) if i not in seen]
         s.add(f"no tensors at all for decoder layer{'s' if len(gone) > 1 else ''} {', '.join(map(str, gone[:5]))} "
               f"(config.json says {L} layers)")
+    counts = _layer_counts(s, config, E)  # {layer: K_l} of a `merge --ratio` output, else {}
     moe = []
     for i in seen:
         if arch.fused_keys(i, prefix)["gate_up"] in s.infos:
             moe.append(i)
-            _fused_layer(s, arch, prefix, i, E, H, I, width_key)
+            _fused_layer(s, arch, prefix, i, counts.get(i, E), H, I, width_key)
         elif any(k.startswith(f"{prefix}.{i}.{arch.moe_disk}.experts.") for k in s.infos):
             moe.append(i)
-            _per_expert_layer(s, arch, prefix, i, E, H, I, width_key)
+            _per_expert_layer(s, arch, prefix, i, counts.get(i, E), H, I, width_key)
+    extra = sorted(set(counts) - set(moe))
+    if extra:
+        s.add(f"config.json: moecompress_merge gives expert counts for layer{'s' if len(extra) > 1 else ''} "
+              f"{', '.join(map(str, extra[:5]))}, which hold no experts: restore config.json from the merge output")
     if not moe:
         s.add(f"config says {arch.family} but no expert tensors were found "
               f"(looked for e.g. {arch.per_expert_key(0, 0, 'gate', prefix)})")
@@ -238,6 +244,26 @@ def _structure(s: _Scan, config: dict, arch: ArchSpec) -> tuple[int, ...]:
     if emb in s.infos and isinstance(H, int) and s.infos[emb][2][-1:] != (H,):
         s.add(f"{emb} has shape {list(s.infos[emb][2])} but config.json says hidden_size={H}")
     return tuple(moe)
+
+
+def _layer_counts(s: _Scan, config: dict, E: int | None) -> dict[int, int]:
+    """Per-layer expert counts recorded by `moecompress merge --ratio` (config.json "moecompress_merge"),
+    checked against the config's count (their maximum) and top-k; {} for any other checkpoint."""
+    from .checkpoint import merged_counts
+    try:
+        counts = merged_counts(config) or {}
+    except CheckpointError as e:
+        s.add(str(e))
+        return {}
+    k = config.get("num_experts_per_tok")
+    for i, n in sorted(counts.items()):
+        if E is not None and n > E:
+            s.add(f"config.json: moecompress_merge gives layer {i} {n} experts, more than the model's {E}: "
+                  "restore config.json from the merge output")
+        if isinstance(k, int) and n < k:
+            s.add(f"config.json: moecompress_merge gives layer {i} {n} experts, fewer than num_experts_per_tok={k}: "
+                  "merge again with a larger --ratio")
+    return counts
 
 
 def _expect(s: _Scan, name: str, want: tuple, what: str) -> None:

@@ -3,8 +3,11 @@
 Ternary codes t in {0, 1, 2} (1 = zero) are taken in pairs along each row into 9-ary symbols
 s = 3 * t[2i] + t[2i+1] (an odd K is padded with one zero trit, so the all-zero pair is s = 4). Each
 row's symbol stream is coded on its own, greedily by longest match, against a prefix-closed dictionary
-of at most 2^16 variable-length entries, one 16-bit codeword per match (Frantar & Alistarh 2023, "QMoE:
-Practical Sub-1-Bit Compression of Trillion-Parameter Models", section 4).
+of at most 2^16 variable-length entries, one codeword per match (Frantar & Alistarh 2023, "QMoE:
+Practical Sub-1-Bit Compression of Trillion-Parameter Models", section 4). A codeword takes
+b = ceil(log2 D) bits for a D-entry dictionary (QMoE's 16 bits at D = 2^16; a model too small to
+amortise 2^16 entries gets a smaller dictionary and proportionally shorter codewords), stored as an
+LSB-first bit stream, so codeword i sits at bit i * b and rows still decode in parallel.
 
 The dictionary is a trie: entry i = (parent(i), symbol(i)), expansion(i) = expansion(parent) + symbol,
 parents before children, entries 0..8 the nine single symbols (so every stream is codable). It is built
@@ -36,6 +39,25 @@ ZERO_TRIT = 1
 ZERO_PAIR = 3 * ZERO_TRIT + ZERO_TRIT  # 4
 MAX_ENTRIES = 1 << 16
 ENTRY_BYTES = 3
+
+
+# ---- codeword streams ------------------------------------------------------------------------------
+
+def codeword_bits(D: int) -> int:
+    """Bits per codeword of a D-entry dictionary: ceil(log2 D)."""
+    return max(1, (D - 1).bit_length())
+
+
+def pack_codewords(cw: torch.Tensor, bits: int) -> torch.Tensor:
+    """(M,) codewords < 2^bits -> (ceil(M * bits / 8),) uint8, LSB-first: codeword i at bit i * bits."""
+    from .intq import pack_bits
+    return pack_bits(cw.to(torch.int64).view(1, -1), bits).view(-1)
+
+
+def unpack_codewords(stream: torch.Tensor, M: int, bits: int) -> torch.Tensor:
+    """Inverse of pack_codewords: (M,) int64."""
+    from .intq import unpack_bits
+    return unpack_bits(stream.view(1, -1), bits, M).view(-1).to(torch.int64)
 
 
 # ---- pair streams ---------------------------------------------------------------------------------
@@ -240,22 +262,26 @@ def frequent_strings(code_streams, max_entries: int = MAX_ENTRIES, max_len: int 
     return Trie(torch.where(p >= 0, rank[p.clamp(min=0)], -1), symbol[order])
 
 
-def coded_bytes(trie: Trie, streams: list[torch.Tensor]) -> int:
+def coded_bytes(trie: Trie, streams: list[torch.Tensor]) -> float:
     """Bytes of the codewords of every row of `streams` (pair symbols, grouped by row length)."""
     child = child_table(trie)
-    return 2 * sum(greedy_parse(child, S).codewords.numel() for S in streams)
+    n = sum(greedy_parse(child, S).codewords.numel() for S in streams)
+    return n * codeword_bits(trie.parent.numel()) / 8
 
 
 def build_dictionary(code_streams, max_entries: int = MAX_ENTRIES, max_len: int = 64,
-                     sizes: tuple[int, ...] | None = None, max_rows: int = 8192) -> torch.Tensor:
+                     sizes: tuple[int, ...] | None = None, max_rows: int = 8192,
+                     amortize: float = 1.0) -> torch.Tensor:
     """Build a prefix-closed dictionary from ternary codes; returns the stored uint8 (D, 3) tensor.
 
     code_streams: list of (N, K) ternary code tensors (a layer's or a model's experts). The entries are
     the most frequent strings (frequent_strings); the size is the one among `sizes` (default: powers
-    of 2 from 512 up to max_entries) that minimises codeword bytes + dictionary bytes on these streams,
-    so a small model does not pay for a dictionary it cannot amortise (the size is judged on the
-    sample, the dictionary's bytes scaled by the sampled fraction). Statistics come from every
-    ceil(rows / max_rows)-th row, which bounds the build time on large models.
+    of 2 from 32 up to max_entries) that minimises codeword bytes (ceil(log2 D) bits each) +
+    dictionary bytes / amortize on these streams, so a small model does not pay for a dictionary it
+    cannot amortise. amortize: how many times the streams given stand for (e.g. the number of layers
+    that share a dictionary built from the first one). Statistics come from every
+    ceil(rows / max_rows)-th row, which bounds the build time on large models (the codeword bytes are
+    scaled back up by that step).
     """
     code_streams = list(code_streams)
     rows = sum(c.shape[0] for c in code_streams)
@@ -264,7 +290,7 @@ def build_dictionary(code_streams, max_entries: int = MAX_ENTRIES, max_len: int 
     trie = frequent_strings(code_streams, max_entries, max_len)
     D = trie.parent.numel()
     if sizes is None:
-        sizes = tuple(1 << b for b in range(9, 17) if (1 << b) < D) + (D,)
+        sizes = tuple(1 << b for b in range(5, 17) if (1 << b) < D) + (D,)
     sizes = sorted({min(max(s, NSYM), D) for s in sizes})
     if len(sizes) > 1:
         groups = {}
@@ -272,7 +298,8 @@ def build_dictionary(code_streams, max_entries: int = MAX_ENTRIES, max_len: int 
             S = pair_symbols(c)
             groups.setdefault(S.shape[1], []).append(S)
         streams = [torch.cat(v) for v in groups.values()]  # (rows, K2) per row length
-        best = min(sizes, key=lambda s: (coded_bytes(Trie(trie.parent[:s], trie.symbol[:s]), streams) * step + ENTRY_BYTES * s, s))
+        best = min(sizes, key=lambda s: (coded_bytes(Trie(trie.parent[:s], trie.symbol[:s]), streams) * step
+                                         + ENTRY_BYTES * s / amortize, s))
         trie = Trie(trie.parent[:best], trie.symbol[:best])
     return to_tensor(trie)
 

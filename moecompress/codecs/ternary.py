@@ -11,7 +11,8 @@ per row, as QMoE). Decode: W[n, k] = lo[n, k//g] if t == 0, 0 if t == 1, hi[n, k
 
 "sub1" (codes in sub1_dict.py): pairs s = 3 t[2i] + t[2i+1] per row (odd K padded with a zero trit),
 each row greedily longest-match coded against a shared prefix-closed dictionary:
-    codewords   int16 (M,)        the 16-bit codewords (uint16 bit pattern), row after row
+    codewords   uint8 (ceil(M b / 8),)  the M codewords, row after row, b = attrs["codeword_bits"] =
+                                   ceil(log2 D) bits each, LSB-first (sub1_dict.pack_codewords)
     row_counts  uint8 / int16 / int32 (N,)   codewords per row, the narrowest type that holds ceil(K/2)
                                    (a row never needs more codewords than symbols); row n starts at
                                    offset sum(row_counts[:n]), so rows decode in parallel after a cumsum
@@ -42,7 +43,7 @@ from . import PackedTensor, QuantSpec, register_codec
 from . import sub1_dict as sd
 
 POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
-OPTIONS = {"zero_fraction": float, "threshold": float, "fit": str}
+OPTIONS = {"zero_fraction": float, "threshold": float, "fit": str, "target_bits": float, "percdamp": float}
 CODER_OVERHEAD = 1.4  # codeword bits / order-0 entropy measured on the fixture experts at 90-95% zeros (benchmarks/sub1bit.py)
 SHARED = ("dictionary",)
 
@@ -171,11 +172,14 @@ class Sub1Codec:
         _validate(spec)
 
     def nbytes(self, shape, spec: QuantSpec) -> int:
-        """Estimate (the data is unknown): codewords at CODER_OVERHEAD x the iid ternary entropy of
-        spec option zero_fraction (default 0.9), plus counts and levels; capped by the dense size
-        because encode_ternary falls back to it. The shared dictionary is not included."""
+        """Estimate (the data is unknown): the budget if spec option target_bits is set, else codewords at
+        CODER_OVERHEAD x the iid ternary entropy of spec option zero_fraction (default 0.9), plus counts
+        and levels; capped by the dense size because encode_ternary falls back to it. The shared
+        dictionary is not included."""
         N, K = shape
         g = _group(K, spec.group_size)
+        if spec.option("target_bits", None) is not None:  # a budget the quantizer fits (passes/ternary_budget.py)
+            return min(math.ceil(N * K * float(spec.option("target_bits")) / 8), TernaryCodec().nbytes(shape, spec))
         bits = N * K * sd.trit_entropy(spec.option("zero_fraction", 0.9)) * CODER_OVERHEAD
         est = 2 * math.ceil(bits / 16) + N * count_dtype(K).itemsize + 2 * 2 * N * (K // g)
         return min(est, TernaryCodec().nbytes(shape, spec))
@@ -187,18 +191,24 @@ class Sub1Codec:
         g = _group(K, group_size)
         _check_inputs(codes, lo, hi, g)
         parse = sd.encode_rows(codes, dictionary)
+        bits = sd.codeword_bits(dictionary.shape[0])
         return PackedTensor("sub1", (N, K), {
-            "codewords": torch.where(parse.codewords >= 32768, parse.codewords - 65536, parse.codewords).to(torch.int16),  # uint16 bits
+            "codewords": sd.pack_codewords(parse.codewords, bits),
             "row_counts": parse.row_counts.to(count_dtype(K)),
             "lo": lo.to(torch.float16).contiguous(),
             "hi": hi.to(torch.float16).contiguous(),
             "dictionary": dictionary,
-        }, {"group_size": g, "dictionary_id": sd.dictionary_id(dictionary)})
+        }, {"group_size": g, "dictionary_id": sd.dictionary_id(dictionary), "codeword_bits": bits})
+
+    @staticmethod
+    def codewords(packed: PackedTensor) -> torch.Tensor:
+        """(M,) int64 codeword indices, rows in order."""
+        M = int(packed.tensors["row_counts"].to(torch.int64).sum())
+        return sd.unpack_codewords(packed.tensors["codewords"], M, packed.attrs["codeword_bits"])
 
     def codes(self, packed: PackedTensor) -> torch.Tensor:
         N, K = packed.shape
-        cw = packed.tensors["codewords"].to(torch.int64) & 0xFFFF
-        return sd.decode_rows(cw, packed.tensors["dictionary"], N, K)
+        return sd.decode_rows(self.codewords(packed), packed.tensors["dictionary"], N, K)
 
     def decode(self, packed: PackedTensor) -> torch.Tensor:
         return _values(self.codes(packed), packed)
@@ -212,15 +222,22 @@ class Sub1Codec:
         sd.from_tensor(d)
         if packed.attrs.get("dictionary_id") != sd.dictionary_id(d):
             raise PackedFormatError("sub1 codec: the attached dictionary does not match attrs['dictionary_id']")
-        cw, rc = packed.tensors.get("codewords"), packed.tensors.get("row_counts")
-        if cw is None or cw.dim() != 1 or cw.dtype != torch.int16:
-            raise PackedFormatError("sub1 codec: tensor 'codewords' should be 1-D int16")
+        bits = packed.attrs.get("codeword_bits")
+        if bits != sd.codeword_bits(d.shape[0]):
+            raise PackedFormatError(f"sub1 codec: codeword_bits {bits!r} should be {sd.codeword_bits(d.shape[0])} "
+                                    f"for a {d.shape[0]}-entry dictionary")
+        stream, rc = packed.tensors.get("codewords"), packed.tensors.get("row_counts")
         if rc is None or tuple(rc.shape) != (N,) or rc.dtype != count_dtype(K):
             raise PackedFormatError(f"sub1 codec: tensor 'row_counts' should be ({N},) {count_dtype(K)}")
         rc = rc.to(torch.int64)
-        cw = cw.to(torch.int64) & 0xFFFF
-        if bool((rc < 0).any()) or int(rc.sum()) != cw.numel():
-            raise PackedFormatError(f"sub1 codec: row_counts sum to {int(rc.sum())}, not the {cw.numel()} codewords")
+        M = int(rc.sum())
+        if bool((rc < 0).any()) or M > N * ((K + 1) // 2):
+            raise PackedFormatError(f"sub1 codec: row_counts are negative or sum past {N * ((K + 1) // 2)}")
+        if stream is None or stream.dtype != torch.uint8 or tuple(stream.shape) != (math.ceil(M * bits / 8),):
+            got = None if stream is None else (tuple(stream.shape), stream.dtype)
+            raise PackedFormatError(f"sub1 codec: tensor 'codewords' should be ({math.ceil(M * bits / 8)},) uint8 "
+                                    f"for {M} codewords of {bits} bits, found {got}")
+        cw = sd.unpack_codewords(stream, M, bits)
         if cw.numel() and int(cw.max()) >= d.shape[0]:
             raise PackedFormatError(f"sub1 codec: codeword {int(cw.max())} is outside the {d.shape[0]}-entry dictionary")
         per_row = sd.row_symbol_counts(cw, rc, d)

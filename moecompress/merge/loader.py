@@ -22,10 +22,14 @@ def is_merged(config: dict) -> bool:
 def resize_router(router: torch.nn.Module, params: dict[str, torch.Tensor], num_experts: int) -> None:
     """Give a (meta) router module the per-layer expert count of a reduced checkpoint: every direct
     parameter whose stored shape differs (weight (K_l, H), bias (K_l,)) becomes a meta parameter of the
-    stored shape, and num_experts / n_routed_experts attributes are set to K_l."""
+    stored shape, and so does every such buffer (DeepSeek-V3's score-correction bias (K_l,)); the
+    num_experts / n_routed_experts attributes are set to K_l."""
     for name, p in list(router.named_parameters(recurse=False)):
         if name in params and params[name].shape != p.shape:
             setattr(router, name, torch.nn.Parameter(torch.empty(params[name].shape, device="meta"), requires_grad=False))
+    for name, b in list(router.named_buffers(recurse=False)):
+        if b is not None and name in params and params[name].shape != b.shape:
+            setattr(router, name, torch.empty(params[name].shape, device="meta", dtype=b.dtype))
     for attr in ("num_experts", "n_routed_experts"):
         if hasattr(router, attr):
             setattr(router, attr, num_experts)

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import save_file
 
 from ..arch import PROJS
+from ..checkpoint import MERGE_KEY  # read back by CheckpointReader.experts_per_layer
 from .reduction import LayerReduction
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-MERGE_KEY = "moecompress_merge"
 
 
 class MergedWriter:

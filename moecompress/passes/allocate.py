@@ -92,8 +92,8 @@ def layer_eps(ex, obs: LayerSensitivity, chunk: list[int], candidates, method: s
             if e in fallback:
                 Hx[j], Hh[j] = torch.eye(H), torch.eye(I)
     for c, spec in enumerate(candidates):
-        gu = _quantize_group(Wgu, Hx, spec, method, gcfg).deq  # (G, 2I, H)
-        dn = _quantize_group(Wd, Hh, spec, method, gcfg).deq  # (G, H, I)
+        gu = _quantize_group(Wgu, Hx, spec, method, gcfg)[0].deq  # (G, 2I, H)
+        dn = _quantize_group(Wd, Hh, spec, method, gcfg)[0].deq  # (G, H, I)
         for j, e in enumerate(chunk):
             b = ex.biases[e] if ex.biases else {}
             dense = (ex.weights[e]["gate"], ex.weights[e]["up"], ex.weights[e]["down"])

@@ -37,10 +37,11 @@ class LayerRecord:
     fallback: list[int]
     seconds: float
     specs: dict = field(default_factory=dict)
+    ternary: list = field(default_factory=list)  # sub1 budgets: per batch of experts, the threshold chosen
 
 
 TERNARY_CODECS = ("ternary", "sub1")
-DEFAULT_THRESHOLD = 0.4   # ternary dead zone |w| < t * (hi - lo) codes to 0
+DEFAULT_THRESHOLD = 0.4   # ternary dead zone |w| < t * (hi - lo) codes to 0 (when neither given nor searched)
 TERNARY_PERCDAMP = 0.25   # stronger GPTQ damping for ternary: less error feedback, more zeros (~93%)
 
 
@@ -61,7 +62,9 @@ class LayerEncoder:
     smaller. The dictionary is stored once, in the shard of the layer that built it (`take_shared`).
     """
 
-    def __init__(self):
+    def __init__(self, num_moe_layers: int = 1, expert_params: int = 0):
+        self.num_moe_layers = max(1, num_moe_layers)  # the dictionary's bytes are shared by all of them
+        self.expert_params = expert_params  # every expert weight of the model: the dictionary's per-weight charge
         self.dictionary = None
         self._shared: dict[str, torch.Tensor] = {}
         self._pending: dict = {}
@@ -96,7 +99,8 @@ class LayerEncoder:
             return {}
         if self.dictionary is None:
             from ..codecs.sub1_dict import build_dictionary
-            self.dictionary = build_dictionary([c for c, _, _ in self._pending.values()])
+            self.dictionary = build_dictionary([c for c, _, _ in self._pending.values()],
+                                               amortize=self.num_moe_layers)
         out = {}
         for key, (codes, lo, hi) in self._pending.items():
             pt, shared = split_shared(encode_ternary(codes, lo, hi, 0, self.dictionary))
@@ -107,11 +111,49 @@ class LayerEncoder:
         self._pending = {}
         return out
 
+    def sizer(self, spec: QuantSpec, rows: list[int]) -> "_Sizer | None":
+        """For a sub1 spec with a bit budget (option target_bits): what a batch's result costs and may cost."""
+        target = spec.option("target_bits", None)
+        if spec.codec != "sub1" or target is None:
+            return None
+        return _Sizer(self, rows, float(target))
+
     def take_shared(self) -> dict[str, torch.Tensor]:
         """Shared tensors not yet stored (the dictionary, once): the caller writes them into its shard."""
         new = {k: v for k, v in self._shared.items() if k not in self._written}
         self._written |= set(new)
         return new
+
+
+class _Sizer:
+    """Real encoded bytes of a batch's ternary result (see passes/ternary_budget.py) and its budget."""
+
+    def __init__(self, encoder: LayerEncoder, rows: list[int], target_bits: float):
+        self.encoder, self.rows, self.target = encoder, rows, target_bits
+
+    def budget(self, shape: tuple[int, int, int]) -> float:
+        from .ternary_budget import budget_bytes
+        G, N, K = shape  # (experts, rows of the batch's projections, K)
+        return budget_bytes(G * N * K, G * len(self.rows), self.target, 0.0)
+
+    def nbytes(self, res) -> int:
+        from ..codecs.sub1_dict import ENTRY_BYTES, build_dictionary
+        from ..codecs.ternary import encode_ternary, encoded_nbytes
+        G, N, K = res.codes.shape  # (experts, rows of the batch's projections, K)
+        d = self.encoder.dictionary
+        if d is None:  # first MoE layer, no dictionary yet: one from this candidate's codes (a row sample:
+            # the final dictionary is built from the whole layer at its end, see finish_layer)
+            d = build_dictionary(list(res.codes), amortize=self.encoder.num_moe_layers, max_rows=2048)
+        total = 0
+        for j in range(G):
+            r0 = 0
+            for n in self.rows:
+                sl = slice(r0, r0 + n)
+                r0 += n
+                total += encoded_nbytes(encode_ternary(res.codes[j, sl], res.zero[j, sl], res.scale[j, sl], 0, d))
+        if self.encoder.expert_params:
+            total += ENTRY_BYTES * d.shape[0] * G * N * K / self.encoder.expert_params
+        return int(total)
 
 
 GPTQ_BUDGET = 256 << 20  # working memory of one batched GPTQ call
@@ -125,14 +167,25 @@ def _sub_batches(experts: list[int], N: int, K: int) -> list[list[int]]:
     return [experts[i:i + n] for i in range(0, len(experts), n)]
 
 
-def _quantize_group(W: torch.Tensor, Hs: torch.Tensor | None, spec: QuantSpec, method: str, gcfg: GPTQConfig) -> GPTQResult:
-    grid = grid_for(spec)
+def _quantize_group(W: torch.Tensor, Hs: torch.Tensor | None, spec: QuantSpec, method: str, gcfg: GPTQConfig,
+                    sizer: _Sizer | None = None):
+    """-> (GPTQResult, ternary_budget.Search or None). With a sizer, the ternary threshold is searched."""
     gs = spec.group_size or W.shape[-1]  # 0: one group per row (ternary, as QMoE)
     if spec.codec in TERNARY_CODECS:  # error feedback fills the dead zone back in: damp it (measured trade-off)
         gcfg = GPTQConfig(max(gcfg.percdamp, float(spec.option("percdamp", TERNARY_PERCDAMP))), gcfg.block_size, gcfg.act_order)
-    if method == "rtn" or Hs is None:
-        return rtn(W, grid, gs)
-    return gptq(W, Hs, grid, gs, gcfg)
+
+    def run(grid) -> GPTQResult:
+        if method == "rtn" or Hs is None:
+            return rtn(W, grid, gs)
+        return gptq(W, Hs, grid, gs, gcfg)
+    if sizer is None:
+        return run(grid_for(spec)), None
+    from ..quant.ternary import TernaryGrid
+    from .ternary_budget import search_threshold
+    fit = spec.option("fit", "minmax")
+    budget = sizer.budget(tuple(W.shape))
+    s = search_threshold(lambda t: run(TernaryGrid(threshold=t, fit_method=fit)), sizer.nbytes, budget)
+    return s.result, s
 
 
 def quantize_moe_layer(streamer, layer, hidden, kwargs, *, layer_idx: int, specs: dict, method: str,
@@ -151,6 +204,7 @@ def quantize_moe_layer(streamer, layer, hidden, kwargs, *, layer_idx: int, specs
     packed: dict[tuple[int, str], PackedTensor] = {}
     record = None
     fallback: list[int] = []
+    searched: list[dict] = []
     for stage, projs, which in ((0, ("gate", "up"), "x"), (1, ("down",), "h")):
         K = ex.weights[0][projs[0]].shape[1]
         need_h = method != "rtn"
@@ -178,8 +232,12 @@ def quantize_moe_layer(streamer, layer, hidden, kwargs, *, layer_idx: int, specs
                         for j, e in enumerate(group):  # too few tokens: identity Hessian == round-to-nearest
                             if e in fallback:
                                 Hs[j] = torch.eye(K)
-                    res = _quantize_group(W, Hs, spec, method, gcfg)
+                    res, search = _quantize_group(W, Hs, spec, method, gcfg, encoder.sizer(spec, rows))
                     del W, Hs
+                    if search is not None:
+                        numel = res.codes.numel()
+                        searched.append({"experts": group, "projs": list(projs), "threshold": search.threshold,
+                                         "bits": round(8 * search.nbytes / numel, 4), "fits": search.fits})
                     for j, e in enumerate(group):
                         r0 = 0
                         for p, n in zip(projs, rows):
@@ -195,6 +253,11 @@ def quantize_moe_layer(streamer, layer, hidden, kwargs, *, layer_idx: int, specs
     packed.update(encoder.finish_layer())
     record.seconds = round(time.time() - t0, 3)
     record.specs = {e: specs[e].label for e in experts}
+    record.ternary = searched
+    for s in searched:
+        if not s["fits"]:
+            log.warning("layer %d %s: even threshold %.2f gives %.3f bits per weight, over the budget; kept it",
+                        layer_idx, "+".join(s["projs"]), s["threshold"], s["bits"])
     if fallback and method != "rtn":
         log.warning("layer %d: expert%s %s got fewer than %d calibration tokens (%s): quantized by round-to-nearest",
                     layer_idx, "s" if len(fallback) > 1 else "", ", ".join(map(str, fallback)), min_tokens,
