@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: searched per batch of experts so the sub-1-bit codes fit --bits; 0 at --bits 1.6)")
     q.add_argument("--min-tokens", type=int, default=Q.min_tokens,
                    help=f"experts with fewer routed calibration tokens fall back to round-to-nearest (default {Q.min_tokens})")
+    q.add_argument("--router-bits", type=int, default=Q.router_bits, choices=(2, 3, 4, 8),
+                   help="also GPTQ the router to this width (MoEQuant); the experts are then calibrated on the "
+                        "quantized routing (default: router kept as it is)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     q.add_argument("--dry-run", action="store_true", help="print the calibration coverage table and stop (nothing is quantized)")
     add_calib_args(q)
@@ -116,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(moecompress format with an expert map)")
         m.add_argument("--method", choices=["frequency", "reap", "average", "msmoe", "hcsmoe"], default=default,
                        help=f"how experts are chosen and combined (default {default})")
+        m.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                       help="least-squares refit of the kept/merged experts' down projections to the original layer's "
+                            "output (default: on for reap, msmoe, hcsmoe; off for the frequency and average baselines)")
         add_calib_args(m)
 
     pl = sub.add_parser("plan", help="print a plan (per-expert widths) as a layer x expert table")
@@ -127,7 +133,7 @@ def cmd_quantize(a) -> int:
     from moecompress import api
     calib = CalibConfig(tuple(a.calib or ()), a.nsamples, a.seqlen, a.seed, a.sampler)
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, method=a.method, allocation=a.allocation,
-                         percdamp=a.percdamp, act_order=a.act_order, affinity=a.affinity, min_tokens=a.min_tokens,
+                         percdamp=a.percdamp, act_order=a.act_order, affinity=a.affinity, min_tokens=a.min_tokens, router_bits=a.router_bits,
                          ternary_threshold=a.ternary_threshold, candidates=a.candidates, budget_scope=a.budget_scope,
                          min_bits=a.min_bits, max_bits=a.max_bits, top_two=a.top_two, alpha=a.alpha, beta=a.beta,
                          calib=calib)
@@ -151,7 +157,7 @@ def cmd_quantize(a) -> int:
 def cmd_merge(a) -> int:
     from moecompress.merge.pipeline import run_merge
     s = run_merge(a.model, a.out, experts=a.experts, ratio=a.ratio, method=a.method, calib=tuple(a.calib or ()),
-                  nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, progress=not a.quiet)
+                  nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, progress=not a.quiet, refit=a.refit)
     print(json.dumps(s, indent=1, default=str))
     return 0
 

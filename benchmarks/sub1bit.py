@@ -9,10 +9,24 @@ with encode_ternary (automatic sub1 / dense choice) and prints, per threshold:
     CPU reference decode throughput in MB of packed data per second, and an exactness check.
 
     python benchmarks/sub1bit.py [--thresholds 0.3 0.35] [--model DIR]
+
+With --pipeline WORKDIR it measures the real thing instead: `moecompress quantize --method ternary` at
+--bits 1 (sub1 under a 1-bit budget, everything counted) and --bits 1.6 (dense ternary), GPTQ 2-bit
+(group 64) and the original, all calibrated on calib_mix (128 x 256, seed 0); perplexity on the four
+domain texts; greedy generations of a few prompts side by side; and, on the packed sub1 model's own
+codes: zero fraction, order-0 pair entropy, codeword bits and their ratio, bits per weight on disk
+(files counted as the acceptance check counts them) and the CPU decode throughput. Outputs in WORKDIR
+are reused when present.
+
+    python benchmarks/sub1bit.py --pipeline /tmp/sub1_bench [--max-tokens 16384] [--new-tokens 24]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -72,14 +86,112 @@ def run(W: dict, threshold: float, repeats: int = 3) -> dict:
     }
 
 
+FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "fixtures")
+DOMAINS = ("prose", "verse", "c", "python")
+
+
+def _cli(*args) -> None:
+    r = subprocess.run([sys.executable, "-m", "moecompress.cli", "-q", *map(str, args)], capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"moecompress {' '.join(map(str, args[:2]))} failed: {(r.stderr or r.stdout).strip().splitlines()[-1]}")
+
+
+def disk_bits(packed: str, original: str) -> float:
+    """Bits per expert parameter from the files: all tensor bytes of `packed` + its manifest - the original's
+    non-expert tensor bytes, over the original's expert parameters (what the acceptance check counts)."""
+    def walk(d):
+        for f in sorted(os.listdir(d)):
+            if f.endswith(".safetensors"):
+                with safe_open(os.path.join(d, f), "pt") as t:
+                    for k in t.keys():
+                        x = t.get_slice(k)
+                        n = 1
+                        for v in x.get_shape():
+                            n *= v
+                        yield k, n, n * t.get_tensor(k).element_size()
+    total = sum(b for _, _, b in walk(packed)) + os.path.getsize(os.path.join(packed, "moecompress.json"))
+    nonexp = sum(b for k, _, b in walk(original) if ".experts." not in k)
+    params = sum(n for k, n, _ in walk(original) if ".experts." in k)
+    return (total - nonexp) * 8 / params
+
+
+def codec_stats(packed_dir: str, repeats: int = 3) -> dict:
+    """Zero fraction, entropy bound, codeword bits and decode speed of a packed sub1 model's experts."""
+    import moecompress
+    m = moecompress.load(packed_dir)
+    pts = [pt for layer in m.model.layers for ex in layer.mlp.experts.weights for pt in ex.values()]
+    codes = [get_codes(p) for p in pts]
+    nw = sum(c.numel() for c in codes)
+    sub1 = [(p, c) for p, c in zip(pts, codes) if p.codec == "sub1"]
+    cw_bits = sum(int(p.tensors["row_counts"].long().sum()) * p.attrs["codeword_bits"] for p, _ in sub1)
+    sub1_w = sum(c.numel() for _, c in sub1)
+    ent_sub1 = sum(sd.pair_entropy(c) * c.numel() for _, c in sub1) / max(sub1_w, 1)
+    nbytes = sum(encoded_nbytes(p) for p in pts)
+    decode(pts[0])
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        for p in pts:
+            decode(p)
+    t_dec = (time.perf_counter() - t0) / repeats
+    return {"zero_fraction": sum(zero_fraction(c) * c.numel() for c in codes) / nw,
+            "pair_entropy_bpw": ent_sub1, "codeword_bpw": cw_bits / max(sub1_w, 1),
+            "coder_over_entropy": cw_bits / max(sub1_w, 1) / ent_sub1,
+            "codeword_bits": sorted({p.attrs["codeword_bits"] for p, _ in sub1}),
+            "sub1_tensors": f"{len(sub1)}/{len(pts)}", "decode_MBps": nbytes / 1e6 / t_dec}
+
+
+def pipeline(work: str, max_tokens: int, new_tokens: int) -> None:
+    from moecompress.report.accuracy import generations, pick_prompts
+    os.makedirs(work, exist_ok=True)
+    model = os.path.join(FIX, "mixtral-wiki4")
+    texts = [os.path.join(FIX, "text", f"{d}_test.txt") for d in DOMAINS]
+    runs = {"sub1 --bits 1": ("--method", "ternary", "--bits", 1), "dense ternary --bits 1.6": ("--method", "ternary", "--bits", 1.6),
+            "gptq 2-bit g64": ("--method", "gptq", "--bits", 2, "--group-size", 64)}
+    outs = {"original": model}
+    for name, args in runs.items():
+        out = os.path.join(work, name.split()[0] + ("" if "bits 1.6" not in name else "16"))
+        if not os.path.exists(os.path.join(out, "moecompress.json")):
+            t0 = time.time()
+            _cli("quantize", model, "--out", out, *args, "--calib", os.path.join(FIX, "text", "calib_mix.txt"),
+                 "--seed", 0)
+            print(f"quantized {name} in {time.time() - t0:.0f} s", flush=True)
+        outs[name] = out
+    rows = {}
+    for name, out in outs.items():
+        js = os.path.join(work, name.split()[0] + ("16" if "bits 1.6" in name else "") + ".eval.json")
+        if not os.path.exists(js):
+            _cli("eval", out, "--text", *texts, "--max-tokens", max_tokens, "--json", js)
+        res = json.load(open(js))["texts"]
+        bits = 16.0 if out == model else disk_bits(out, model)
+        rows[name] = (bits, [res[t]["perplexity"] for t in texts])
+    print(f"\nfixture mixtral-wiki4, calib_mix 128 x 256 seed 0, eval first {max_tokens} tokens per text, windows of 256")
+    print(f"| model | expert bits/param (files) | " + " | ".join(DOMAINS) + " |")
+    print("|---|---|" + "---|" * len(DOMAINS))
+    for name, (bits, ppl) in rows.items():
+        print(f"| {name} | {bits:.3f} | " + " | ".join(f"{p:.2f}" for p in ppl) + " |")
+    st = codec_stats(outs["sub1 --bits 1"])
+    print("\nsub1 codes: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in st.items()))
+    prompts = pick_prompts(texts, 4)
+    print(f"\ngreedy generations ({new_tokens} new tokens):")
+    for name in ("sub1 --bits 1", "dense ternary --bits 1.6"):
+        for g in generations(model, outs[name], prompts, new_tokens):
+            print(f"- [{g['text']}] prompt {g['prompt']!r}\n    original: {g['baseline']!r}\n    {name}: {g['compressed']!r} "
+                  f"(diverges at token {g['diverges_at']})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pipeline", metavar="WORKDIR", default=None, help="quantize, evaluate and generate (see above)")
+    ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--model", default="/work/shared/fixtures/mixtral-wiki4")
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.35])
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.pipeline:
+        return pipeline(args.pipeline, args.max_tokens, args.new_tokens)
     W = load_experts(args.model)
     print(f"{sum(w.numel() for w in W.values())} expert weights, {len(W)} (layer, proj) stacks, "
           f"torch threads {torch.get_num_threads()}")

@@ -180,8 +180,14 @@ def _quantize(model: str | None, out: str, config: QuantizeConfig, *, plan: str 
         for i in bar:
             layer = streamer.build_layer(i)
             tensors, entries, rec, layer_bytes = {}, [], None, 0
+            router_w = None
             if i in reader.moe_layers:
                 path = find_experts(layer)[0]
+                if config.router_bits:  # before the experts: they are calibrated on the quantized routing
+                    from .passes.router import quantize_router
+                    router_w, router_rec = quantize_router(
+                        streamer, layer, hidden, kwargs[i], arch, config.router_bits,
+                        resolve_group_size(config.group_size, [reader.expert_shapes(i)["gate"][1]]), gcfg, bs)
                 layer_specs = {e: specs[(i, e)] for e in range(reader.layer_num_experts(i))}
                 packed, rec = quantize_moe_layer(streamer, layer, hidden, kwargs[i], layer_idx=i, specs=layer_specs,
                                                  method=config.method, gcfg=gcfg, affinity=config.affinity,
@@ -196,6 +202,8 @@ def _quantize(model: str | None, out: str, config: QuantizeConfig, *, plan: str 
                 shared = encoder.take_shared()  # the sub1 dictionary, stored once
                 tensors.update(shared)
                 layer_bytes += tensor_bytes(shared)
+                if router_w is not None:
+                    rec.router = router_rec
                 records.append(rec)
                 for k in reader.expert_keys_on_disk(i):  # expert biases (GPT-OSS) stay as they are
                     if k.endswith("_bias"):
@@ -204,6 +212,11 @@ def _quantize(model: str | None, out: str, config: QuantizeConfig, *, plan: str 
             for k in reader.layer_keys(i):
                 if not reader.is_expert_tensor(k):
                     tensors[k] = reader.get(k)
+            if router_w is not None:
+                key = arch.to_disk(f"{reader.prefix}.{i}.{arch.router_mem}.weight")
+                if key not in tensors:
+                    raise MoeCompressError(f"--router-bits: the router weight {key!r} is not in layer {i}'s tensors")
+                tensors[key] = router_w.to(tensors[key].dtype)
             hidden = streamer.run_layer(layer, hidden, kwargs[i], bs)
             expert_bytes += layer_bytes
             writer.commit_layer(i, f"layer-{i:05d}.safetensors", tensors, entries, hidden,

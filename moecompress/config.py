@@ -43,6 +43,7 @@ class QuantizeConfig:
     act_order: bool = False
     affinity: bool = False           # AGQ: weight each token's Hessian term by its gate weight
     min_tokens: int = 16             # fewer routed tokens than this: round-to-nearest fallback
+    router_bits: int | None = None   # MoEQuant: GPTQ the router too (2/3/4/8), routing recomputed with it
     ternary_threshold: float | None = None  # --method ternary: dead zone |w| < t * (hi - lo) codes to 0;
     # None: searched per batch of experts to fit the --bits budget (sub1), or 0 for dense ternary
     # --allocation lp (see moecompress.allocation.AllocationConfig): bits is the average CODE bits per expert
@@ -77,6 +78,8 @@ class QuantizeConfig:
             raise MoeCompressError(f"--percdamp must be in [0, 1), got {self.percdamp}")
         if self.ternary_threshold is not None and not 0 <= self.ternary_threshold < 0.5:
             raise MoeCompressError(f"--threshold must be in [0, 0.5), got {self.ternary_threshold}")
+        if self.router_bits is not None and (isinstance(self.router_bits, bool) or self.router_bits not in (2, 3, 4, 8)):
+            raise MoeCompressError(f"--router-bits must be 2, 3, 4 or 8, got {self.router_bits}")
         if self.min_tokens < 0:
             raise MoeCompressError(f"--min-tokens must be >= 0, got {self.min_tokens}")
         if self.allocation == "lp" and self.method == "ternary":

@@ -142,13 +142,14 @@ def test_every_method_gives_a_consistent_reduction():
         assert red.record["experts_after"] == 4 and len(red.record["usage"]) == E
 
 
-def test_refit_reduces_the_layer_error():
+@pytest.mark.parametrize("method", ["msmoe", "reap"])
+def test_refit_reduces_the_layer_error(method):
     gu, dn, router, x = experts()
     st = stats_for(gu, dn, router, x)
     y = moe_out(x, gu, dn, router)
     errs = {}
     for refit in (False, True):
-        red = reduce_layer("msmoe", gu, dn, router, None, st, 4, top_k=K_TOP, refit=refit)
+        red = reduce_layer(method, gu, dn, router, None, st, 4, top_k=K_TOP, refit=refit)
         errs[refit] = float((moe_out(x, red.gate_up, red.down, red.router_weight) - y).norm() / y.norm())
     assert errs[True] < 0.9 * errs[False]
 

@@ -28,6 +28,9 @@ METHODS = PRUNE_METHODS + MERGE_METHODS
 DEFAULT_ALIGN = {"average": None, "msmoe": "weight", "hcsmoe": "weight"}
 # method -> router rows of merged groups (router.py); "dominant" measured best with refit on the fixture
 DEFAULT_ROUTER = {"average": "lse", "msmoe": "dominant", "hcsmoe": "dominant"}
+# method -> least-squares refit of the reduced layer (refit.py) unless asked otherwise; the naive
+# baselines (frequency pruning, plain averaging) stay as published
+DEFAULT_REFIT = {"frequency": False, "reap": True, "average": False, "msmoe": True, "hcsmoe": True}
 
 
 def reduce_layer(
@@ -42,7 +45,7 @@ def reduce_layer(
     top_k: int | None = None,
     align: str | None | type(...) = ...,
     router_mode: str | None = None,
-    refit: bool = True,
+    refit: bool | None = None,
 ) -> LayerReduction:
     """Reduce one layer's E experts (gate_up (E, 2I, H), down (E, H, I), router (E, H)) to num_keep."""
     from .average import average_layer
@@ -54,9 +57,10 @@ def reduce_layer(
     if method not in METHODS:
         raise MoeCompressError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     router_mode = router_mode or DEFAULT_ROUTER.get(method, "lse")
+    refit = DEFAULT_REFIT[method] if refit is None else refit
     args = (gate_up, down, router_weight, router_bias, stats, num_keep)
     if method in PRUNE_METHODS:
-        return prune_layer(*args, method=method, top_k=top_k)
+        return prune_layer(*args, method=method, top_k=top_k, refit=refit)
     if method == "average":
         return average_layer(*args, top_k=top_k, router_mode=router_mode)
     al = DEFAULT_ALIGN[method] if align is ... else align

@@ -69,10 +69,10 @@ def _layer_stats(streamer, layer, hidden, kwargs, bs, router, experts, max_route
 def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float | None = None,
               method: str = "msmoe", calib=(), nsamples: int = 64, seqlen: int = 256, seed: int = 0,
               batch_size: int = 8, max_router_samples: int = 8192, progress: bool = True,
-              router_mode: str | None = None, refit: bool = True) -> dict:
+              router_mode: str | None = None, refit: bool | None = None) -> dict:
     """Reduce every MoE layer of checkpoint `source` to `experts` experts (or `ratio` of all, adaptively).
-    router_mode / refit override the method's defaults (merged router rows, least-squares down refit);
-    the benchmark measures them."""
+    router_mode / refit override the method's defaults (merged router rows; least-squares down refit,
+    merge.DEFAULT_REFIT: on for reap, msmoe, hcsmoe); the benchmark measures them."""
     from ..api import _progress, calibration_windows
     from ..checkpoint import CheckpointReader
     from ..config import CalibConfig

@@ -46,12 +46,16 @@ def prune_layer(
     *,
     method: str = "reap",
     top_k: int | None = None,
+    refit: bool = False,
 ) -> LayerReduction:
-    """Keep `num_keep` of the E experts (gate_up (E, 2I, H), down (E, H, I), router (E, H))."""
+    """Keep `num_keep` of the E experts (gate_up (E, 2I, H), down (E, H, I), router (E, H)).
+
+    refit: least-squares down projections of the kept experts so the pruned layer reproduces the
+    original layer's routed output, the dropped experts' share included (refit.py)."""
     check_target(gate_up.shape[0], num_keep, top_k)
     s = prune_scores(stats, method)
     keep = sorted(rank_experts(s, stats.counts)[:num_keep])
     red = merge_groups(gate_up, down, router_weight, router_bias, [(e,) for e in keep],
-                       method=method, stats=stats, router_mode="dominant")
+                       method=method, stats=stats, router_mode="dominant", refit=refit, top_k=top_k)
     red.record["scores"] = [round(float(x), 6) for x in s]
     return red

@@ -38,6 +38,7 @@ class LayerRecord:
     seconds: float
     specs: dict = field(default_factory=dict)
     ternary: list = field(default_factory=list)  # sub1 budgets: per batch of experts, the threshold chosen
+    router: dict | None = None  # --router-bits: the quantized router's record (passes/router.py)
 
 
 TERNARY_CODECS = ("ternary", "sub1")
