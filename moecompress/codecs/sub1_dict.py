@@ -300,7 +300,9 @@ def build_dictionary(code_streams, max_entries: int = MAX_ENTRIES, max_len: int 
         streams = [torch.cat(v) for v in groups.values()]  # (rows, K2) per row length
         best = min(sizes, key=lambda s: (coded_bytes(Trie(trie.parent[:s], trie.symbol[:s]), streams) * step
                                          + ENTRY_BYTES * s / amortize, s))
-        trie = Trie(trie.parent[:best], trie.symbol[:best])
+    else:
+        best = sizes[0]
+    trie = Trie(trie.parent[:best], trie.symbol[:best])
     return to_tensor(trie)
 
 
