@@ -205,9 +205,9 @@ def test_adaptive_counts():
 
 
 # -- the pipeline on tiny random checkpoints ---------------------------------------------------
-# one per layout (per-expert Mixtral, fused Qwen3-MoE) and one shared-expert family (DeepSeek-V3)
+# one per layout (per-expert Mixtral, fused Qwen3-MoE) and both shared-expert families (DeepSeek-V3, Qwen2-MoE)
 @pytest.mark.parametrize("family,layout,method", [("Mixtral", "native", "msmoe"), ("Qwen3Moe", "fused", "reap"),
-                                                  ("DeepseekV3", "native", "hcsmoe")])
+                                                  ("DeepseekV3", "native", "hcsmoe"), ("Qwen2Moe", "native", "frequency")])
 def test_run_merge_writes_a_checkpoint_plain_transformers_loads(tiny_dir, tmp_path, family, layout, method):
     import json
     import os
