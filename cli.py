@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"how experts are chosen and combined (default {default})")
         m.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                        help="least-squares refit of the kept/merged experts' down projections to the original layer's "
-                            "output (default: on for msmoe and hcsmoe, off for pruning and plain averaging)")
+                            "output (default: on for reap, msmoe and hcsmoe; off for the frequency and average baselines)")
         add_calib_args(m)
 
     pl = sub.add_parser("plan", help="print a plan (per-expert widths) as a layer x expert table")

@@ -72,7 +72,7 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
               router_mode: str | None = None, refit: bool | None = None) -> dict:
     """Reduce every MoE layer of checkpoint `source` to `experts` experts (or `ratio` of all, adaptively).
     router_mode / refit override the method's defaults (merged router rows; least-squares down refit,
-    merge.DEFAULT_REFIT: on for msmoe and hcsmoe); the benchmark measures them."""
+    merge.DEFAULT_REFIT: on for reap, msmoe and hcsmoe); the benchmark measures them."""
     from ..api import _progress, calibration_windows
     from ..checkpoint import CheckpointReader
     from ..config import CalibConfig

@@ -86,11 +86,12 @@ def merge_groups(
     router_mode: str = "lse",
     refit: bool = False,
     top_k: int | None = None,
+    ridge: float = 0.1,
 ) -> LayerReduction:
     """Merge each group (representative first) into one expert. weights (E,) None = plain mean;
     align None = no permutation, else "weight" or "activation" matching to the representative;
     refit: least-squares down projections so the reduced layer reproduces the original layer's routed
-    output on the calibration sample (refit.py)."""
+    output on the calibration sample (refit.py), pulled towards the starting weights by `ridge`."""
     E = gate_up.shape[0]
     groups = tuple(tuple(int(e) for e in g) for g in groups)
     inputs = stats.router_inputs if stats is not None else None
@@ -121,13 +122,13 @@ def merge_groups(
         idx, w = stats.router_topk_index, stats.router_topk_weight
         target = moe_output(inputs, gate_up, down, idx, w)  # (N, H) what the original layer computed
         renorm = bool(torch.allclose(w.sum(-1), torch.ones(w.shape[0]), atol=1e-3))
-        new_dn = refit_layer(new_gu, new_dn, r.weight, r.bias, target, inputs, top_k, renormalize=renorm)
+        new_dn = refit_layer(new_gu, new_dn, r.weight, r.bias, target, inputs, top_k, renormalize=renorm, ridge=ridge)
     emap = groups_to_map(groups, E)
     record = {
         "method": method, "experts_before": E, "experts_after": len(groups),
         "groups": [list(g) for g in groups],
         "dropped": [e for e in range(E) if emap[e] < 0],
-        "router": router_mode, "align": align or "none", "refit": refitted,
+        "router": router_mode, "align": align or "none", "refit": refitted, "refit_ridge": ridge if refitted else None,
     }
     if scores:
         record["alignment_score"] = {str(k): v for k, v in scores.items()}
