@@ -104,7 +104,8 @@ def select(model_path: str, pool, calib, *, progress=None) -> Selection:
         return balanced(model_path, pool, calib.nsamples, calib.seqlen, calib.seed, calib.batch_size, progress=progress)
     if calib.sampler == "ebss":
         from .ebss import EBSSConfig, generate
-        ids = generate(model_path, pool, calib.nsamples, calib.seqlen, calib.seed, EBSSConfig(), progress=progress)
+        ids = generate(model_path, pool, calib.nsamples, calib.seqlen, calib.seed,
+                       EBSSConfig(tau=calib.ebss_tau, beams=calib.ebss_beams), progress=progress)
         return Selection(ids, None, time.time() - t0)
     raise MoeCompressError(f"unknown sampler {calib.sampler!r}; choose random, balanced or ebss")
 

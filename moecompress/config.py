@@ -22,12 +22,17 @@ class CalibConfig:
     seed: int = 0
     sampler: str = "random"
     batch_size: int = 8
+    ebss_tau: float = 1.2            # --sampler ebss: score = NLL + CV of expert usage / tau (MoEQuant's default)
+    ebss_beams: int = 4              # --sampler ebss: beam width
 
     def __post_init__(self):
         if self.nsamples < 1:
             raise MoeCompressError(f"--nsamples must be at least 1, got {self.nsamples}")
         if self.seqlen < 8:
             raise MoeCompressError(f"--seqlen must be at least 8, got {self.seqlen}")
+        if not self.ebss_tau > 0 or self.ebss_beams < 1:
+            raise MoeCompressError(f"--ebss-tau must be positive and --ebss-beams at least 1, got "
+                                   f"{self.ebss_tau}, {self.ebss_beams}")
         if self.sampler not in SAMPLERS:
             raise MoeCompressError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
 

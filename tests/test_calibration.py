@@ -142,3 +142,20 @@ def test_calib_stats_cli(tmp_path, capsys):
 def test_config_rejects_unknown_sampler():
     with pytest.raises(MoeCompressError):
         CalibConfig(sampler="greedy")
+
+
+def test_ebss_flags_reach_the_generator(monkeypatch):
+    """--ebss-tau / --ebss-beams (CLI) -> CalibConfig -> EBSSConfig of the generator; bad values are refused."""
+    from moecompress.cli import build_parser
+    seen = {}
+
+    def fake_generate(model_path, pool, n, seqlen, seed, cfg, progress=None):
+        seen["cfg"] = cfg
+        return torch.zeros(n, seqlen, dtype=torch.long)
+    monkeypatch.setattr(ebss, "generate", fake_generate)
+    a = build_parser().parse_args(["quantize", "--sampler", "ebss", "--ebss-tau", "0.5", "--ebss-beams", "2"])
+    calib = CalibConfig(sampler=a.sampler, nsamples=2, seqlen=8, ebss_tau=a.ebss_tau, ebss_beams=a.ebss_beams)
+    sel = samplers.select("unused", None, calib)
+    assert seen["cfg"].tau == 0.5 and seen["cfg"].beams == 2 and sel.windows.shape == (2, 8)
+    with pytest.raises(MoeCompressError, match="ebss-tau"):
+        CalibConfig(ebss_tau=0)
