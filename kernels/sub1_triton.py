@@ -120,9 +120,11 @@ def _kernel():
 _TABLES: dict = {}
 
 
-def device_tables(dictionary: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(flat expansion table uint8 (D * LMAX,), lengths int32 (D,), LMAX) on `device`, cached by content."""
-    key = (sd.dictionary_id(dictionary.cpu()), str(device))
+def device_tables(dictionary: torch.Tensor, dictionary_id: str, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(flat expansion table uint8 (D * LMAX,), lengths int32 (D,), LMAX) on `device`, cached by the
+    dictionary's content hash (attrs["dictionary_id"], checked against the tensor by the codec's check):
+    the matmul is on the hot path, so the dictionary is neither hashed nor copied to the host per call."""
+    key = (dictionary_id, str(device))
     got = _TABLES.get(key)
     if got is None:
         table, lengths = sd.tables_for(dictionary.cpu())
@@ -140,14 +142,13 @@ def row_starts(row_counts: torch.Tensor) -> torch.Tensor:
 
 
 def sub1_matmul(x: torch.Tensor, cw: torch.Tensor, starts: torch.Tensor, dictionary: torch.Tensor,
-                lo: torch.Tensor, hi: torch.Tensor, N: int, K: int, group_size: int, cw_bits: int,
-                out: torch.Tensor | None = None, col_off: int = 0, rows: torch.Tensor | None = None,
-                block_expert: torch.Tensor | None = None, block_m: int | None = None,
-                block_n: int | None = None) -> torch.Tensor:
+                dictionary_id: str, lo: torch.Tensor, hi: torch.Tensor, N: int, K: int, group_size: int,
+                cw_bits: int, out: torch.Tensor | None = None, col_off: int = 0, rows: torch.Tensor | None = None,
+                block_expert: torch.Tensor | None = None, block_m: int | None = None) -> torch.Tensor:
     """Launch the fused decode-matmul.
 
     Plain: x (M, K), cw uint8 codeword stream of cw_bits-bit codewords, starts (N,) int64 codeword index of
-    each row's first codeword, lo/hi (N, G) -> out (M, N) in x's dtype.
+    each row's first codeword, dictionary (D, 3) with its id, lo/hi (N, G) -> out (M, N) in x's dtype.
     Grouped (rows and block_expert given, as `int_matmul`): starts (E, N) index the concatenated
     codewords of the group's experts, lo/hi are (E, N, G); out (P, >= col_off + N).
     """
@@ -155,12 +156,12 @@ def sub1_matmul(x: torch.Tensor, cw: torch.Tensor, starts: torch.Tensor, diction
     M = rows.shape[0] if gather else x.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    table, lengths, lmax = device_tables(dictionary, x.device)
+    table, lengths, lmax = device_tables(dictionary, dictionary_id, x.device)
     if gather:
         bm = block_m
     else:
         bm = triton.next_power_of_2(max(M, 1)) if M <= 16 else 64
-    bn = block_n or (32 if x.is_cuda else min(64, triton.next_power_of_2(N)))
+    bn = 32 if x.is_cuda else min(64, triton.next_power_of_2(N))
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     G = lo.shape[-1]
@@ -185,7 +186,7 @@ def decode_sub1(packed) -> torch.Tensor:
     """(N, K) float32 weight of a "sub1" PackedTensor, decoded by the Triton kernel."""
     N, K = packed.shape
     cw, starts, dictionary, lo, hi = _parts(packed)
-    table, lengths, lmax = device_tables(dictionary, cw.device)
+    table, lengths, lmax = device_tables(dictionary, packed.attrs["dictionary_id"], cw.device)
     out = torch.empty((N, K), dtype=torch.float32, device=cw.device)
     bn = 32 if cw.is_cuda else min(64, triton.next_power_of_2(N))
     _kernel()[(1, triton.cdiv(N, bn))](out, 0, cw, cw, cw, starts, table, lengths, lo, hi, 0, 0, out, 0, 0,
@@ -198,4 +199,5 @@ def packed_linear_sub1(x: torch.Tensor, packed) -> torch.Tensor:
     """x (M, K) @ W^T for a "sub1" PackedTensor, output (M, N) in x's dtype."""
     N, K = packed.shape
     cw, starts, dictionary, lo, hi = _parts(packed)
-    return sub1_matmul(x, cw, starts, dictionary, lo, hi, N, K, packed.attrs["group_size"], packed.attrs["codeword_bits"])
+    return sub1_matmul(x, cw, starts, dictionary, packed.attrs["dictionary_id"], lo, hi, N, K,
+                       packed.attrs["group_size"], packed.attrs["codeword_bits"])

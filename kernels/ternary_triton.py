@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .intq_triton import _pow2_divisor, interpreting
+from .intq_triton import LaunchConfig, interpreting
 
 
 def _ternary_mm_kernel(x_ptr, stride_xm, rows_ptr, blk_ptr, t_ptr, lo_ptr, hi_ptr, stride_te, stride_ge,
@@ -139,26 +139,17 @@ def ternary_matmul(x: torch.Tensor, trits: torch.Tensor, lo: torch.Tensor, hi: t
     M = rows.shape[0] if gather else x.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    on_gpu = x.is_cuda
-    if gather:
-        bm = block_m
-    else:
-        bm = triton.next_power_of_2(max(M, 1)) if M <= 8 else max(16, min(64, triton.next_power_of_2(M)))
-    use_dot = bm >= 16
-    bk = _pow2_divisor(group_size, 128 if on_gpu else 64)
-    factored = bk >= (16 if use_dot else 1)
-    bk = bk if factored else 32
-    bn = (32 if use_dot else 16) if on_gpu else min(64, triton.next_power_of_2(N))
-    native = x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and not interpreting())
+    # the "int" kernel's tile heuristic; this kernel has no split-K, so SPLIT_K is not used
+    cfg = LaunchConfig.pick(M, N, K, group_size, x.dtype, x.is_cuda, block_m if gather else None)
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     stride_te = trits.stride(0) if trits.dim() == 3 else 0
     stride_ge = lo.stride(0) if lo.dim() == 3 else 0
-    _kernel()[(triton.cdiv(M, bm), triton.cdiv(N, bn), 1)](
+    _kernel()[(triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(N, cfg.BLOCK_N), 1)](
         x, x.stride(0), rows if gather else trits, block_expert if gather else trits, trits, lo, hi,
         stride_te, stride_ge, out, out.stride(0), col_off, M, N, K, trits.shape[-1], lo.shape[-1], group_size,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot, DOT_NATIVE=native, FACTORED=factored,
-        DECODE_ONLY=False, GATHER=gather)
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, USE_DOT=cfg.USE_DOT, DOT_NATIVE=cfg.DOT_NATIVE,
+        FACTORED=cfg.FACTORED, DECODE_ONLY=False, GATHER=gather)
     return out
 
 

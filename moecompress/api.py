@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 
@@ -166,9 +165,7 @@ def _quantize(model: str | None, out: str, config: QuantizeConfig, *, plan: str 
     else:
         hidden = torch.cat([streamer.embed(windows[s:s + bs]) for s in range(0, len(windows), bs)])
     gcfg = GPTQConfig(config.percdamp, config.block_size, config.act_order)
-    expert_params = sum(math.prod(shape) * reader.layer_num_experts(i)
-                        for i in reader.moe_layers for shape in reader.expert_shapes(i).values())
-    encoder = LayerEncoder(len(reader.moe_layers), expert_params)  # holds the sub1 dictionary across layers
+    encoder = LayerEncoder(len(reader.moe_layers), reader.expert_params)  # holds the sub1 dictionary across layers
     encoder.restore_from(writer.tmp)
     arch = reader.arch
     bar = _progress(range(len(writer.completed), streamer.num_layers), desc="quantizing layers", enabled=progress)

@@ -28,14 +28,14 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
         per = 8 // bits
         pad = (-K) % per
         q = torch.nn.functional.pad(q, (0, pad)).view(N, -1, per)  # (N, K) -> (N, K/per, per)
-        shifts = torch.arange(per, dtype=torch.int64) * bits
+        shifts = torch.arange(per, dtype=torch.int64, device=q.device) * bits
         return (q << shifts).sum(-1).to(torch.uint8)
     # General case (3 bits): expand to bits, then regroup into bytes.
-    b = (q.unsqueeze(-1) >> torch.arange(bits)) & 1  # (N, K, bits)
+    b = (q.unsqueeze(-1) >> torch.arange(bits, device=q.device)) & 1  # (N, K, bits)
     b = b.reshape(N, K * bits)
     pad = (-(K * bits)) % 8
     b = torch.nn.functional.pad(b, (0, pad)).view(N, -1, 8)  # (N, nbytes, 8)
-    return (b << torch.arange(8)).sum(-1).to(torch.uint8)
+    return (b << torch.arange(8, device=q.device)).sum(-1).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
@@ -44,12 +44,12 @@ def unpack_bits(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
     p = packed.to(torch.int32)
     if 8 % bits == 0:
         per = 8 // bits
-        shifts = torch.arange(per, dtype=torch.int32) * bits
+        shifts = torch.arange(per, dtype=torch.int32, device=p.device) * bits
         q = (p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (N, nbytes, per)
         return q.reshape(N, -1)[:, :K]
-    b = (p.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1  # (N, nbytes, 8)
+    b = (p.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32, device=p.device)) & 1  # (N, nbytes, 8)
     b = b.reshape(N, -1)[:, : K * bits].view(N, K, bits)
-    return (b << torch.arange(bits, dtype=torch.int32)).sum(-1).to(torch.int32)
+    return (b << torch.arange(bits, dtype=torch.int32, device=p.device)).sum(-1).to(torch.int32)
 
 
 def check_group(K: int, group_size: int) -> None:
