@@ -22,6 +22,8 @@ TEXTS = {d: os.path.join(FIX, "text", f"{d}_test.txt") for d in ("prose", "verse
 
 
 def cli(*args):
+    """Run `moecompress ARGS...` quietly; on failure exit with its last line. Also used by sub1bit.py."""
+    args = [str(a) for a in args]
     r = subprocess.run([sys.executable, "-m", "moecompress.cli", "-q", *args], capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"moecompress {' '.join(args[:2])} failed: {(r.stderr or r.stdout).strip().splitlines()[-1]}")

@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import subprocess
-import sys
 import time
 
 import torch
@@ -37,6 +36,7 @@ from moecompress.codecs import sub1_dict as sd
 from moecompress.codecs.ternary import encode_ternary, encoded_nbytes, get_codes
 from moecompress.quant.gptq import rtn
 from moecompress.quant.ternary import TernaryGrid, zero_fraction
+from quality import FIX, TEXTS, cli  # benchmarks/ is on sys.path when this runs as a script
 
 
 def load_experts(model_dir: str) -> dict:
@@ -86,29 +86,22 @@ def run(W: dict, threshold: float, repeats: int = 3) -> dict:
     }
 
 
-FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "fixtures")
-DOMAINS = ("prose", "verse", "c", "python")
-
-
-def _cli(*args) -> None:
-    r = subprocess.run([sys.executable, "-m", "moecompress.cli", "-q", *map(str, args)], capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"moecompress {' '.join(map(str, args[:2]))} failed: {(r.stderr or r.stdout).strip().splitlines()[-1]}")
+DOMAINS = tuple(TEXTS)
 
 
 def disk_bits(packed: str, original: str) -> float:
     """Bits per expert parameter from the files: all tensor bytes of `packed` + its manifest - the original's
     non-expert tensor bytes, over the original's expert parameters (what the acceptance check counts)."""
-    def walk(d):
+    size = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+    def walk(d):  # (name, numel, bytes) from the safetensors headers, no tensor read
         for f in sorted(os.listdir(d)):
             if f.endswith(".safetensors"):
                 with safe_open(os.path.join(d, f), "pt") as t:
                     for k in t.keys():
                         x = t.get_slice(k)
-                        n = 1
-                        for v in x.get_shape():
-                            n *= v
-                        yield k, n, n * t.get_tensor(k).element_size()
+                        n = math.prod(x.get_shape())
+                        yield k, n, n * size[x.get_dtype()]
     total = sum(b for _, _, b in walk(packed)) + os.path.getsize(os.path.join(packed, "moecompress.json"))
     nonexp = sum(b for k, _, b in walk(original) if ".experts." not in k)
     params = sum(n for k, n, _ in walk(original) if ".experts." in k)
@@ -144,7 +137,7 @@ def pipeline(work: str, max_tokens: int, new_tokens: int) -> None:
     from moecompress.report.accuracy import generations, pick_prompts
     os.makedirs(work, exist_ok=True)
     model = os.path.join(FIX, "mixtral-wiki4")
-    texts = [os.path.join(FIX, "text", f"{d}_test.txt") for d in DOMAINS]
+    texts = list(TEXTS.values())
     runs = {"sub1 --bits 1": ("--method", "ternary", "--bits", 1), "dense ternary --bits 1.6": ("--method", "ternary", "--bits", 1.6),
             "gptq 2-bit g64": ("--method", "gptq", "--bits", 2, "--group-size", 64)}
     outs = {"original": model}
@@ -152,7 +145,7 @@ def pipeline(work: str, max_tokens: int, new_tokens: int) -> None:
         out = os.path.join(work, name.split()[0] + ("" if "bits 1.6" not in name else "16"))
         if not os.path.exists(os.path.join(out, "moecompress.json")):
             t0 = time.time()
-            _cli("quantize", model, "--out", out, *args, "--calib", os.path.join(FIX, "text", "calib_mix.txt"),
+            cli("quantize", model, "--out", out, *args, "--calib", os.path.join(FIX, "text", "calib_mix.txt"),
                  "--seed", 0)
             print(f"quantized {name} in {time.time() - t0:.0f} s", flush=True)
         outs[name] = out
@@ -160,7 +153,7 @@ def pipeline(work: str, max_tokens: int, new_tokens: int) -> None:
     for name, out in outs.items():
         js = os.path.join(work, name.split()[0] + ("16" if "bits 1.6" in name else "") + ".eval.json")
         if not os.path.exists(js):
-            _cli("eval", out, "--text", *texts, "--max-tokens", max_tokens, "--json", js)
+            cli("eval", out, "--text", *texts, "--max-tokens", max_tokens, "--json", js)
         res = json.load(open(js))["texts"]
         bits = 16.0 if out == model else disk_bits(out, model)
         rows[name] = (bits, [res[t]["perplexity"] for t in texts])
