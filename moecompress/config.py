@@ -82,7 +82,7 @@ class QuantizeConfig:
         if not 0 <= self.percdamp < 1:
             raise MoeCompressError(f"--percdamp must be in [0, 1), got {self.percdamp}")
         if self.ternary_threshold is not None and not 0 <= self.ternary_threshold < 0.5:
-            raise MoeCompressError(f"--threshold must be in [0, 0.5), got {self.ternary_threshold}")
+            raise MoeCompressError(f"--ternary-threshold must be in [0, 0.5), got {self.ternary_threshold}")
         if self.router_bits is not None and (isinstance(self.router_bits, bool) or self.router_bits not in (2, 3, 4, 8)):
             raise MoeCompressError(f"--router-bits must be 2, 3, 4 or 8, got {self.router_bits}")
         if self.min_tokens < 0:
