@@ -11,6 +11,9 @@ setting (api.calibration_windows is swapped for a lookup in this process), so sa
 once. Full run (hours on 2 CPU cores):
 
     python benchmarks/calibration.py --json /tmp/calib_bench.json
+A sampler spec `ebss@F` is EBSS with a share F of real windows (`--ebss-real F`). `--previous JSON`
+adds the cells of an earlier run with the same settings to the table (only specs this run lacks).
+
 Reduced run (what fits in a short session):
 
     python benchmarks/calibration.py --seeds 0 --nsamples 32 --max-tokens 8192 --bits 2
@@ -44,6 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32768, help="evaluation tokens per domain")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--previous", default=None, help="JSON of an earlier run with the same settings: its cells join the table")
     a = ap.parse_args(argv)
 
     import torch
@@ -57,9 +61,13 @@ def main(argv=None) -> int:
     tok = data.load_tokenizer(a.model)
     pool = data.token_pool(tok, data.parse_sources([a.calib]))
     windows, sampler_s, coverage = {}, {}, {}
+    def calib_of(spec, seed):  # "ebss@0.5" -> sampler ebss with half the windows real
+        sm, _, real = spec.partition("@")
+        return CalibConfig((a.calib,), a.nsamples, a.seqlen, seed, sm, ebss_real=float(real or 0))
+
     for sm in a.samplers:
         for seed in a.seeds:
-            calib = CalibConfig((a.calib,), a.nsamples, a.seqlen, seed, sm)
+            calib = calib_of(sm, seed)
             sel = samplers.select(a.model, pool, calib)
             windows[(sm, seed)] = sel.windows
             sampler_s.setdefault(sm, []).append(sel.seconds)
@@ -70,7 +78,8 @@ def main(argv=None) -> int:
                   f"cv/layer {[round(c.cv, 3) for c in cov.layers]}", flush=True)
 
     real = api.calibration_windows
-    api.calibration_windows = lambda model, calib: windows[(calib.sampler, calib.seed)]  # reuse the selection
+    spec_of = {(calib_of(sm, 0).sampler, calib_of(sm, 0).ebss_real): sm for sm in a.samplers}
+    api.calibration_windows = lambda model, calib: windows[(spec_of[calib.sampler, calib.ebss_real], calib.seed)]
     results = {"original": {d: r["perplexity"] for d, r in
                             zip(DOMAINS, api.evaluate(a.model, list(texts.values()), max_tokens=a.max_tokens,
                                                       progress=False).values())}}
@@ -82,7 +91,7 @@ def main(argv=None) -> int:
                     for seed in a.seeds:
                         out = os.path.join(work, f"w{bits}-{sm}-{aff}-{seed}")
                         cfg = QuantizeConfig(bits=bits, group_size=a.group_size, method="gptq", affinity=aff == "on",
-                                             calib=CalibConfig((a.calib,), a.nsamples, a.seqlen, seed, sm))
+                                             calib=calib_of(sm, seed))
                         t0 = time.time()
                         api.quantize(a.model, out, cfg, progress=False)
                         ev = api.evaluate(out, list(texts.values()), max_tokens=a.max_tokens, progress=False)
@@ -95,6 +104,20 @@ def main(argv=None) -> int:
         api.calibration_windows = real
         shutil.rmtree(work, ignore_errors=True)
 
+    if a.previous:
+        with open(a.previous) as f:
+            prev = json.load(f)
+        for k, v in prev["args"].items():
+            if k in ("nsamples", "seqlen", "group_size", "max_tokens", "seeds", "model", "calib") and v != getattr(a, k):
+                raise SystemExit(f"--previous {a.previous}: {k} differs ({v} vs {getattr(a, k)})")
+        old = [sm for sm in prev["args"]["samplers"] if sm not in a.samplers]
+        for k, v in prev["perplexity"].items():
+            if k != "original" and k.split("/")[1] in old:
+                results[k] = v
+        sampler_s.update({sm: prev["sampler_seconds"][sm] for sm in old})
+        coverage.update({sm: prev["coverage"][sm] for sm in old})
+        a.samplers = old + a.samplers
+        print(f"(cells of {', '.join(old)} from {a.previous}; original re-measured here)")
     print(f"\nprose-only calibration, {a.nsamples} x {a.seqlen} tokens, GPTQ group {a.group_size}, "
           f"seeds {a.seeds}, eval {a.max_tokens} tokens/domain; perplexity mean +- std over seeds")
     print("original: " + "  ".join(f"{d} {v:.3f}" for d, v in results["original"].items()))

@@ -24,6 +24,7 @@ class CalibConfig:
     batch_size: int = 8
     ebss_tau: float = 1.2            # --sampler ebss: score = NLL + CV of expert usage / tau (MoEQuant's default)
     ebss_beams: int = 4              # --sampler ebss: beam width
+    ebss_real: float = 0.0           # --sampler ebss: share of windows taken from the real text, the rest generated
 
     def __post_init__(self):
         if self.nsamples < 1:
@@ -33,6 +34,9 @@ class CalibConfig:
         if not self.ebss_tau > 0 or self.ebss_beams < 1:
             raise MoeCompressError(f"--ebss-tau must be positive and --ebss-beams at least 1, got "
                                    f"{self.ebss_tau}, {self.ebss_beams}")
+        if not 0.0 <= self.ebss_real < 1.0:
+            raise MoeCompressError(f"--ebss-real is the share of real windows beside the generated ones, in [0, 1); "
+                                   f"got {self.ebss_real}")
         if self.sampler not in SAMPLERS:
             raise MoeCompressError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
 

@@ -159,3 +159,24 @@ def test_ebss_flags_reach_the_generator(monkeypatch):
     assert seen["cfg"].tau == 0.5 and seen["cfg"].beams == 2 and sel.windows.shape == (2, 8)
     with pytest.raises(MoeCompressError, match="ebss-tau"):
         CalibConfig(ebss_tau=0)
+
+
+@needs_fixture
+def test_ebss_real_share_mixes_real_windows_with_generated(monkeypatch, prose_pool):
+    """--ebss-real f: round(f * nsamples) random windows of the text first, the rest generated."""
+    from moecompress.calibration.data import random_windows
+    from moecompress.cli import build_parser
+    asked = {}
+
+    def fake_generate(model_path, pool, n, seqlen, seed, cfg, progress=None):
+        asked["n"] = n
+        return torch.full((n, seqlen), -1, dtype=torch.long)
+    monkeypatch.setattr(ebss, "generate", fake_generate)
+    a = build_parser().parse_args(["quantize", "--sampler", "ebss", "--ebss-real", "0.75"])
+    calib = CalibConfig(sampler="ebss", nsamples=8, seqlen=16, seed=3, ebss_real=a.ebss_real)
+    w = samplers.select("unused", prose_pool, calib).windows
+    assert asked["n"] == 2 and w.shape == (8, 16)
+    assert torch.equal(w[:6], random_windows(prose_pool, 6, 16, 3)) and bool((w[6:] == -1).all())
+    for bad in (-0.1, 1.0):
+        with pytest.raises(MoeCompressError, match="ebss-real"):
+            CalibConfig(ebss_real=bad)
