@@ -24,11 +24,11 @@ def _bits(s: str) -> float:
     return int(v) if v == int(v) else v
 
 
-def _widths(s: str) -> tuple[int, ...]:
+def _widths(s: str) -> tuple:
     try:
-        return tuple(int(x) for x in s.split(",") if x.strip())
+        return tuple(x.strip() if x.strip() == "sub1" else int(x) for x in s.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of bit widths: {s!r} (e.g. 2,3,4)") from None
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of bit widths: {s!r} (e.g. 2,3,4 or sub1,2,3)") from None
 
 
 def add_calib_args(p):
@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--allocation", choices=["uniform", "lp"], default=Q.allocation, help="bit allocation across experts")
     q.add_argument("--plan", default=None, help="replay a plan.json (per-expert widths) from an earlier run")
     q.add_argument("--candidates", type=_widths, default=Q.candidates, metavar="B,B,...",
-                   help="--allocation lp: the widths an expert may get (default " + ",".join(map(str, Q.candidates)) + ")")
+                   help="--allocation lp: the widths an expert may get, from 2,3,4,8 and sub1 (ternary experts "
+                        "dictionary-coded to 1 bit/weight, everything counted) (default " + ",".join(map(str, Q.candidates)) + ")")
     q.add_argument("--budget-scope", choices=["model", "layer"], default=Q.budget_scope,
                    help="--allocation lp: one byte budget for all experts (model) or one per MoE layer (default model)")
     q.add_argument("--min-bits", type=float, default=Q.min_bits, help="--allocation lp: narrowest width in every layer")

@@ -12,7 +12,9 @@ with encode_ternary (automatic sub1 / dense choice) and prints, per threshold:
 
 With --pipeline WORKDIR it measures the real thing instead: `moecompress quantize --method ternary` at
 --bits 1 (sub1 under a 1-bit budget, everything counted) and --bits 1.6 (dense ternary), GPTQ 2-bit
-(group 64) and the original, all calibrated on calib_mix (128 x 256, seed 0); perplexity on the four
+(group 64), the LP allocation with sub1 among its candidates (`--allocation lp --candidates sub1,2,3`
+at --bits 1.5 and 2, i.e. 2.0 and 2.5 stored bits per weight) and the original, all calibrated on
+calib_mix (128 x 256, seed 0); perplexity on the four
 domain texts; greedy generations of a few prompts side by side; and, on the packed sub1 model's own
 codes: zero fraction, order-0 pair entropy, codeword bits and their ratio, bits per weight on disk
 (files counted as the acceptance check counts them) and the CPU decode throughput. Outputs in WORKDIR
@@ -138,11 +140,16 @@ def pipeline(work: str, max_tokens: int, new_tokens: int) -> None:
     os.makedirs(work, exist_ok=True)
     model = os.path.join(FIX, "mixtral-wiki4")
     texts = list(TEXTS.values())
-    runs = {"sub1 --bits 1": ("--method", "ternary", "--bits", 1), "dense ternary --bits 1.6": ("--method", "ternary", "--bits", 1.6),
-            "gptq 2-bit g64": ("--method", "gptq", "--bits", 2, "--group-size", 64)}
-    outs = {"original": model}
-    for name, args in runs.items():
-        out = os.path.join(work, name.split()[0] + ("" if "bits 1.6" not in name else "16"))
+    lp = ("--method", "gptq", "--allocation", "lp", "--candidates", "sub1,2,3", "--group-size", 64)
+    runs = {"sub1 --bits 1": ("sub1", ("--method", "ternary", "--bits", 1)),
+            "dense ternary --bits 1.6": ("dense16", ("--method", "ternary", "--bits", 1.6)),
+            "gptq 2-bit g64": ("gptq", ("--method", "gptq", "--bits", 2, "--group-size", 64)),
+            "lp sub1,2,3 --bits 1.5": ("lp15", (*lp, "--bits", 1.5)),
+            "lp sub1,2,3 --bits 2": ("lp20", (*lp, "--bits", 2))}
+    outs, slug = {"original": model}, {"original": "original"}
+    for name, (d, args) in runs.items():
+        out = os.path.join(work, d)
+        slug[name] = d
         if not os.path.exists(os.path.join(out, "moecompress.json")):
             t0 = time.time()
             cli("quantize", model, "--out", out, *args, "--calib", os.path.join(FIX, "text", "calib_mix.txt"),
@@ -151,7 +158,7 @@ def pipeline(work: str, max_tokens: int, new_tokens: int) -> None:
         outs[name] = out
     rows = {}
     for name, out in outs.items():
-        js = os.path.join(work, name.split()[0] + ("16" if "bits 1.6" in name else "") + ".eval.json")
+        js = os.path.join(work, slug[name] + ".eval.json")
         if not os.path.exists(js):
             cli("eval", out, "--text", *texts, "--max-tokens", max_tokens, "--json", js)
         res = json.load(open(js))["texts"]

@@ -69,7 +69,8 @@ def _fmt(p: PackedTensor) -> tuple:
 
 def _stack(codec: str, members: list[PackedTensor]) -> dict[str, torch.Tensor]:
     """The group's tensors with a leading expert axis; sub1 concatenates its variable-length codewords
-    and stores each row's first codeword index ("starts", (E_g, N)) instead of the counts."""
+    and stores the index of the first codeword starting in each row ("starts", (E_g, N)) instead of the
+    counts, beside the rows' skips ("skips", (E_g, N))."""
     first = members[0].tensors
     if codec != "sub1":
         return {k: torch.stack([m.tensors[k] for m in members]).contiguous() for k in first}
@@ -81,6 +82,7 @@ def _stack(codec: str, members: list[PackedTensor]) -> dict[str, torch.Tensor]:
     cw = torch.cat([Sub1Codec.codewords(m) for m in members])  # one stream: re-packed so indices run on
     return {"codewords": sd.pack_codewords(cw, members[0].attrs["codeword_bits"]).to(counts.device),
             "starts": row_starts(counts).to(counts.device),
+            "skips": torch.stack([m.tensors["row_skip"] for m in members]).contiguous(),
             "lo": torch.stack([m.tensors["lo"] for m in members]).contiguous(),
             "hi": torch.stack([m.tensors["hi"] for m in members]).contiguous(),
             "dictionary": first["dictionary"]}
@@ -222,7 +224,7 @@ def _run_stage(groups: list[ExpertGroup], x: torch.Tensor, rows: torch.Tensor, r
         elif g.codec == "ternary":
             ternary_matmul(x, t["trits"], t["lo"], t["hi"], N, K, gs, **grouped)
         elif g.codec == "sub1":
-            sub1_matmul(x, t["codewords"], t["starts"], t["dictionary"], g.attrs["dictionary_id"], t["lo"], t["hi"],
+            sub1_matmul(x, t["codewords"], t["starts"], t["skips"], t["dictionary"], g.attrs["dictionary_id"], t["lo"], t["hi"],
                         N, K, gs, g.attrs["codeword_bits"], **grouped)
         else:  # per-expert loop (one host sync per expert) for codecs without a grouped kernel yet
             row_blk = blk.repeat_interleave(r.block_m)

@@ -1,10 +1,12 @@
 """Triton kernels for the "sub1" codec: exact decode and a fused decode-matmul y = x @ W^T.
 
-Format (`moecompress/codecs/ternary.py`, `sub1_dict.py`): each row of W (N, K) is a stream of
-ceil(K/2) pair symbols s = 3 t[2i] + t[2i+1] coded as b-bit codewords (b = ceil(log2 D) <= 16, an
-LSB-first bit stream: codeword i is cut out of the 3 bytes from bit i * b) against a shared dictionary;
-row n's codewords start at codeword sum(row_counts[:n]). Codeword c expands to lengths[c] symbols,
-table[c, 0:lengths[c]] (`sub1_dict.expansion_table`). W[n, k] = lo / 0 / hi[n, k // g] for t = 0 / 1 / 2.
+Format (`moecompress/codecs/ternary.py`, `sub1_dict.py`): the rows of W (N, K), one after another, are a
+stream of pair symbols s = 3 t[2i] + t[2i+1] (ceil(K/2) per row) coded as b-bit codewords (b = ceil(log2 D)
+<= 16, an LSB-first bit stream: codeword i is cut out of the 3 bytes from bit i * b) against a shared
+dictionary. Codeword c expands to lengths[c] symbols, table[c, 0:lengths[c]] (`sub1_dict.expansion_table`).
+Row n begins inside codeword starts[n] - 1, skip[n] symbols before its end, when skip[n] > 0, else at
+codeword starts[n] (starts = exclusive cumsum of row_counts, skip = row_skip). W[n, k] = lo / 0 / hi[n, k // g]
+for t = 0 / 1 / 2.
 
 Kernel: each program owns BLOCK_N rows and walks them in lockstep, one pair symbol (two columns of W)
 per step. Every row has exactly ceil(K/2) symbols, so all rows of the block are at the same column at
@@ -36,7 +38,7 @@ from .intq_triton import interpreting
 
 
 def _sub1_mm_kernel(x_ptr, stride_xm, rows_ptr, blk_ptr,
-                    cw_ptr, start_ptr, tab_ptr, len_ptr, lo_ptr, hi_ptr, stride_re, stride_ge,
+                    cw_ptr, start_ptr, skip_ptr, tab_ptr, len_ptr, lo_ptr, hi_ptr, stride_re, stride_ge,
                     out_ptr, stride_om, col_off,
                     M, N, K, K2, G, group_size, LMAX, NB, CW_BITS,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
@@ -61,9 +63,19 @@ def _sub1_mm_kernel(x_ptr, stride_xm, rows_ptr, blk_ptr,
     x_row = x_ptr + rows.to(tl.int64) * stride_xm  # (BLOCK_M,)
     # per-row decoder state: next codeword index, current codeword, its length, position inside it
     ci = tl.load(start_ptr + e.to(tl.int64) * stride_re + offs_n, mask=n_mask, other=0)
-    cw = tl.zeros((BLOCK_N,), dtype=tl.int32)
-    length = tl.zeros((BLOCK_N,), dtype=tl.int32)
-    j = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    sk = tl.load(skip_ptr + e.to(tl.int64) * stride_re + offs_n, mask=n_mask, other=0).to(tl.int32)
+    # a row that begins inside the previous row's last codeword starts sk symbols before that codeword's end
+    has = n_mask & (sk > 0)
+    ci = tl.where(has, ci - 1, ci)
+    bit = ci * CW_BITS
+    byte = bit >> 3
+    b0 = tl.load(cw_ptr + byte, mask=has, other=0).to(tl.int32)
+    b1 = tl.load(cw_ptr + byte + 1, mask=has & (byte + 1 < NB), other=0).to(tl.int32)
+    b2 = tl.load(cw_ptr + byte + 2, mask=has & (byte + 2 < NB), other=0).to(tl.int32)
+    cw = tl.where(has, ((b0 | (b1 << 8) | (b2 << 16)) >> (bit & 7).to(tl.int32)) & ((1 << CW_BITS) - 1), 0)
+    length = tl.where(has, tl.load(len_ptr + cw, mask=has, other=0), 0)
+    j = tl.where(has, length - sk, 0)
+    ci = tl.where(has, ci + 1, ci)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for s in range(0, K2):
         need = j >= length
@@ -141,16 +153,17 @@ def row_starts(row_counts: torch.Tensor) -> torch.Tensor:
     return (torch.cumsum(c, 0) - c).view(row_counts.shape)
 
 
-def sub1_matmul(x: torch.Tensor, cw: torch.Tensor, starts: torch.Tensor, dictionary: torch.Tensor,
+def sub1_matmul(x: torch.Tensor, cw: torch.Tensor, starts: torch.Tensor, skips: torch.Tensor, dictionary: torch.Tensor,
                 dictionary_id: str, lo: torch.Tensor, hi: torch.Tensor, N: int, K: int, group_size: int,
                 cw_bits: int, out: torch.Tensor | None = None, col_off: int = 0, rows: torch.Tensor | None = None,
                 block_expert: torch.Tensor | None = None, block_m: int | None = None) -> torch.Tensor:
     """Launch the fused decode-matmul.
 
-    Plain: x (M, K), cw uint8 codeword stream of cw_bits-bit codewords, starts (N,) int64 codeword index of
-    each row's first codeword, dictionary (D, 3) with its id, lo/hi (N, G) -> out (M, N) in x's dtype.
-    Grouped (rows and block_expert given, as `int_matmul`): starts (E, N) index the concatenated
-    codewords of the group's experts, lo/hi are (E, N, G); out (P, >= col_off + N).
+    Plain: x (M, K), cw uint8 codeword stream of cw_bits-bit codewords, starts (N,) int64 index of the
+    first codeword that starts in each row, skips (N,) uint8 row_skip, dictionary bitmap with its id,
+    lo/hi (N, G) -> out (M, N) in x's dtype. Grouped (rows and block_expert given, as `int_matmul`):
+    starts / skips (E, N) index the concatenated codewords of the group's experts, lo/hi are (E, N, G);
+    out (P, >= col_off + N).
     """
     gather = rows is not None
     M = rows.shape[0] if gather else x.shape[0]
@@ -170,7 +183,7 @@ def sub1_matmul(x: torch.Tensor, cw: torch.Tensor, starts: torch.Tensor, diction
     dummy = cw
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _kernel()[grid](x, x.stride(0), rows if gather else dummy, block_expert if gather else dummy,
-                    cw, starts, table, lengths, lo, hi, stride_re, stride_ge, out, out.stride(0), col_off,
+                    cw, starts, skips, table, lengths, lo, hi, stride_re, stride_ge, out, out.stride(0), col_off,
                     M, N, K, (K + 1) // 2, G, group_size, lmax, cw.numel(), cw_bits,
                     BLOCK_M=bm, BLOCK_N=bn, GATHER=gather, DECODE_ONLY=False)
     return out
@@ -179,17 +192,17 @@ def sub1_matmul(x: torch.Tensor, cw: torch.Tensor, starts: torch.Tensor, diction
 def _parts(packed):
     t = packed.tensors
     return (t["codewords"].contiguous(), row_starts(t["row_counts"]).to(t["codewords"].device),
-            t["dictionary"], t["lo"].contiguous(), t["hi"].contiguous())
+            t["row_skip"].contiguous(), t["dictionary"], t["lo"].contiguous(), t["hi"].contiguous())
 
 
 def decode_sub1(packed) -> torch.Tensor:
     """(N, K) float32 weight of a "sub1" PackedTensor, decoded by the Triton kernel."""
     N, K = packed.shape
-    cw, starts, dictionary, lo, hi = _parts(packed)
+    cw, starts, skips, dictionary, lo, hi = _parts(packed)
     table, lengths, lmax = device_tables(dictionary, packed.attrs["dictionary_id"], cw.device)
     out = torch.empty((N, K), dtype=torch.float32, device=cw.device)
     bn = 32 if cw.is_cuda else min(64, triton.next_power_of_2(N))
-    _kernel()[(1, triton.cdiv(N, bn))](out, 0, cw, cw, cw, starts, table, lengths, lo, hi, 0, 0, out, 0, 0,
+    _kernel()[(1, triton.cdiv(N, bn))](out, 0, cw, cw, cw, starts, skips, table, lengths, lo, hi, 0, 0, out, 0, 0,
                                        0, N, K, (K + 1) // 2, lo.shape[1], packed.attrs["group_size"], lmax,
                                        cw.numel(), packed.attrs["codeword_bits"], BLOCK_M=1, BLOCK_N=bn, GATHER=False, DECODE_ONLY=True)
     return out
@@ -198,6 +211,6 @@ def decode_sub1(packed) -> torch.Tensor:
 def packed_linear_sub1(x: torch.Tensor, packed) -> torch.Tensor:
     """x (M, K) @ W^T for a "sub1" PackedTensor, output (M, N) in x's dtype."""
     N, K = packed.shape
-    cw, starts, dictionary, lo, hi = _parts(packed)
-    return sub1_matmul(x, cw, starts, dictionary, packed.attrs["dictionary_id"], lo, hi, N, K,
+    cw, starts, skips, dictionary, lo, hi = _parts(packed)
+    return sub1_matmul(x, cw, starts, skips, dictionary, packed.attrs["dictionary_id"], lo, hi, N, K,
                        packed.attrs["group_size"], packed.attrs["codeword_bits"])

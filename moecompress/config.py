@@ -12,6 +12,7 @@ FORMAT_VERSION = 1
 METHODS = ("gptq", "rtn", "ternary")
 SAMPLERS = ("random", "balanced", "ebss")
 ALLOCATIONS = ("uniform", "lp")
+CANDIDATES = (2, 3, 4, 8, "sub1")  # --allocation lp widths; sub1: ternary experts coded to 1 bit/weight, all counted
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class QuantizeConfig:
     # None: searched per batch of experts to fit the --bits budget (sub1), or 0 for dense ternary
     # --allocation lp (see moecompress.allocation.AllocationConfig): bits is the average CODE bits per expert
     # weight; the byte budget adds the int codec's scale/zero overhead at the group size (2.5 @ g64 -> 3.0 stored)
-    candidates: tuple[int, ...] = (2, 3, 4)
+    candidates: tuple = (2, 3, 4)    # ints and/or "sub1"
     budget_scope: str = "model"      # "model": one budget for all experts; "layer": one per MoE layer
     min_bits: float | None = None    # per-layer bounds on an expert's width
     max_bits: float | None = None
@@ -95,8 +96,9 @@ class QuantizeConfig:
             raise MoeCompressError("--allocation lp chooses among integer widths: use --method gptq or rtn")
         if self.budget_scope not in ("model", "layer"):
             raise MoeCompressError(f"--budget-scope must be model or layer, got {self.budget_scope!r}")
-        if not self.candidates or any(isinstance(b, bool) or b not in (2, 3, 4, 8) for b in self.candidates):
-            raise MoeCompressError(f"--candidates must list widths from 2, 3, 4, 8 (e.g. 2,3,4), got {self.candidates}")
+        if not self.candidates or any(isinstance(b, bool) or b not in CANDIDATES for b in self.candidates):
+            raise MoeCompressError(f"--candidates must list widths from 2, 3, 4, 8 or sub1 (ternary, dictionary-coded "
+                                   f"to 1 bit per weight with everything counted), e.g. sub1,2,3; got {self.candidates}")
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -193,3 +193,26 @@ def test_cli_options_reach_the_allocation_config(tiny_dir):
     assert alloc.pricing.bytes.shape == (2, 4, 2)
     # int2 g32 of one tiny expert (3 x 64 x 128 weights): codes 2 bits + fp16 scale and zero per 32
     assert alloc.pricing.bytes[0, 0, 0] == 3 * 64 * 128 * (2 + 1) // 8
+
+
+def test_sub1_is_an_lp_candidate(tiny_dir, tmp_path):
+    """--candidates sub1,2,3: ternary dictionary-coded experts priced at 1 stored bit per weight; the packed
+    model holds both codecs, stays within the byte budget and loads with finite outputs."""
+    from moecompress import load
+    from moecompress.api import quantize
+    from moecompress.cli import build_parser
+    assert build_parser().parse_args(["quantize", "--candidates", "sub1,2,3"]).candidates == ("sub1", 2, 3)
+    out = str(tmp_path / "lp")
+    # 1.5 code bits + 1.0 scale/zero bits at group 32: 2.5 stored bits, below int2's 3.0: sub1 must be used
+    quantize(tiny_dir("Mixtral"), out, _cfg(bits=1.5, candidates=("sub1", 2, 3)), progress=False)
+    man = _json(os.path.join(out, "moecompress.json"))
+    labels = set(man["expert_bits"].values())
+    assert "sub1" in labels and labels & {"int2g32", "int3g32"}, labels
+    # the tiny experts' rows (K = 64 / 128) spend 0.25-0.5 bits per weight on fp16 levels alone, so the
+    # sub1 budget search cannot reach 1.0 on gate/up (it warns, ~1.22 bits): 1% over the LP's budget
+    assert 2.3 < man["expert_bits_per_param"] <= 2.5 * 1.01
+    m = load(out)
+    ids = torch.arange(16).view(1, 16)
+    assert torch.isfinite(m(ids).logits).all()
+    with pytest.raises(MoeCompressError, match="sub1"):
+        _cfg(candidates=("sub2", 3))

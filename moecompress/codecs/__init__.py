@@ -50,6 +50,8 @@ class QuantSpec:
 
     @property
     def label(self) -> str:
+        if self.codec in ("sub1", "ternary"):  # always one trit per weight: the name says it
+            return self.codec + (f"g{self.group_size}" if self.group_size else "")
         return f"{self.codec}{self.bits}" + (f"g{self.group_size}" if self.group_size else "")
 
 

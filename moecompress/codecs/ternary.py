@@ -10,19 +10,22 @@ per row, as QMoE). Decode: W[n, k] = lo[n, k//g] if t == 0, 0 if t == 1, hi[n, k
     lo, hi  float16 (N, K//g)
 
 "sub1" (codes in sub1_dict.py): pairs s = 3 t[2i] + t[2i+1] per row (odd K padded with a zero trit),
-each row greedily longest-match coded against a shared prefix-closed dictionary:
-    codewords   uint8 (ceil(M b / 8),)  the M codewords, row after row, b = attrs["codeword_bits"] =
-                                   ceil(log2 D) bits each, LSB-first (sub1_dict.pack_codewords)
-    row_counts  uint8 / int16 / int32 (N,)   codewords per row, the narrowest type that holds ceil(K/2)
-                                   (a row never needs more codewords than symbols); row n starts at
-                                   offset sum(row_counts[:n]), so rows decode in parallel after a cumsum
+the rows one after another greedily longest-match coded against a shared Tunstall dictionary:
+    codewords   uint8 (ceil(M b / 8),)  the M codewords of the row-major stream, b = attrs["codeword_bits"]
+                                   = ceil(log2 D) bits each, LSB-first (sub1_dict.pack_codewords)
+    row_counts  uint8 / int16 / int32 (N,)   codewords that start in each row, the narrowest type that
+                                   holds ceil(K/2)
+    row_skip    uint8 (N,)        symbols at the start of each row that belong to a codeword started in
+                                   an earlier row (< sub1_dict.MAX_LEN). Row n decodes on its own: from
+                                   codeword o = sum(row_counts[:n]), or, when row_skip[n] > 0, from
+                                   codeword o - 1 at position length(o - 1) - row_skip[n]
     lo, hi      float16 (N, K//g)
-    dictionary  uint8 (D, 3)      the shared dictionary (sub1_dict.to_tensor); attrs["dictionary_id"] is
-                                   its content hash. The SAME tensor is in every PackedTensor that
-                                   shares it: a writer stores it once per id (e.g. under
-                                   "moecompress.sub1_dictionary.<id>") and drops it from each tensor's
-                                   entries; a reader attaches it back by id. `split_shared` /
-                                   `attach_shared` do both halves.
+    dictionary  uint8 (ceil(D/8),) the shared Tunstall dictionary as a bitmap (sub1_dict.to_tensor);
+                                   attrs["dictionary_id"] is its content hash. The SAME tensor is in
+                                   every PackedTensor that shares it: a writer stores it once per id
+                                   (e.g. under "moecompress.sub1_dictionary.<id>") and drops it from
+                                   each tensor's entries; a reader attaches it back by id.
+                                   `split_shared` / `attach_shared` do both halves.
 
 `encode_ternary` picks, per tensor, whichever of "sub1" and "ternary" is smaller in real bytes (the
 shared dictionary not counted, it is amortised over the model) and records both sizes in
@@ -44,7 +47,7 @@ from . import sub1_dict as sd
 
 POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
 OPTIONS = {"zero_fraction": float, "threshold": float, "fit": str, "target_bits": float, "percdamp": float}
-CODER_OVERHEAD = 1.4  # codeword bits / order-0 entropy measured on the fixture experts at 90-95% zeros (benchmarks/sub1bit.py)
+CODER_OVERHEAD = 1.15  # codeword bits / order-0 entropy, Tunstall 2^16, fixture experts at 89% zeros (benchmarks/sub1bit.py)
 SHARED = ("dictionary",)
 
 
@@ -181,20 +184,21 @@ class Sub1Codec:
         if spec.option("target_bits", None) is not None:  # a budget the quantizer fits (passes/ternary_budget.py)
             return min(math.ceil(N * K * float(spec.option("target_bits")) / 8), TernaryCodec().nbytes(shape, spec))
         bits = N * K * sd.trit_entropy(spec.option("zero_fraction", 0.9)) * CODER_OVERHEAD
-        est = 2 * math.ceil(bits / 16) + N * count_dtype(K).itemsize + 2 * 2 * N * (K // g)
+        est = 2 * math.ceil(bits / 16) + N * (count_dtype(K).itemsize + 1) + 2 * 2 * N * (K // g)
         return min(est, TernaryCodec().nbytes(shape, spec))
 
     def encode(self, codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dictionary: torch.Tensor,
                group_size: int = 0) -> PackedTensor:
-        """codes: (N, K) in {0,1,2}; lo, hi: (N, K//g); dictionary: stored uint8 (D, 3)."""
+        """codes: (N, K) in {0,1,2}; lo, hi: (N, K//g); dictionary: the stored bitmap."""
         N, K = codes.shape
         g = _group(K, group_size)
         _check_inputs(codes, lo, hi, g)
         parse = sd.encode_rows(codes, dictionary)
-        bits = sd.codeword_bits(dictionary.shape[0])
+        bits = sd.codeword_bits(sd.num_codewords(dictionary))
         return PackedTensor("sub1", (N, K), {
             "codewords": sd.pack_codewords(parse.codewords, bits),
             "row_counts": parse.row_counts.to(count_dtype(K)),
+            "row_skip": parse.row_skip.to(torch.uint8),
             "lo": lo.to(torch.float16).contiguous(),
             "hi": hi.to(torch.float16).contiguous(),
             "dictionary": dictionary,
@@ -202,7 +206,7 @@ class Sub1Codec:
 
     @staticmethod
     def codewords(packed: PackedTensor) -> torch.Tensor:
-        """(M,) int64 codeword indices, rows in order."""
+        """(M,) int64 codeword indices, in stream order."""
         M = int(packed.tensors["row_counts"].to(torch.int64).sum())
         return sd.unpack_codewords(packed.tensors["codewords"], M, packed.attrs["codeword_bits"])
 
@@ -219,16 +223,18 @@ class Sub1Codec:
         d = packed.tensors.get("dictionary")
         if d is None:
             raise PackedFormatError("sub1 codec: the shared 'dictionary' tensor is missing (attach_shared it)")
-        sd.from_tensor(d)
+        D = sd.leaves(sd.from_tensor(d)).numel()
         if packed.attrs.get("dictionary_id") != sd.dictionary_id(d):
             raise PackedFormatError("sub1 codec: the attached dictionary does not match attrs['dictionary_id']")
         bits = packed.attrs.get("codeword_bits")
-        if bits != sd.codeword_bits(d.shape[0]):
-            raise PackedFormatError(f"sub1 codec: codeword_bits {bits!r} should be {sd.codeword_bits(d.shape[0])} "
-                                    f"for a {d.shape[0]}-entry dictionary")
-        stream, rc = packed.tensors.get("codewords"), packed.tensors.get("row_counts")
+        if bits != sd.codeword_bits(D):
+            raise PackedFormatError(f"sub1 codec: codeword_bits {bits!r} should be {sd.codeword_bits(D)} "
+                                    f"for a {D}-entry dictionary")
+        stream, rc, skip = (packed.tensors.get(k) for k in ("codewords", "row_counts", "row_skip"))
         if rc is None or tuple(rc.shape) != (N,) or rc.dtype != count_dtype(K):
             raise PackedFormatError(f"sub1 codec: tensor 'row_counts' should be ({N},) {count_dtype(K)}")
+        if skip is None or tuple(skip.shape) != (N,) or skip.dtype != torch.uint8:
+            raise PackedFormatError(f"sub1 codec: tensor 'row_skip' should be ({N},) uint8")
         rc = rc.to(torch.int64)
         M = int(rc.sum())
         if bool((rc < 0).any()) or M > N * ((K + 1) // 2):
@@ -238,11 +244,14 @@ class Sub1Codec:
             raise PackedFormatError(f"sub1 codec: tensor 'codewords' should be ({math.ceil(M * bits / 8)},) uint8 "
                                     f"for {M} codewords of {bits} bits, found {got}")
         cw = sd.unpack_codewords(stream, M, bits)
-        if cw.numel() and int(cw.max()) >= d.shape[0]:
-            raise PackedFormatError(f"sub1 codec: codeword {int(cw.max())} is outside the {d.shape[0]}-entry dictionary")
-        per_row = sd.row_symbol_counts(cw, rc, d)
-        if not bool((per_row == (K + 1) // 2).all()):
-            raise PackedFormatError(f"sub1 codec: some row does not expand to {(K + 1) // 2} pair symbols")
+        if cw.numel() and int(cw.max()) >= D:
+            raise PackedFormatError(f"sub1 codec: codeword {int(cw.max())} is outside the {D}-entry dictionary")
+        total, counts, skips = sd.stream_layout(cw, d, N, K)
+        if counts is None:
+            raise PackedFormatError(f"sub1 codec: the codewords expand to {total} pair symbols, not "
+                                    f"{N} rows x {(K + 1) // 2}")
+        if not (torch.equal(counts, rc) and torch.equal(skips, skip.to(torch.int64))):
+            raise PackedFormatError("sub1 codec: row_counts / row_skip do not match where the codewords start")
 
 
 # ---- choice, sizes, sharing -----------------------------------------------------------------------

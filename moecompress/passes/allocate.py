@@ -20,6 +20,10 @@ Two phases, so that every user error surfaces before a weight is read:
        eps_e(b) = sum_t ||g_t (f_e(x_t) - f_e,b(x_t))||^2 / sum_t ||g_t f_e(x_t)||^2   over X_e,
    the error of the MoE block output when only expert e is quantized (allocation.contribution_error).
    Costs c = phi^alpha w^beta eps(b) (allocation.expert_costs) go to the 0/1 program (allocation.lp).
+   The candidate "sub1" (ternary experts dictionary-coded to SUB1_BITS bits per weight, everything
+   counted; `--candidates sub1,2,3`) is priced at that budget and, as in the quantize pass, its dead-zone
+   threshold is searched per batch until the codes fit; here the bytes of a candidate threshold are
+   estimated from the codes' pair entropy (passes.quantize.EstimateSizer: no dictionary exists yet).
    Cost of the pass: one forward per layer plus one GPTQ of every expert per candidate, on top of the
    quantization itself; the run records it in run/allocation.json.
 """
@@ -40,10 +44,19 @@ from ..codecs import QuantSpec
 from ..config import QuantizeConfig, resolve_group_size
 from ..errors import MoeCompressError
 from .calibrate import HessianCollector, expert_chunks
-from .quantize import HESSIAN_BUDGET, _quantize_group
+from .quantize import HESSIAN_BUDGET, EstimateSizer, _quantize_group
 
 log = logging.getLogger("moecompress")
 SAMPLE_TOKENS = 1024
+SUB1_BITS = 1.0  # the "sub1" candidate: stored bits per weight, codewords, counts, levels and dictionary counted
+
+
+def candidate_spec(c, group_size: int) -> QuantSpec:
+    """--candidates entry -> QuantSpec: an int width b -> int b-bit codes at the group size; "sub1" ->
+    ternary codes dictionary-coded within SUB1_BITS bits per weight (threshold searched per batch)."""
+    if c == "sub1":
+        return QuantSpec("sub1", 1, 0, (("target_bits", SUB1_BITS),))
+    return QuantSpec("int", int(c), group_size)
 
 
 class LayerSensitivity:
@@ -92,8 +105,9 @@ def layer_eps(ex, obs: LayerSensitivity, chunk: list[int], candidates, method: s
             if e in fallback:
                 Hx[j], Hh[j] = torch.eye(H), torch.eye(I)
     for c, spec in enumerate(candidates):
-        gu = _quantize_group(Wgu, Hx, spec, method, gcfg)[0].deq  # (G, 2I, H)
-        dn = _quantize_group(Wd, Hh, spec, method, gcfg)[0].deq  # (G, H, I)
+        budgeted = spec.option("target_bits", None) is not None  # sub1: search the threshold that fits
+        gu = _quantize_group(Wgu, Hx, spec, method, gcfg, EstimateSizer(spec, [I, I]) if budgeted else None)[0].deq
+        dn = _quantize_group(Wd, Hh, spec, method, gcfg, EstimateSizer(spec, [H]) if budgeted else None)[0].deq
         for j, e in enumerate(chunk):
             b = ex.biases[e] if ex.biases else {}
             dense = (ex.weights[e]["gate"], ex.weights[e]["up"], ex.weights[e]["down"])
@@ -181,7 +195,8 @@ class Allocator:
         P = sum(n * k for ls in layer_shapes for n, k in ls)
         self.overhead = sum(overhead_bits(ref, ls) * sum(n * k for n, k in ls) for ls in layer_shapes) / P
         self.acfg = AllocationConfig(
-            candidates=tuple(sorted(set(int(b) for b in config.candidates))), group_size=gs, alpha=config.alpha,
+            candidates=tuple(sorted({candidate_spec(c, gs) for c in config.candidates}, key=lambda q: (q.bits, q.codec))),
+            group_size=gs, alpha=config.alpha,
             beta=config.beta, budget_bits=float(config.bits) + self.overhead, budget_scope=config.budget_scope,
             min_bits=config.min_bits, max_bits=config.max_bits, top_two_each=config.top_two, seed=config.calib.seed)
         self.pricing = price_candidates(self.acfg.candidates, layer_shapes, len(moe), E)

@@ -138,7 +138,7 @@ class _Sizer:
         return budget_bytes(G * N * K, G * len(self.rows), self.target, 0.0)
 
     def nbytes(self, res) -> int:
-        from ..codecs.sub1_dict import ENTRY_BYTES, build_dictionary
+        from ..codecs.sub1_dict import build_dictionary
         from ..codecs.ternary import encode_ternary, encoded_nbytes
         G, N, K = res.codes.shape  # (experts, rows of the batch's projections, K)
         d = self.encoder.dictionary
@@ -153,7 +153,36 @@ class _Sizer:
                 r0 += n
                 total += encoded_nbytes(encode_ternary(res.codes[j, sl], res.zero[j, sl], res.scale[j, sl], 0, d))
         if self.encoder.expert_params:
-            total += ENTRY_BYTES * d.shape[0] * G * N * K / self.encoder.expert_params
+            total += d.numel() * G * N * K / self.encoder.expert_params  # the dictionary's share
+        return int(total)
+
+
+class EstimateSizer:
+    """_Sizer's estimate for when no dictionary exists yet (the allocation's sensitivity pass): a tensor's
+    sub1 bytes are its order-0 pair entropy x CODER_OVERHEAD in codewords, plus row counts, skips and
+    fp16 levels, capped by the dense ternary size (the codec falls back to it)."""
+
+    def __init__(self, spec: QuantSpec, rows: list[int]):
+        self.rows, self.target = rows, float(spec.option("target_bits"))
+
+    def budget(self, shape: tuple[int, int, int]) -> float:
+        from .ternary_budget import budget_bytes
+        G, N, K = shape
+        return budget_bytes(G * N * K, G * len(self.rows), self.target, 0.0)
+
+    def nbytes(self, res) -> int:
+        import math
+        from ..codecs.sub1_dict import pair_entropy
+        from ..codecs.ternary import CODER_OVERHEAD, count_dtype
+        G, N, K = res.codes.shape
+        total = 0.0
+        for j in range(G):
+            r0 = 0
+            for n in self.rows:
+                c = res.codes[j, r0:r0 + n]
+                r0 += n
+                sub1 = pair_entropy(c) * c.numel() * CODER_OVERHEAD / 8 + n * (count_dtype(K).itemsize + 1)
+                total += min(sub1, n * math.ceil(K / 5)) + 4 * n  # + fp16 lo, hi per row
         return int(total)
 
 
