@@ -155,7 +155,7 @@ def test_rows_are_coded_as_one_stream():
     pk = Sub1Codec().encode(codes, *levels(512, 1, 11), d)
     skip = pk.tensors["row_skip"].long()
     assert int((skip > 0).sum()) > 256  # most rows begin inside a codeword of the row before
-    per_row = sum(sd.parse_stream(sd.from_tensor(d), sd.pair_symbols(codes[n:n + 1]).flatten())[0].numel()
+    per_row = sum(sd.parse_rows(sd.from_tensor(d), sd.pair_symbols(codes[n:n + 1]))[0].numel()
                   for n in range(512))
     assert int(pk.tensors["row_counts"].long().sum()) < 0.9 * per_row
     assert torch.equal(get_codes(pk), codes)
@@ -246,7 +246,8 @@ def test_threshold_search_finds_smallest_fitting_threshold():
 @pytest.mark.skipif(not FIXTURE.exists(), reason="trained fixture not present")
 def test_fixture_sub1_fits_one_bit_with_usable_perplexity(tmp_path):
     # --method ternary --bits 1 end to end: every byte on disk counted, under 1 bit per expert weight, and the
-    # perplexity within the acceptance bar (6x the original); benchmarks/sub1bit.py --pipeline: 0.983 bits, C 4.3x
+    # perplexity well within the acceptance bar (6x the original); benchmarks/sub1bit.py --pipeline: 0.985
+    # bits, C 3.1x (4.3x with the per-row frequent-strings coder of before)
     import json
     import os
 
@@ -270,4 +271,4 @@ def test_fixture_sub1_fits_one_bit_with_usable_perplexity(tmp_path):
     assert {t["codec"] for t in m["tensors"]} == {"sub1"}
     c = str(text / "c_test.txt")
     p_q, p_0 = (evaluate(m, [c], max_tokens=2048, progress=False)[c]["perplexity"] for m in (out, str(fix)))
-    assert p_q < 6 * p_0, (p_q, p_0)
+    assert p_q < 4.5 * p_0, (p_q, p_0)

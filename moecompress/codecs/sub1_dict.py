@@ -33,9 +33,8 @@ node are 9 + 9j .. 9 + 9j + 8 (one per symbol); codeword c is the c-th leaf in t
 dictionary is one bit per node, "is this node expanded": a uint8 bitmap of ceil(9 (k + 1) / 8) bytes,
 LSB-first (8 KB at 2^16 codewords, against 196 KB for 2^16 explicit (parent, symbol) entries).
 
-Parsing is vectorised: the longest match at every stream position is found by one trie step per
-depth for all positions still inside the trie; the greedy parse then only follows match lengths
-from position 0. Decode is a gather: codeword -> (length, expansion) tables, output positions from a
+Parsing is vectorised over rows (one trie step per column for all rows at once); rows that start
+inside the previous row's last codeword are walked again from that trie node (parse_rows). Decode is a gather: codeword -> (length, expansion) tables, output positions from a
 cumsum of lengths.
 
 The empirical order-0 entropy of the pair stream, H = -sum_s p_s log2 p_s bits per pair, is the bound
@@ -57,6 +56,7 @@ NSYM = 9
 ZERO_TRIT = 1
 ZERO_PAIR = 3 * ZERO_TRIT + ZERO_TRIT  # 4
 MAX_ENTRIES = 1 << 16
+SAMPLE_SYMBOLS = 1 << 22  # build_dictionary judges sizes on at most about this many pair symbols
 MAX_LEN = 255  # longest entry, in pair symbols (row_skip is below it: uint8); reached only above ~97% zeros
 
 
@@ -274,42 +274,57 @@ class Parse(NamedTuple):
     row_skip: torch.Tensor     # (R,) int64 symbols at a row's start covered by a codeword from an earlier row
 
 
-def longest_matches(trie: Trie, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """seq: (P,) pair symbols -> (codeword (P,), symbols of seq it covers (P,)) of the match starting at
-    every position: the walk down the trie to a leaf. Past the end of seq the walk goes on with the
-    zero pair (padding the decoder drops). One trie step per depth for all positions still inside
-    the trie, so the work is the total match length."""
+def _walk(flat: torch.Tensor, is_leaf: torch.Tensor, S: torch.Tensor, start: torch.Tensor):
+    """Walk every row of S (R, L) down the trie at once, one column per step, from node ids `start` (R,)
+    (id = node + 1, root 0); a leaf emits its id and the walk restarts at the root.
+    -> (emitted (R, L) id at the column where a codeword ends, -1 elsewhere; the ids where the rows end)."""
+    R, L = S.shape
+    out = torch.full((R, L), -1, dtype=torch.int64)
+    node = start.clone()
+    for t in range(L):
+        node = flat[node * NSYM + S[:, t]]
+        leaf = is_leaf[node]
+        out[:, t] = torch.where(leaf, node, -1)
+        node = torch.where(leaf, 0, node)
+    return out, node
+
+
+def parse_rows(trie: Trie, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy parse of the rows of S (R, L), one after another as one stream -> (codewords (M,), start
+    positions (M,) in the stream).
+
+    Vectorised over rows: every row is first walked from the root; a row whose previous row ends inside
+    a codeword (at an inner node) is walked again from that node, until no row's start changes. Parses
+    from different start nodes merge after a few codewords, so this settles in 2-3 rounds (row r is
+    right after round r + 1 at worst). At the end of the stream the walk goes on with zero pairs.
+    """
     child = child_table(trie)
-    inner_of = child[:, 0] > 0  # (T+1,) node has children
-    cw_of = torch.full((trie.parent.numel() + 1,), -1, dtype=torch.int64)
+    flat = child.view(-1)  # child[n, s] = flat[9 n + s]
+    is_leaf = child[:, 0] == 0
+    is_leaf[0] = False
+    T = trie.parent.numel()
+    cw_of = torch.full((T + 1,), -1, dtype=torch.int64)
     leaf = leaves(trie)
     cw_of[leaf + 1] = torch.arange(leaf.numel())
-    P = seq.numel()
-    padded = torch.cat([seq, torch.full((MAX_LEN,), ZERO_PAIR, dtype=seq.dtype)])
-    flat = child.view(-1)  # child[n, s] = flat[9 n + s]
-    node = flat[seq]  # (P,) every single symbol is a node (the root is 0)
-    length = torch.ones(P, dtype=torch.int64)
-    idx, cur = torch.arange(P), node
-    for d in range(1, MAX_LEN):
-        live = inner_of[cur]
-        idx, cur = idx[live], cur[live]  # positions whose walk goes on, and their nodes
-        if idx.numel() == 0:
+    R, L = S.shape
+    start = torch.zeros(R, dtype=torch.int64)
+    out, end = _walk(flat, is_leaf, S, start)
+    while R:
+        want = torch.cat([start[:1], end[:-1]])  # row r starts where row r - 1 ended
+        redo = (want != start).nonzero().flatten()
+        if redo.numel() == 0:
             break
-        cur = flat[cur * NSYM + padded[idx + d]]
-        node[idx] = cur
-        length[idx] += (idx + d < P).to(torch.int64)
-    return cw_of[node], length
-
-
-def parse_stream(trie: Trie, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy longest-match parse of one stream: -> (codewords (M,), start positions (M,))."""
-    code, length = longest_matches(trie, seq)
-    ln, starts, p, P = length.tolist(), [], 0, seq.numel()
-    while p < P:  # follow the match lengths from position 0
-        starts.append(p)
-        p += ln[p]
-    st = torch.tensor(starts, dtype=torch.int64)
-    return code[st], st
+        start = want
+        out[redo], end[redo] = _walk(flat, is_leaf, S[redo], start[redo])
+    ids = out[out >= 0]  # row-major: stream order
+    if R and int(end[-1]):  # the stream ends inside a codeword: complete it with zero pairs
+        node = int(end[-1])
+        while not bool(is_leaf[node]):
+            node = int(flat[node * NSYM + ZERO_PAIR])
+        ids = torch.cat([ids, torch.tensor([node])])
+    cw = cw_of[ids]
+    lens = depths(trie)[leaf][cw]
+    return cw, torch.cumsum(lens, 0) - lens
 
 
 def row_layout(starts: torch.Tensor, R: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,13 +338,13 @@ def row_layout(starts: torch.Tensor, R: int, L: int) -> tuple[torch.Tensor, torc
 def encode_rows(codes: torch.Tensor, dictionary: torch.Tensor) -> Parse:
     """codes: (N, K) ternary -> Parse of its row-major pair stream against the stored dictionary."""
     S = pair_symbols(codes)  # (N, K2)
-    cw, starts = parse_stream(from_tensor(dictionary), S.flatten())
+    cw, starts = parse_rows(from_tensor(dictionary), S)
     return Parse(cw, *row_layout(starts, *S.shape))
 
 
 def coded_codewords(trie: Trie, streams: list[torch.Tensor]) -> int:
-    """Codewords needed for every stream (1-D pair symbols) of `streams`."""
-    return sum(parse_stream(trie, s)[0].numel() for s in streams)
+    """Codewords needed for every (R, L) pair-symbol matrix of `streams`, its rows as one stream."""
+    return sum(parse_rows(trie, S)[0].numel() for S in streams)
 
 
 def symbol_counts(code_streams) -> torch.Tensor:
@@ -346,26 +361,39 @@ def build_dictionary(code_streams, max_entries: int = MAX_ENTRIES, max_len: int 
     codewords is one of `sizes` (default: powers of 2 from 32 up to max_entries; a size s allows the
     largest 9 + 8k <= s) that minimises codeword bytes (ceil(log2 D) bits each) + dictionary bytes /
     amortize on these streams. amortize: how many times the streams given stand for (e.g. the number
-    of layers that share a dictionary built from the first one). The size is judged on every
-    ceil(rows / max_rows)-th row (all concatenated), which bounds the build time on large models.
+    of layers that share a dictionary built from the first one). The size is judged on every step-th
+    row (rows of one width as one stream; step keeps the sample within max_rows rows and SAMPLE_SYMBOLS
+    symbols), largest size first, stopping once the cost rises: the build time stays bounded on large
+    models.
     """
     code_streams = list(code_streams)
     counts = symbol_counts(code_streams)
     rows = sum(c.shape[0] for c in code_streams)
-    step = max(1, -(-rows // max_rows))
+    symbols = sum(c.shape[0] * ((c.shape[1] + 1) // 2) for c in code_streams)
+    step = max(1, -(-rows // max_rows), -(-symbols // SAMPLE_SYMBOLS))
     if sizes is None:
         sizes = tuple(1 << b for b in range(5, 17) if (1 << b) < max_entries) + (max_entries,)
     sizes = sorted({min(max(s, NSYM), MAX_ENTRIES) for s in sizes})
     tries = tunstall_sizes(counts, sizes, max_len)
     if len(sizes) == 1:
         return to_tensor(tries[sizes[0]])
-    streams = [torch.cat([pair_symbols(c[::step]).flatten() for c in code_streams])]  # one parse call per size
+    groups = {}
+    for c in code_streams:  # matrices of one width share a parse call: their rows as one stream
+        S = pair_symbols(c[::step])
+        groups.setdefault(S.shape[1], []).append(S)
+    streams = [torch.cat(v) for v in groups.values()]
 
     def cost(s):
         D, T = leaves(tries[s]).numel(), tries[s].parent.numel()
         return coded_codewords(tries[s], streams) * step * codeword_bits(D) / 8 + (-(-T // 8)) / amortize
 
-    return to_tensor(tries[min(sizes, key=lambda s: (cost(s), s))])
+    best, best_cost = None, float("inf")
+    for s in sorted(sizes, reverse=True):  # the cost is convex in log D: stop once it rises again
+        c = cost(s)
+        if c > best_cost:
+            break
+        best, best_cost = s, c
+    return to_tensor(tries[best])
 
 
 def decode_rows(codewords: torch.Tensor, dictionary: torch.Tensor, N: int, K: int) -> torch.Tensor:
