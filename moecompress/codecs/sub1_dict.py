@@ -91,13 +91,6 @@ def pair_symbols(codes: torch.Tensor) -> torch.Tensor:
     return 3 * c[..., 0] + c[..., 1]
 
 
-def trits_from_pairs(sym: torch.Tensor, K: int) -> torch.Tensor:
-    """sym: (N, K2) pair symbols -> (N, K) int32 ternary codes; inverse of pair_symbols."""
-    N = sym.shape[0]
-    t = torch.stack((sym // 3, sym % 3), dim=-1).view(N, -1)  # (N, K2, 2) -> (N, 2*K2)
-    return t[:, :K].to(torch.int32)
-
-
 def pair_entropy(codes: torch.Tensor) -> float:
     """Empirical order-0 entropy of the pair-symbol stream, in bits per weight (N*K weights)."""
     N, K = codes.shape
@@ -396,17 +389,18 @@ def build_dictionary(code_streams, max_entries: int = MAX_ENTRIES, max_len: int 
     return to_tensor(tries[best])
 
 
+PAIR_TRITS = torch.tensor([[s // 3, s % 3] for s in range(NSYM)], dtype=torch.int32)  # (9, 2)
+
+
 def decode_rows(codewords: torch.Tensor, dictionary: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """codewords: (M,) -> (N, K) int32 ternary codes. The stream expands to N * ceil(K/2) symbols plus
-    the padding of its last codeword (checked by the codec); output positions are a global cumsum."""
+    """codewords: (M,) -> (N, K) int32 ternary codes. Every codeword's expansion is gathered as a row of
+    the (D, Lmax) table, the first lengths[c] symbols of each kept in order (a mask), and the stream is
+    cut at N * ceil(K/2) symbols (the last codeword may be padded; the codec checks the layout)."""
     table, lengths = tables_for(dictionary)
     cw = codewords.to(torch.int64)
-    lens = lengths[cw]  # (M,)
-    idx = torch.repeat_interleave(torch.arange(cw.numel()), lens)  # (>= N*K2,) which codeword
-    start = torch.cumsum(lens, 0) - lens
-    within = torch.arange(idx.numel()) - start[idx]
-    sym = table.view(-1)[cw[idx] * table.shape[1] + within][:N * ((K + 1) // 2)]  # (N*K2,) pair symbols
-    return trits_from_pairs(sym.view(N, -1).to(torch.int32), K)
+    mask = torch.arange(table.shape[1]) < lengths[cw][:, None]  # (M, Lmax)
+    sym = table[cw][mask][:N * ((K + 1) // 2)]  # (N*K2,) pair symbols in stream order
+    return PAIR_TRITS[sym.to(torch.int64)].view(N, -1)[:, :K].contiguous()
 
 
 def stream_layout(codewords: torch.Tensor, dictionary: torch.Tensor, N: int, K: int):
