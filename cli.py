@@ -153,6 +153,15 @@ def cmd_quantize(a) -> int:
     print(f"packed {s['out']}: expert bits/param {s['expert_bits_per_param']:.3f}, "
           f"{s['source_bytes'] / 1e6:.1f} MB -> {s['packed_bytes'] / 1e6:.1f} MB ({s['compression']:.2f}x), "
           f"{s['seconds']:.1f} s" + (f", {s['fallback_experts']} experts fell back to round-to-nearest" if s["fallback_experts"] else ""))
+    t = s.get("ternary")
+    if t:
+        line = (f"ternary experts: {100 * t['zero_fraction']:.1f}% zeros, entropy bound {t['pair_entropy_bpw']:.3f} "
+                f"bits/weight; {t['sub1_tensors']} sub1 / {t['dense_tensors']} dense tensors")
+        if "codeword_bpw" in t:
+            line += (f"; sub1 codewords {t['codeword_bpw']:.3f} bits/weight ({t['coder_over_entropy']:.3f}x their "
+                     f"entropy {t['sub1_pair_entropy_bpw']:.3f}), {t['with_offsets_and_dictionary_bpw']:.3f} with "
+                     f"row offsets and dictionary")
+        print(line)
     if a.allocation == "lp" or a.plan:
         from moecompress.allocation.plan import plan_table
         print(plan_table(s["out"]))

@@ -256,6 +256,9 @@ def _quantize(model: str | None, out: str, config: QuantizeConfig, *, plan: str 
         "run/metrics.json": summary,
         "run/coverage.json": _coverage_json(records, windows, config),
     }
+    limits = encoder.limits()  # ternary experts: the coder against the entropy bound
+    if limits is not None:
+        summary["ternary"] = limits
     if allocator is not None and allocator.record is not None:
         run["run/allocation.json"] = allocator.record
         summary["allocation"] = {k: allocator.record[k] for k in ("sensitivity_seconds", "solve_seconds", "status",

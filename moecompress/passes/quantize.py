@@ -70,6 +70,8 @@ class LayerEncoder:
         self._shared: dict[str, torch.Tensor] = {}
         self._pending: dict = {}
         self._written: set[str] = set()
+        self.tally = dict.fromkeys(("weights", "zeros", "entropy_bits", "sub1_weights", "sub1_entropy_bits",
+                                    "codeword_bits", "offset_bits", "sub1_tensors", "dense_tensors"), 0)
 
     def restore_from(self, directory: str) -> None:
         """--resume: pick the dictionary up from shards already written."""
@@ -106,10 +108,46 @@ class LayerEncoder:
         for key, (codes, lo, hi) in self._pending.items():
             pt, shared = split_shared(encode_ternary(codes, lo, hi, 0, self.dictionary))
             pt.attrs.pop("sizes", None)  # keep the manifest small: it counts in the size on disk
+            self._count(codes, pt)
             for k, v in shared.items():
                 self._shared.setdefault(k, v)
             out[key] = pt
         self._pending = {}
+        return out
+
+    def _count(self, codes: torch.Tensor, pt: PackedTensor) -> None:
+        from ..codecs.sub1_dict import ZERO_TRIT, pair_entropy
+        t, n = self.tally, codes.numel()
+        ent = pair_entropy(codes) * n
+        t["weights"] += n
+        t["zeros"] += int((codes == ZERO_TRIT).sum())
+        t["entropy_bits"] += ent
+        if pt.codec == "sub1":
+            t["sub1_tensors"] += 1
+            t["sub1_weights"] += n
+            t["sub1_entropy_bits"] += ent
+            t["codeword_bits"] += 8 * pt.tensors["codewords"].numel()
+            t["offset_bits"] += 8 * sum(pt.tensors[k].numel() * pt.tensors[k].element_size() for k in ("row_counts", "row_skip"))
+        else:
+            t["dense_tensors"] += 1
+
+    def limits(self) -> dict | None:
+        """The sub1 coder against its bound, over the ternary tensors this encoder packed (None if none):
+        zero fraction, order-0 pair entropy (bits/weight), codeword bits/weight and their ratio, and the
+        bits/weight with the per-row offsets (counts and skips) and the shared dictionary added."""
+        t = self.tally
+        if not t["weights"]:
+            return None
+        out = {"zero_fraction": round(t["zeros"] / t["weights"], 4),
+               "pair_entropy_bpw": round(t["entropy_bits"] / t["weights"], 4),
+               "sub1_tensors": t["sub1_tensors"], "dense_tensors": t["dense_tensors"]}
+        if t["sub1_weights"]:
+            w = t["sub1_weights"]
+            dict_bits = 8 * (self.dictionary.numel() if self.dictionary is not None else 0)
+            out.update({"sub1_pair_entropy_bpw": round(t["sub1_entropy_bits"] / w, 4),
+                        "codeword_bpw": round(t["codeword_bits"] / w, 4),
+                        "coder_over_entropy": round(t["codeword_bits"] / max(t["sub1_entropy_bits"], 1e-9), 4),
+                        "with_offsets_and_dictionary_bpw": round((t["codeword_bits"] + t["offset_bits"] + dict_bits) / w, 4)})
         return out
 
     def sizer(self, spec: QuantSpec, rows: list[int]) -> "_Sizer | None":
