@@ -12,7 +12,7 @@ Rows still decode in parallel: per row the codec stores how many codewords start
 and how many of its first symbols still belong to a codeword that started in an earlier row
 (row_skip, < MAX_LEN): row n's decoder starts inside codeword sum(row_counts[:n]) - 1 at that offset,
 or at codeword sum(row_counts[:n]) when the skip is 0. Coding across row ends instead of restarting
-every row saves the part-used last codeword of each row (3-4% of the codewords on the fixture, whose
+every row saves the part-used last codeword of each row (2-5% of the codewords on the fixture, whose
 rows are 96-192 pairs long).
 
 The dictionary is Tunstall's variable-to-fixed code (Tunstall 1967) for the order-0 pair statistics
