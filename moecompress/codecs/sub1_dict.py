@@ -201,16 +201,44 @@ def expansion_table(trie: Trie) -> tuple[torch.Tensor, torch.Tensor]:
     return table[leaf].contiguous(), lengths[leaf]
 
 
+class Walker(NamedTuple):
+    """What the parse needs of a trie (ids are node + 1, root 0)."""
+    flat: torch.Tensor     # (9 (T+1),) child_table flattened: child[n, s] = flat[9 n + s]
+    is_leaf: torch.Tensor  # (T+1,) bool, False for the root
+    cw_of: torch.Tensor    # (T+1,) codeword of a leaf id, -1 elsewhere
+    lengths: torch.Tensor  # (D,) symbols each codeword expands to
+
+
+def walker(trie: Trie) -> Walker:
+    child = child_table(trie)
+    is_leaf = child[:, 0] == 0
+    is_leaf[0] = False
+    leaf = leaves(trie)
+    cw_of = torch.full((trie.parent.numel() + 1,), -1, dtype=torch.int64)
+    cw_of[leaf + 1] = torch.arange(leaf.numel())
+    return Walker(child.view(-1), is_leaf, cw_of, depths(trie)[leaf])
+
+
 @functools.lru_cache(maxsize=8)
-def _cached_tables(key: str, raw: bytes):
-    t = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    return expansion_table(from_tensor(t))
+def _cached(kind: str, key: str, raw: bytes):
+    trie = from_tensor(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    return expansion_table(trie) if kind == "tables" else walker(trie)
+
+
+def _for(kind: str, t: torch.Tensor):
+    raw = t.contiguous().numpy().tobytes()
+    return _cached(kind, hashlib.sha1(raw).hexdigest(), raw)
 
 
 def tables_for(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Codeword expansion tables of a stored dictionary, cached by content (decoding reuses one per model)."""
-    raw = t.contiguous().numpy().tobytes()
-    return _cached_tables(hashlib.sha1(raw).hexdigest(), raw)
+    return _for("tables", t)
+
+
+def walker_for(t: torch.Tensor) -> Walker:
+    """The parse tables of a stored dictionary, cached by content (every tensor of a model is coded
+    against one dictionary, and the sub1 budget search encodes each several times)."""
+    return _for("walker", t)
 
 
 def tunstall(counts: torch.Tensor, max_codewords: int = MAX_ENTRIES, max_len: int = MAX_LEN) -> Trie:
@@ -282,7 +310,7 @@ def _walk(flat: torch.Tensor, is_leaf: torch.Tensor, S: torch.Tensor, start: tor
     return out, node
 
 
-def parse_rows(trie: Trie, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def parse_rows(w: Walker, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy parse of the rows of S (R, L), one after another as one stream -> (codewords (M,), start
     positions (M,) in the stream).
 
@@ -291,32 +319,24 @@ def parse_rows(trie: Trie, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     from different start nodes merge after a few codewords, so this settles in 2-3 rounds (row r is
     right after round r + 1 at worst). At the end of the stream the walk goes on with zero pairs.
     """
-    child = child_table(trie)
-    flat = child.view(-1)  # child[n, s] = flat[9 n + s]
-    is_leaf = child[:, 0] == 0
-    is_leaf[0] = False
-    T = trie.parent.numel()
-    cw_of = torch.full((T + 1,), -1, dtype=torch.int64)
-    leaf = leaves(trie)
-    cw_of[leaf + 1] = torch.arange(leaf.numel())
     R, L = S.shape
     start = torch.zeros(R, dtype=torch.int64)
-    out, end = _walk(flat, is_leaf, S, start)
+    out, end = _walk(w.flat, w.is_leaf, S, start)
     while R:
         want = torch.cat([start[:1], end[:-1]])  # row r starts where row r - 1 ended
         redo = (want != start).nonzero().flatten()
         if redo.numel() == 0:
             break
         start = want
-        out[redo], end[redo] = _walk(flat, is_leaf, S[redo], start[redo])
+        out[redo], end[redo] = _walk(w.flat, w.is_leaf, S[redo], start[redo])
     ids = out[out >= 0]  # row-major: stream order
     if R and int(end[-1]):  # the stream ends inside a codeword: complete it with zero pairs
         node = int(end[-1])
-        while not bool(is_leaf[node]):
-            node = int(flat[node * NSYM + ZERO_PAIR])
+        while not bool(w.is_leaf[node]):
+            node = int(w.flat[node * NSYM + ZERO_PAIR])
         ids = torch.cat([ids, torch.tensor([node])])
-    cw = cw_of[ids]
-    lens = depths(trie)[leaf][cw]
+    cw = w.cw_of[ids]
+    lens = w.lengths[cw]
     return cw, torch.cumsum(lens, 0) - lens
 
 
@@ -331,13 +351,14 @@ def row_layout(starts: torch.Tensor, R: int, L: int) -> tuple[torch.Tensor, torc
 def encode_rows(codes: torch.Tensor, dictionary: torch.Tensor) -> Parse:
     """codes: (N, K) ternary -> Parse of its row-major pair stream against the stored dictionary."""
     S = pair_symbols(codes)  # (N, K2)
-    cw, starts = parse_rows(from_tensor(dictionary), S)
+    cw, starts = parse_rows(walker_for(dictionary), S)
     return Parse(cw, *row_layout(starts, *S.shape))
 
 
 def coded_codewords(trie: Trie, streams: list[torch.Tensor]) -> int:
     """Codewords needed for every (R, L) pair-symbol matrix of `streams`, its rows as one stream."""
-    return sum(parse_rows(trie, S)[0].numel() for S in streams)
+    w = walker(trie)
+    return sum(parse_rows(w, S)[0].numel() for S in streams)
 
 
 def symbol_counts(code_streams) -> torch.Tensor:
