@@ -167,13 +167,21 @@ class LayerEncoder:
 class _Sizer:
     """Real encoded bytes of a batch's ternary result (see passes/ternary_budget.py) and its budget."""
 
-    def __init__(self, encoder: LayerEncoder, rows: list[int], target_bits: float):
+    def __init__(self, encoder: "LayerEncoder | None", rows: list[int], target_bits: float):
         self.encoder, self.rows, self.target = encoder, rows, target_bits
 
     def budget(self, shape: tuple[int, int, int]) -> float:
         from .ternary_budget import budget_bytes
         G, N, K = shape  # (experts, rows of the batch's projections, K)
         return budget_bytes(G * N * K, G * len(self.rows), self.target, 0.0)
+
+    def tensors(self, res):
+        """(codes, lo, hi) of every packed tensor of the batch: each expert's rows split by projection."""
+        for j in range(res.codes.shape[0]):
+            r0 = 0
+            for n in self.rows:
+                yield res.codes[j, r0:r0 + n], res.zero[j, r0:r0 + n], res.scale[j, r0:r0 + n]
+                r0 += n
 
     def nbytes(self, res) -> int:
         from ..codecs.sub1_dict import build_dictionary
@@ -183,44 +191,30 @@ class _Sizer:
         if d is None:  # first MoE layer, no dictionary yet: one from this candidate's codes (a row sample:
             # the final dictionary is built from the whole layer at its end, see finish_layer)
             d = build_dictionary(list(res.codes), amortize=self.encoder.num_moe_layers, max_rows=2048)
-        total = 0
-        for j in range(G):
-            r0 = 0
-            for n in self.rows:
-                sl = slice(r0, r0 + n)
-                r0 += n
-                total += encoded_nbytes(encode_ternary(res.codes[j, sl], res.zero[j, sl], res.scale[j, sl], 0, d))
+        total = sum(encoded_nbytes(encode_ternary(c, lo, hi, 0, d)) for c, lo, hi in self.tensors(res))
         if self.encoder.expert_params:
             total += d.numel() * G * N * K / self.encoder.expert_params  # the dictionary's share
         return int(total)
 
 
-class EstimateSizer:
+class EstimateSizer(_Sizer):
     """_Sizer's estimate for when no dictionary exists yet (the allocation's sensitivity pass): a tensor's
     sub1 bytes are its order-0 pair entropy x CODER_OVERHEAD in codewords, plus row counts, skips and
     fp16 levels, capped by the dense ternary size (the codec falls back to it)."""
 
     def __init__(self, spec: QuantSpec, rows: list[int]):
-        self.rows, self.target = rows, float(spec.option("target_bits"))
-
-    def budget(self, shape: tuple[int, int, int]) -> float:
-        from .ternary_budget import budget_bytes
-        G, N, K = shape
-        return budget_bytes(G * N * K, G * len(self.rows), self.target, 0.0)
+        super().__init__(None, rows, float(spec.option("target_bits")))
 
     def nbytes(self, res) -> int:
         import math
         from ..codecs.sub1_dict import pair_entropy
         from ..codecs.ternary import CODER_OVERHEAD, count_dtype
-        G, N, K = res.codes.shape
+        K = res.codes.shape[2]
         total = 0.0
-        for j in range(G):
-            r0 = 0
-            for n in self.rows:
-                c = res.codes[j, r0:r0 + n]
-                r0 += n
-                sub1 = pair_entropy(c) * c.numel() * CODER_OVERHEAD / 8 + n * (count_dtype(K).itemsize + 1)
-                total += min(sub1, n * math.ceil(K / 5)) + 4 * n  # + fp16 lo, hi per row
+        for c, _, _ in self.tensors(res):
+            n = c.shape[0]
+            sub1 = pair_entropy(c) * c.numel() * CODER_OVERHEAD / 8 + n * (count_dtype(K).itemsize + 1)
+            total += min(sub1, n * math.ceil(K / 5)) + 4 * n  # + fp16 lo, hi per row
         return int(total)
 
 
