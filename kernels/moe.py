@@ -67,6 +67,15 @@ def _fmt(p: PackedTensor) -> tuple:
     return (p.codec, tuple(sorted((k, v) for k, v in p.attrs.items() if k not in INFO_ATTRS)))
 
 
+def _joined_codewords(members: list[PackedTensor]) -> torch.Tensor:
+    """sub1: the members' codeword bit streams as one, re-packed codeword by codeword (a stream may end
+    inside a byte), so that codeword indices run on from one member into the next."""
+    from moecompress.codecs import sub1_dict as sd
+    from moecompress.codecs.ternary import Sub1Codec
+    cw = torch.cat([Sub1Codec.codewords(m) for m in members])
+    return sd.pack_codewords(cw, members[0].attrs["codeword_bits"]).to(members[0].tensors["codewords"].device)
+
+
 def _stack(codec: str, members: list[PackedTensor]) -> dict[str, torch.Tensor]:
     """The group's tensors with a leading expert axis; sub1 concatenates its variable-length codewords
     and stores the index of the first codeword starting in each row ("starts", (E_g, N)) instead of the
@@ -74,13 +83,9 @@ def _stack(codec: str, members: list[PackedTensor]) -> dict[str, torch.Tensor]:
     first = members[0].tensors
     if codec != "sub1":
         return {k: torch.stack([m.tensors[k] for m in members]).contiguous() for k in first}
-    from moecompress.codecs import sub1_dict as sd
-    from moecompress.codecs.ternary import Sub1Codec
-
     from .sub1_triton import row_starts
     counts = torch.stack([m.tensors["row_counts"] for m in members])  # (E_g, N)
-    cw = torch.cat([Sub1Codec.codewords(m) for m in members])  # one stream: re-packed so indices run on
-    return {"codewords": sd.pack_codewords(cw, members[0].attrs["codeword_bits"]).to(counts.device),
+    return {"codewords": _joined_codewords(members),
             "starts": row_starts(counts).to(counts.device),
             "skips": torch.stack([m.tensors["row_skip"] for m in members]).contiguous(),
             "lo": torch.stack([m.tensors["lo"] for m in members]).contiguous(),
@@ -106,13 +111,10 @@ def _group(items: list[tuple[int, int, PackedTensor]]) -> list[ExpertGroup]:
 def _cat_rows(a: PackedTensor, b: PackedTensor) -> PackedTensor:
     # Row-wise formats: stacking the rows of two same-format matrices is the packed form of cat([A, B]).
     # A shared tensor (same id in both, _fmt checked it) is kept once; informational attrs are dropped;
-    # sub1's codeword bit streams are joined codeword by codeword (a stream may end inside a byte).
+    # sub1's codeword bit streams are joined codeword by codeword (_joined_codewords).
     t = {k: a.tensors[k] if k in SHARED_TENSORS else torch.cat([a.tensors[k], b.tensors[k]]) for k in a.tensors}
     if a.codec == "sub1":
-        from moecompress.codecs import sub1_dict as sd
-        from moecompress.codecs.ternary import Sub1Codec
-        cw = torch.cat([Sub1Codec.codewords(a), Sub1Codec.codewords(b)])
-        t["codewords"] = sd.pack_codewords(cw, a.attrs["codeword_bits"]).to(a.tensors["codewords"].device)
+        t["codewords"] = _joined_codewords([a, b])
     return PackedTensor(a.codec, (a.shape[0] + b.shape[0], a.shape[1]), t,
                         {k: v for k, v in a.attrs.items() if k not in INFO_ATTRS})
 
