@@ -82,5 +82,10 @@ def tiny_dir(tmp_path_factory):
     return make
 
 
+# tests that calibrate a tiny model: its tokenizer is the trained fixture's, its text the shared text
+needs_shared = pytest.mark.skipif(not (os.path.isdir(TRAINED) and os.path.isdir(TEXT)),
+                                  reason="needs ../shared/fixtures (tokenizer and calibration text) beside the project")
+
+
 def needs_trained():
     return pytest.mark.skipif(not os.path.isdir(TRAINED), reason=f"trained fixture not found at {TRAINED}")

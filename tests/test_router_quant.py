@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import TEXT, TRAINED
+from conftest import TEXT, TRAINED, needs_shared
 from moecompress.config import CalibConfig, QuantizeConfig
 from moecompress.errors import MoeCompressError
 
@@ -20,6 +20,7 @@ def _router(path, key):
     raise KeyError(key)
 
 
+@needs_shared
 @pytest.mark.parametrize("family", ["Mixtral", "Qwen3Moe"])
 def test_router_on_grid_and_recorded(tiny_dir, tmp_path, family):
     import moecompress
