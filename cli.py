@@ -43,6 +43,8 @@ def add_calib_args(p):
     p.add_argument("--ebss-tau", type=float, default=C.ebss_tau,
                    help=f"--sampler ebss: weight of expert balance, score = NLL + CV of usage / tau (default {C.ebss_tau})")
     p.add_argument("--ebss-beams", type=int, default=C.ebss_beams, help=f"--sampler ebss: beam width (default {C.ebss_beams})")
+    p.add_argument("--ebss-expand", type=int, default=C.ebss_expand,
+                   help=f"--sampler ebss: most likely next tokens each beam proposes per step (default {C.ebss_expand})")
     p.add_argument("--ebss-real", type=float, default=C.ebss_real,
                    help=f"--sampler ebss: share of the windows taken at random from the calibration text, the rest "
                         f"self-generated (default {C.ebss_real}: all generated, as MoEQuant)")
@@ -139,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_quantize(a) -> int:
     from moecompress import api
     calib = CalibConfig(tuple(a.calib or ()), a.nsamples, a.seqlen, a.seed, a.sampler,
-                        ebss_tau=a.ebss_tau, ebss_beams=a.ebss_beams, ebss_real=a.ebss_real)
+                        ebss_tau=a.ebss_tau, ebss_beams=a.ebss_beams,
+                        ebss_expand=a.ebss_expand, ebss_real=a.ebss_real)
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, method=a.method, allocation=a.allocation,
                          percdamp=a.percdamp, act_order=a.act_order, affinity=a.affinity, min_tokens=a.min_tokens, router_bits=a.router_bits,
                          ternary_threshold=a.ternary_threshold, candidates=a.candidates, budget_scope=a.budget_scope,
@@ -175,7 +178,8 @@ def cmd_merge(a) -> int:
     from moecompress.merge.pipeline import run_merge
     s = run_merge(a.model, a.out, experts=a.experts, ratio=a.ratio, method=a.method, calib=tuple(a.calib or ()),
                   nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, progress=not a.quiet, refit=a.refit,
-                  sampler=a.sampler, ebss_tau=a.ebss_tau, ebss_beams=a.ebss_beams, ebss_real=a.ebss_real)
+                  sampler=a.sampler, ebss_tau=a.ebss_tau, ebss_beams=a.ebss_beams,
+                        ebss_expand=a.ebss_expand, ebss_real=a.ebss_real)
     print(json.dumps(s, indent=1, default=str))
     return 0
 
@@ -203,7 +207,8 @@ def cmd_eval(a) -> int:
 def cmd_calib_stats(a) -> int:
     from moecompress import api
     calib = CalibConfig(tuple(a.calib or ()), a.nsamples, a.seqlen, a.seed, a.sampler,
-                        ebss_tau=a.ebss_tau, ebss_beams=a.ebss_beams, ebss_real=a.ebss_real)
+                        ebss_tau=a.ebss_tau, ebss_beams=a.ebss_beams,
+                        ebss_expand=a.ebss_expand, ebss_real=a.ebss_real)
     cov, seconds = api.calibration_stats(a.model, calib, threshold=a.threshold, progress=not a.quiet)
     print(cov.table())
     print(f"sampler {a.sampler}: {seconds:.1f} s")

@@ -11,8 +11,14 @@ setting (api.calibration_windows is swapped for a lookup in this process), so sa
 once. Full run (hours on 2 CPU cores):
 
     python benchmarks/calibration.py --json /tmp/calib_bench.json
-A sampler spec `ebss@F` is EBSS with a share F of real windows (`--ebss-real F`). `--previous JSON`
-adds the cells of an earlier run with the same settings to the table (only specs this run lacks).
+A sampler spec `ebss@F` is EBSS with a share F of real windows (`--ebss-real F`). `--previous JSON...`
+adds the cells (sampler, affinity, seed) of earlier runs with the same settings that this run lacks,
+so one grid can be split over processes, e.g. on 2 cores:
+
+    python benchmarks/calibration.py --samplers ebss --seeds 0 1 --json /tmp/c_a.json &
+    python benchmarks/calibration.py --samplers random balanced --json /tmp/c_b.json &&
+    python benchmarks/calibration.py --samplers ebss --seeds 2 --previous /tmp/c_b.json --json /tmp/c_c.json; wait
+    python benchmarks/calibration.py --samplers --previous /tmp/c_a.json /tmp/c_c.json   # the table only
 
 Reduced run (what fits in a short session):
 
@@ -38,7 +44,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=os.path.join(FIX, "mixtral-wiki4"))
     ap.add_argument("--calib", default=os.path.join(FIX, "text", "calib_prose.txt"))
-    ap.add_argument("--samplers", nargs="+", default=["random", "balanced", "ebss"])
+    ap.add_argument("--samplers", nargs="*", default=["random", "balanced", "ebss"])
     ap.add_argument("--bits", nargs="+", type=int, default=[3, 2])
     ap.add_argument("--affinity", nargs="+", default=["off", "on"], choices=["off", "on"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -47,7 +53,8 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32768, help="evaluation tokens per domain")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--previous", default=None, help="JSON of an earlier run with the same settings: its cells join the table")
+    ap.add_argument("--previous", nargs="+", default=[],
+                    help="JSONs of earlier runs with the same settings: the cells this run lacks join the table")
     a = ap.parse_args(argv)
 
     import torch
@@ -70,10 +77,11 @@ def main(argv=None) -> int:
             calib = calib_of(sm, seed)
             sel = samplers.select(a.model, pool, calib)
             windows[(sm, seed)] = sel.windows
-            sampler_s.setdefault(sm, []).append(sel.seconds)
+            sampler_s.setdefault(sm, {})[str(seed)] = sel.seconds
             r = sel.routing or route_windows(a.model, sel.windows, 16)
             cov = coverage_from_routing(r)
-            coverage.setdefault(sm, []).append({"min": [c.min for c in cov.layers], "cv": [c.cv for c in cov.layers]})
+            coverage.setdefault(sm, {})[str(seed)] = {"min": [c.min for c in cov.layers], "cv": [c.cv for c in cov.layers],
+                                                     "tokens": [c.tokens for c in cov.layers]}
             print(f"[{sm} seed {seed}] {sel.seconds:.1f} s; min/layer {[c.min for c in cov.layers]}, "
                   f"cv/layer {[round(c.cv, 3) for c in cov.layers]}", flush=True)
 
@@ -104,22 +112,23 @@ def main(argv=None) -> int:
         api.calibration_windows = real
         shutil.rmtree(work, ignore_errors=True)
 
-    if a.previous:
-        with open(a.previous) as f:
+    for path in a.previous:
+        with open(path) as f:
             prev = json.load(f)
         for k, v in prev["args"].items():
-            if k in ("nsamples", "seqlen", "group_size", "max_tokens", "seeds", "model", "calib") and v != getattr(a, k):
-                raise SystemExit(f"--previous {a.previous}: {k} differs ({v} vs {getattr(a, k)})")
-        old = [sm for sm in prev["args"]["samplers"] if sm not in a.samplers]
+            if k in ("nsamples", "seqlen", "group_size", "max_tokens", "model", "calib") and v != getattr(a, k):
+                raise SystemExit(f"--previous {path}: {k} differs ({v} vs {getattr(a, k)})")
         for k, v in prev["perplexity"].items():
-            if k != "original" and k.split("/")[1] in old:
-                results[k] = v
-        sampler_s.update({sm: prev["sampler_seconds"][sm] for sm in old})
-        coverage.update({sm: prev["coverage"][sm] for sm in old})
-        a.samplers = old + a.samplers
-        print(f"(cells of {', '.join(old)} from {a.previous}; original re-measured here)")
+            results.setdefault(k, v)
+        for sm, per_seed in prev["sampler_seconds"].items():
+            for seed, v in per_seed.items():
+                sampler_s.setdefault(sm, {}).setdefault(seed, v)
+                coverage.setdefault(sm, {}).setdefault(seed, prev["coverage"][sm][seed])
+        print(f"(cells this run lacks taken from {path}; original re-measured here)")
+    a.samplers = list(sampler_s)
+    seeds_of = {sm: sorted(int(s) for s in sampler_s[sm]) for sm in a.samplers}
     print(f"\nprose-only calibration, {a.nsamples} x {a.seqlen} tokens, GPTQ group {a.group_size}, "
-          f"seeds {a.seeds}, eval {a.max_tokens} tokens/domain; perplexity mean +- std over seeds")
+          f"seeds {seeds_of}, eval {a.max_tokens} tokens/domain; perplexity mean +- std over seeds")
     print("original: " + "  ".join(f"{d} {v:.3f}" for d, v in results["original"].items()))
     cells = [(sm, aff) for sm in a.samplers for aff in a.affinity]
     for bits in a.bits:
@@ -127,14 +136,19 @@ def main(argv=None) -> int:
         for d in DOMAINS:
             row = []
             for sm, aff in cells:
-                v = [results[f"w{bits}/{sm}/{aff}/{s}"][d] for s in a.seeds]
+                v = [results[f"w{bits}/{sm}/{aff}/{s}"][d] for s in seeds_of[sm] if f"w{bits}/{sm}/{aff}/{s}" in results]
+                if not v:
+                    row.append("-")
+                    continue
                 sd = statistics.stdev(v) if len(v) > 1 else 0.0
                 row.append(f"{statistics.mean(v):>10.3f} +-{sd:5.3f}")
             print(f"{d:<8}" + "".join(f"{c:>18}" for c in row))
-    print("\nsampler   seconds (mean)   min tokens/expert per layer (seed 0)   cv per layer (seed 0)")
+    print("\nsampler   seed  seconds   min tokens/expert per layer   cv per layer")
     for sm in a.samplers:
-        c = coverage[sm][0]
-        print(f"{sm:<9} {statistics.mean(sampler_s[sm]):>10.1f}   {str(c['min']):>36}   {[round(x, 3) for x in c['cv']]}")
+        for seed in seeds_of[sm]:
+            c = coverage[sm][str(seed)]
+            print(f"{sm:<9} {seed:>4} {sampler_s[sm][str(seed)]:>8.1f}   {str(c['min']):>28}   "
+                  f"{[round(x, 3) for x in c['cv']]}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "perplexity": results, "sampler_seconds": sampler_s, "coverage": coverage}, f, indent=1)

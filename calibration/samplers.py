@@ -110,7 +110,7 @@ def select(model_path: str, pool, calib, *, progress=None) -> Selection:
         from .ebss import EBSSConfig, generate
         n_real = min(calib.nsamples - 1, round(calib.nsamples * calib.ebss_real))
         ids = generate(model_path, pool, calib.nsamples - n_real, calib.seqlen, calib.seed,
-                       EBSSConfig(tau=calib.ebss_tau, beams=calib.ebss_beams), progress=progress)
+                       EBSSConfig(tau=calib.ebss_tau, beams=calib.ebss_beams, expand=calib.ebss_expand), progress=progress)
         if n_real:  # (n_real, seqlen) real windows first, then the generated ones
             ids = torch.cat([random_windows(pool, n_real, calib.seqlen, calib.seed), ids])
         return Selection(ids, None, time.time() - t0)

@@ -25,6 +25,7 @@ class CalibConfig:
     batch_size: int = 8
     ebss_tau: float = 1.2            # --sampler ebss: score = NLL + CV of expert usage / tau (MoEQuant's default)
     ebss_beams: int = 4              # --sampler ebss: beam width
+    ebss_expand: int = 8             # --sampler ebss: candidates proposed per beam and step
     ebss_real: float = 0.0           # --sampler ebss: share of windows taken from the real text, the rest generated
 
     def __post_init__(self):
@@ -32,9 +33,9 @@ class CalibConfig:
             raise MoeCompressError(f"--nsamples must be at least 1, got {self.nsamples}")
         if self.seqlen < 8:
             raise MoeCompressError(f"--seqlen must be at least 8, got {self.seqlen}")
-        if not self.ebss_tau > 0 or self.ebss_beams < 1:
-            raise MoeCompressError(f"--ebss-tau must be positive and --ebss-beams at least 1, got "
-                                   f"{self.ebss_tau}, {self.ebss_beams}")
+        if not self.ebss_tau > 0 or self.ebss_beams < 1 or self.ebss_expand < 1:
+            raise MoeCompressError(f"--ebss-tau must be positive and --ebss-beams, --ebss-expand at least 1, got "
+                                   f"{self.ebss_tau}, {self.ebss_beams}, {self.ebss_expand}")
         if not 0.0 <= self.ebss_real < 1.0:
             raise MoeCompressError(f"--ebss-real is the share of real windows beside the generated ones, in [0, 1); "
                                    f"got {self.ebss_real}")

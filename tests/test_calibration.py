@@ -75,6 +75,24 @@ def test_ebss_score_prefers_likely_and_balanced():
         ebss.EBSSConfig(tau=0)
 
 
+def test_set_balance_scores_what_the_other_sequences_lack():
+    """balance="set": a candidate is scored by the change it makes to the whole set's sigma. Two
+    candidates that are equally unbalanced on their own tie under the per-sequence term; with the
+    other sequences crowding expert 0, the one feeding expert 1 wins, and n = 1 is the plain term."""
+    to0 = torch.tensor([[[6, 0, 2, 2]]])
+    to1 = torch.tensor([[[0, 6, 2, 2]]])
+    nll = torch.tensor([3.0])
+    assert ebss.ebss_score(nll, 3, to0, 1.2).item() == pytest.approx(ebss.ebss_score(nll, 3, to1, 1.2).item())
+    others = torch.tensor([[[30, 2, 10, 10]]])
+    s0 = ebss.ebss_score(nll, 3, to0, 1.2, others, 4)
+    s1 = ebss.ebss_score(nll, 3, to1, 1.2, others, 4)
+    assert s1.item() < s0.item() - 0.1
+    zero = torch.zeros_like(to0)
+    assert ebss.ebss_score(nll, 3, to0, 1.2, zero, 1).item() == pytest.approx(ebss.ebss_score(nll, 3, to0, 1.2).item())
+    with pytest.raises(MoeCompressError, match="balance"):
+        ebss.EBSSConfig(balance="global")
+
+
 # -- on the trained fixture --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def prose_pool():
