@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: searched per batch of experts so the sub-1-bit codes fit --bits; 0 at --bits 1.6)")
     q.add_argument("--min-tokens", type=int, default=Q.min_tokens,
                    help=f"experts with fewer routed calibration tokens fall back to round-to-nearest (default {Q.min_tokens})")
+    q.add_argument("--shared-bits", type=int, default=Q.shared_bits, choices=(0, 2, 3, 4, 8),
+                   help="width of the shared experts (Qwen2-MoE, DeepSeek), GPTQ'd like the routed ones; 0 keeps "
+                        "them dense (default: --bits when that is a uniform integer width, else 4)")
     q.add_argument("--router-bits", type=int, default=Q.router_bits, choices=(2, 3, 4, 8),
                    help="also GPTQ the router to this width (MoEQuant); the experts are then calibrated on the "
                         "quantized routing (default: router kept as it is)")
@@ -144,7 +147,8 @@ def cmd_quantize(a) -> int:
                         ebss_tau=a.ebss_tau, ebss_beams=a.ebss_beams,
                         ebss_expand=a.ebss_expand, ebss_real=a.ebss_real)
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, method=a.method, allocation=a.allocation,
-                         percdamp=a.percdamp, act_order=a.act_order, affinity=a.affinity, min_tokens=a.min_tokens, router_bits=a.router_bits,
+                         percdamp=a.percdamp, act_order=a.act_order, affinity=a.affinity, min_tokens=a.min_tokens,
+                         router_bits=a.router_bits, shared_bits=a.shared_bits,
                          ternary_threshold=a.ternary_threshold, candidates=a.candidates, budget_scope=a.budget_scope,
                          min_bits=a.min_bits, max_bits=a.max_bits, top_two=a.top_two, alpha=a.alpha, beta=a.beta,
                          calib=calib)

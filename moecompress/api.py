@@ -177,6 +177,7 @@ def _quantize(model: str | None, out: str, config: QuantizeConfig, *, plan: str 
         for i in bar:
             layer = streamer.build_layer(i)
             tensors, entries, rec, layer_bytes = {}, [], None, 0
+            skip = set()  # dense tensors stored packed instead (shared experts)
             router_w = None
             if i in reader.moe_layers:
                 path = find_experts(layer)[0]
@@ -201,13 +202,20 @@ def _quantize(model: str | None, out: str, config: QuantizeConfig, *, plan: str 
                 layer_bytes += tensor_bytes(shared)
                 if router_w is not None:
                     rec.router = router_rec
+                shared_packed, rec.shared = _quantize_shared(streamer, layer, hidden, kwargs[i], reader, i, config,
+                                                             gcfg, bs)
+                for name, pt in sorted(shared_packed.items()):
+                    for f, t in pt.tensors.items():
+                        tensors[f"{name}.{f}"] = t
+                    entries.append(packed_entry(name, pt, layer=i, module=name[len(f"{reader.prefix}.{i}."):]))
+                    skip.add(arch.to_disk(f"{name}.weight"))
                 records.append(rec)
                 for k in reader.expert_keys_on_disk(i):  # expert biases (GPT-OSS) stay as they are
                     if k.endswith("_bias"):
                         tensors[k] = reader.get(k)
                 bar.set_postfix_str(f"layer {i}: {rec.seconds:.1f}s")
             for k in reader.layer_keys(i):
-                if not reader.is_expert_tensor(k):
+                if not reader.is_expert_tensor(k) and k not in skip:
                     tensors[k] = reader.get(k)
             if router_w is not None:
                 key = arch.to_disk(f"{reader.prefix}.{i}.{arch.router_mem}.weight")
@@ -228,8 +236,10 @@ def _quantize(model: str | None, out: str, config: QuantizeConfig, *, plan: str 
     writer.write_shard("globals.safetensors", {k: reader.get(k) for k in reader.global_keys()})
     copy_tokenizer_files(reader.path, writer.tmp)
 
-    total_bytes = sum(reader.tensors[k].nbytes for k in reader.tensors if not reader.is_expert_tensor(k)
-                      or k.endswith("_bias")) + expert_bytes
+    shared = [s for r in records for s in r.shared]
+    total_bytes = (sum(reader.tensors[k].nbytes for k in reader.tensors if not reader.is_expert_tensor(k)
+                       or k.endswith("_bias")) + expert_bytes
+                   + sum(s["bytes"] - s["dense_bytes"] for s in shared))
     bits = 8 * expert_bytes / reader.expert_params
     fallback = [[r.layer, e, r.tokens[e]] for r in records for e in r.fallback] if config.method != "rtn" else []
     qcfg = {"quant_method": "moecompress", "format_version": FORMAT_VERSION, "method": config.method,
@@ -248,6 +258,11 @@ def _quantize(model: str | None, out: str, config: QuantizeConfig, *, plan: str 
     summary = {"expert_bits_per_param": round(bits, 4), "source_bytes": reader.total_bytes, "packed_bytes": total_bytes,
                "compression": round(reader.total_bytes / total_bytes, 3), "seconds": round(seconds, 1),
                "fallback_experts": len(fallback), "out": os.path.abspath(out)}
+    if shared:  # shared experts: packed beside the routed ones, outside the expert bits/param above
+        summary["shared_experts"] = {"count": len(shared), "bits": sorted({s["bits"] for s in shared}),
+                                     "bytes": sum(s["bytes"] for s in shared),
+                                     "dense_bytes": sum(s["dense_bytes"] for s in shared)}
+        manifest["shared_expert_bits"] = summary["shared_experts"]["bits"]
     run = {
         "run/run_config.json": {"model": reader.path, "config": config.to_json(), "format_version": FORMAT_VERSION},
         "run/plan.json": {"format_version": FORMAT_VERSION, "source_fingerprint": reader.fingerprint,
@@ -265,6 +280,27 @@ def _quantize(model: str | None, out: str, config: QuantizeConfig, *, plan: str 
                                                                    "predicted_bits_per_param")}
     writer.finish(cfg, manifest, run)
     return summary
+
+
+def _quantize_shared(streamer, layer, hidden, kwargs, reader, i: int, config: QuantizeConfig, gcfg, bs: int):
+    """The shared experts of MoE layer i (if its family has them): ({name: PackedTensor}, records with bytes)."""
+    from .packed import tensor_bytes
+    from .passes.shared import quantize_shared_experts, shared_experts, shared_spec
+    found = shared_experts(layer, reader.arch)
+    if not found:
+        return {}, []
+    widths = [w for _, mod, _ in found for w in (mod.gate_proj.in_features, mod.down_proj.in_features)]
+    spec = shared_spec(config, resolve_group_size(config.group_size, widths))
+    if spec is None:
+        return {}, []
+    packed, recs = quantize_shared_experts(streamer, layer, hidden, kwargs, arch=reader.arch, layer_idx=i,
+                                           prefix=reader.prefix, spec=spec, method=config.method, gcfg=gcfg,
+                                           affinity=config.affinity, min_tokens=config.min_tokens, batch_size=bs)
+    for rec in recs:
+        names = [n for n in packed if n.startswith(f"{reader.prefix}.{i}.{rec['path']}.")]
+        rec["bytes"] = sum(tensor_bytes(packed[n].tensors) for n in names)
+        rec["dense_bytes"] = sum(reader.tensors[reader.arch.to_disk(f"{n}.weight")].nbytes for n in names)
+    return packed, recs
 
 
 def _coverage_json(records, windows, config: QuantizeConfig) -> dict:

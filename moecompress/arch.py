@@ -35,6 +35,7 @@ class ArchSpec:
     glu: str = "swiglu"                     # "swiglu" (act(gate) * up) or "gptoss" (clamped, biased)
     fused_on_disk: bool = False             # the family's own save format is fused (GPT-OSS)
     shared_expert_paths: tuple[str, ...] = field(default_factory=tuple)
+    shared_gate_paths: tuple[str, ...] = field(default_factory=tuple)  # the sigmoid gate of each shared expert, if any
 
     def num_experts(self, config: dict) -> int:
         for k in self.expert_count_keys:
@@ -86,7 +87,8 @@ register_arch(ArchSpec("Mixtral", ("mixtral", "minimax"), _COUNT, moe_disk="bloc
 register_arch(ArchSpec("Phi-MoE", ("phimoe",), _COUNT, moe_disk="block_sparse_moe",
                        router_mem="mlp.router", per_expert_names=("w1", "w3", "w2"),
                        renames=(("block_sparse_moe.gate.", "mlp.router."),) + _MIXTRAL_RENAMES))
-register_arch(ArchSpec("Qwen2-MoE", ("qwen2_moe",), _COUNT, shared_expert_paths=("mlp.shared_expert",)))
+register_arch(ArchSpec("Qwen2-MoE", ("qwen2_moe",), _COUNT, shared_expert_paths=("mlp.shared_expert",),
+                       shared_gate_paths=("mlp.shared_expert_gate",)))
 register_arch(ArchSpec("Qwen3-MoE", ("qwen3_moe",), _COUNT))
 register_arch(ArchSpec("OLMoE", ("olmoe",), _COUNT))
 register_arch(ArchSpec("DeepSeek-V2", ("deepseek_v2",), _COUNT, shared_expert_paths=("mlp.shared_experts",)))

@@ -55,6 +55,8 @@ class QuantizeConfig:
     affinity: bool = False           # AGQ: weight each token's Hessian term by its gate weight
     min_tokens: int = 16             # fewer routed tokens than this: round-to-nearest fallback
     router_bits: int | None = None   # MoEQuant: GPTQ the router too (2/3/4/8), routing recomputed with it
+    shared_bits: int | None = None   # shared experts' width (2/3/4/8; 0 keeps them dense); None: --bits when
+    # that is a uniform integer width, else 4 (passes/shared.py)
     ternary_threshold: float | None = None  # --method ternary: dead zone |w| < t * (hi - lo) codes to 0;
     # None: searched per batch of experts to fit the --bits budget (sub1), or 0 for dense ternary
     # --allocation lp (see moecompress.allocation.AllocationConfig): bits is the average CODE bits per expert
@@ -89,6 +91,8 @@ class QuantizeConfig:
             raise MoeCompressError(f"--percdamp must be in [0, 1), got {self.percdamp}")
         if self.ternary_threshold is not None and not 0 <= self.ternary_threshold < 0.5:
             raise MoeCompressError(f"--ternary-threshold must be in [0, 0.5), got {self.ternary_threshold}")
+        if self.shared_bits is not None and (isinstance(self.shared_bits, bool) or self.shared_bits not in (0, 2, 3, 4, 8)):
+            raise MoeCompressError(f"--shared-bits must be 0 (keep dense), 2, 3, 4 or 8, got {self.shared_bits}")
         if self.router_bits is not None and (isinstance(self.router_bits, bool) or self.router_bits not in (2, 3, 4, 8)):
             raise MoeCompressError(f"--router-bits must be 2, 3, 4 or 8, got {self.router_bits}")
         if self.min_tokens < 0:

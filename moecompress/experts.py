@@ -141,3 +141,28 @@ class MoEExperts(nn.Module):
                 self.observer(e, tok, x, h, w)
             Y[sel] = (y * w[:, None].to(y.dtype)).to(Y.dtype)
         return Y.view(T, k, -1).sum(1)
+
+
+class PackedLinear(nn.Module):
+    """A Linear whose weight stays packed (a `PackedTensor`, decoded on the fly like an expert's): how
+    `moecompress.load` runs quantized shared experts."""
+
+    def __init__(self, weight: PackedTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight_packed = weight
+        for k, t in weight.tensors.items():
+            self.register_buffer(f"w_{k}", t, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.weight_packed.tensors = {k: getattr(self, f"w_{k}") for k in self.weight_packed.tensors}
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(x, self.weight_packed, self.bias)
+
+    def extra_repr(self) -> str:
+        a = self.weight_packed.attrs
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight_packed.codec}{a.get('bits', '')}"

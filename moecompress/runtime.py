@@ -20,7 +20,7 @@ from safetensors import safe_open
 from .arch import PROJS, arch_for
 from .checkpoint import merged_counts, read_safetensors_header
 from .errors import CheckpointError, PackedFormatError
-from .experts import MoEExperts
+from .experts import MoEExperts, PackedLinear
 from .layerwise import fresh_rotary, find_experts, hf_config, meta_model, set_submodule
 from .packed import check_file_entries, read_manifest, rebuild, verify_files
 
@@ -132,6 +132,8 @@ def _manifest_experts(manifest: dict, tensors: dict, num_layers: int, num_expert
     for ent in manifest["tensors"]:
         if not isinstance(ent, dict):
             raise PackedFormatError(f"malformed manifest entry {str(ent)[:80]}")
+        if "module" in ent:  # a packed Linear outside the experts (shared experts): `_manifest_modules`
+            continue
         try:
             layer, e, proj = ent["layer"], ent["expert"], ent["proj"]
         except KeyError:
@@ -146,6 +148,46 @@ def _manifest_experts(manifest: dict, tensors: dict, num_layers: int, num_expert
         by_layer[layer][e][proj] = rebuild(ent, tensors)
         consumed.update(f"{ent['name']}.{f}" for f in ent["fields"])
     return by_layer, consumed
+
+
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _manifest_modules(manifest: dict, tensors: dict, layers) -> tuple[dict, set]:
+    """{(layer, module path): PackedTensor} of the packed Linears outside the experts (shared experts), each
+    checked against the model's own Linear at that path (on meta: its shape)."""
+    out, consumed = {}, set()
+    for ent in manifest["tensors"]:
+        if not isinstance(ent, dict) or "module" not in ent:
+            continue
+        i, mod = ent.get("layer"), ent.get("module")
+        if (not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(layers) or not isinstance(mod, str)
+                or len(mod) > 200 or not _MODULE.fullmatch(mod)):
+            raise PackedFormatError(f"manifest entry {str(ent.get('name'))[:80]!r}: bad layer/module "
+                                    f"{str(i)[:20]}/{str(mod)[:80]}")
+        try:
+            lin = layers[i].get_submodule(mod)
+        except AttributeError:
+            lin = None
+        if not isinstance(lin, torch.nn.Linear):
+            raise PackedFormatError(f"manifest packs layer {i} {mod[:80]}, which is not a Linear of this model")
+        if (i, mod) in out:
+            raise PackedFormatError(f"manifest lists layer {i} {mod[:80]} twice")
+        pt = rebuild(ent, tensors)
+        if tuple(pt.shape) != tuple(lin.weight.shape):
+            raise PackedFormatError(f"layer {i} {mod[:80]}: packed shape {list(pt.shape)}, the config implies "
+                                    f"{list(lin.weight.shape)}")
+        out[(i, mod)] = pt
+        consumed.update(f"{ent['name']}.{f}" for f in ent["fields"])
+    return out, consumed
+
+
+class _LinearSlot(torch.nn.Module):
+    """Holds a packed Linear's place (and its bias, which is stored dense) until the model is built."""
+
+    def __init__(self, lin: torch.nn.Linear):
+        super().__init__()
+        self.bias = None if lin.bias is None else torch.nn.Parameter(torch.empty_like(lin.bias))
 
 
 def load(path: str, device: str = "cpu", dtype: torch.dtype | None = None, verify: bool = True):
@@ -182,6 +224,10 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype | None = None, verif
         raise PackedFormatError(f"config.json: num_experts_per_tok={str(top_k)[:20]} is not between 1 and the "
                                 f"{num_experts} experts")
     by_layer, consumed = _manifest_experts(manifest, tensors, config.num_hidden_layers, num_experts, counts)
+    modules, consumed_m = _manifest_modules(manifest, tensors, layers)
+    consumed |= consumed_m
+    for (i, mod) in modules:
+        set_submodule(layers[i], mod, _LinearSlot(layers[i].get_submodule(mod)))
     from .experts import make_glu
     glu = make_glu(arch.glu, config)
     expert_paths = {}
@@ -215,6 +261,8 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype | None = None, verif
         model.tie_weights()
     fresh_rotary(model)
     model = model.to(dtype)
+    for (i, mod), pt in modules.items():
+        set_submodule(layers[i], mod, PackedLinear(pt, layers[i].get_submodule(mod).bias))
     for i, experts in by_layer.items():
         weights = [experts.get(e) for e in range(max(experts) + 1)]
         set_submodule(layers[i], expert_paths[i], MoEExperts(weights, glu, biases.get(i)))

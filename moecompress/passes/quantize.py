@@ -39,6 +39,7 @@ class LayerRecord:
     specs: dict = field(default_factory=dict)
     ternary: list = field(default_factory=list)  # sub1 budgets: per batch of experts, the threshold chosen
     router: dict | None = None  # --router-bits: the quantized router's record (passes/router.py)
+    shared: list = field(default_factory=list)  # shared experts: one record each (passes/shared.py)
 
 
 TERNARY_CODECS = ("ternary", "sub1")

@@ -104,6 +104,15 @@ def size_breakdown(path: str, manifest: dict | None = None) -> SizeBreakdown:
     grid: dict[tuple[int, int], dict] = {}
     packed = set()
     for ent in (manifest or {}).get("tensors", []):
+        if "module" in ent:  # a packed Linear outside the experts (a shared expert's): counted as the dense one
+            params += int(ent["shape"][0]) * int(ent["shape"][1])
+            for f in ent["fields"]:
+                t = tensors.get(f"{ent['name']}.{f}")
+                if t is None:
+                    raise MoeCompressError(f"{path}: the manifest names {ent['name']}.{f}, which no shard holds")
+                packed.add(t.name)
+                comp["dense MLP/shared experts"] += t.nbytes
+            continue
         cell = grid.setdefault((int(ent["layer"]), int(ent["expert"])), {"bytes": 0, "params": 0, "codecs": set()})
         n = int(ent["shape"][0]) * int(ent["shape"][1])
         cell["params"] += n

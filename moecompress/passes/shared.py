@@ -1,0 +1,146 @@
+"""Shared experts: quantized beside the routed ones (Qwen2-MoE's `shared_expert`, DeepSeek's `shared_experts`).
+
+Every token goes through a shared expert, a gated MLP (gate_proj, up_proj, down_proj) next to the
+routed experts. It is quantized as the routed experts are: GPTQ on the Hessian of its own inputs, gate
+and up first, then down on the activations of the quantized gate/up (true-sequential), the dequantized
+weights put back so that the next layer is calibrated on the quantized layer. Its width is the run's
+integer width (`--shared-bits`, see `shared_spec`).
+
+AGQ (`--affinity`): each token's term is weighted by the shared expert's own gate where the family has
+one. Qwen2-MoE scales the shared expert's output by s_t = sigmoid(shared_expert_gate(x_t)), so
+
+    H = sum_t s_t v_t v_t^T       (v_t: the projection's input for token t)
+
+as the routed experts weight theirs by the router's gate weight; DeepSeek's shared experts have no gate
+(s_t = 1, the plain Hessian).
+
+The packed weights are stored under the Linear's name (`...shared_expert.gate_proj.qweight`, ...), with a
+manifest entry that names the module instead of an (expert, proj); `moecompress.load` puts a
+`PackedLinear` in its place.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from ..codecs import PackedTensor, QuantSpec, get_codec
+from ..errors import MoeCompressError
+from ..quant.gptq import GPTQConfig, gptq, rtn
+from ..quant.grids import AsymmetricGrid
+
+LINEARS = ("gate_proj", "up_proj", "down_proj")
+DEFAULT_BITS = 4  # width when the run's own is not an integer width (--allocation lp, ternary)
+
+
+def shared_spec(config, group_size: int) -> QuantSpec | None:
+    """The shared experts' spec for a run: --shared-bits, else the run's width when it is a uniform integer
+    width, else DEFAULT_BITS; None keeps them dense (--shared-bits 0)."""
+    from ..codecs.intq import INT_BITS
+    bits = config.shared_bits
+    if bits is None:
+        uniform_int = config.allocation == "uniform" and config.method in ("gptq", "rtn") and config.bits in INT_BITS
+        bits = int(config.bits) if uniform_int else DEFAULT_BITS
+    if bits == 0:
+        return None
+    return QuantSpec("int", int(bits), group_size)
+
+
+def shared_experts(layer: nn.Module, arch) -> list[tuple[str, nn.Module, nn.Module | None]]:
+    """(path, module, gate or None) of each shared expert of a materialized decoder layer."""
+    out = []
+    for j, path in enumerate(arch.shared_expert_paths):
+        try:
+            mod = layer.get_submodule(path)
+        except AttributeError:
+            continue
+        if not all(isinstance(getattr(mod, n, None), nn.Linear) for n in LINEARS):
+            raise MoeCompressError(f"{arch.family}: the shared expert at {path!r} is not a gate/up/down MLP")
+        gate = None
+        if j < len(arch.shared_gate_paths):
+            try:
+                gate = layer.get_submodule(arch.shared_gate_paths[j])
+            except AttributeError:
+                gate = None
+        out.append((path, mod, gate))
+    return out
+
+
+@torch.no_grad()
+def _hessian(streamer, layer, hidden, kwargs, mod, gate, target: nn.Linear, affinity: bool,
+             batch_size: int) -> tuple[torch.Tensor, int, float]:
+    """H = sum_t s_t v_t v_t^T over the inputs v_t of `target` (a Linear of `mod`) -> (H, tokens, mean s)."""
+    K = target.in_features
+    acc = {"H": torch.zeros(K, K, dtype=torch.float32), "n": 0, "s": 0.0}
+    state: dict = {}
+
+    def on_expert(m, args, kw):  # the shared expert's input: its gate weight per token
+        x = args[0] if args else kw["hidden_states"]
+        if affinity and gate is not None:
+            state["s"] = torch.sigmoid(gate(x).float()).reshape(-1)
+        else:
+            state.pop("s", None)
+
+    def on_linear(m, args):
+        v = args[0].reshape(-1, K).float()
+        s = state.get("s")
+        if s is not None:
+            acc["s"] += float(s.sum())
+            v = v * s.sqrt()[:, None]
+        else:
+            acc["s"] += v.shape[0]
+        acc["H"].addmm_(v.t(), v)
+        acc["n"] += v.shape[0]
+    hooks = [mod.register_forward_pre_hook(on_expert, with_kwargs=True), target.register_forward_pre_hook(on_linear)]
+    try:
+        streamer.run_layer(layer, hidden, kwargs, batch_size)
+    finally:
+        for h in hooks:
+            h.remove()
+    return acc["H"], acc["n"], acc["s"] / max(acc["n"], 1)
+
+
+@torch.no_grad()
+def quantize_shared_experts(streamer, layer, hidden, kwargs, *, arch, layer_idx: int, prefix: str, spec: QuantSpec,
+                            method: str, gcfg: GPTQConfig, affinity: bool, min_tokens: int,
+                            batch_size: int) -> tuple[dict[str, PackedTensor], list[dict]]:
+    """Quantize the shared experts of a materialized MoE layer in place.
+
+    -> ({module name (prefix.layer.path.linear): PackedTensor}, [record per shared expert])."""
+    codec = get_codec("int")
+    packed, records = {}, []
+    for path, mod, gate in shared_experts(layer, arch):
+        t0 = time.time()
+        rec = {"path": path, "bits": spec.bits, "group_size": spec.group_size, "gated": gate is not None}
+        for names in (("gate_proj", "up_proj"), ("down_proj",)):
+            lins = [getattr(mod, n) for n in names]
+            W = torch.cat([lin.weight for lin in lins]).float()[None]  # (1, N, K)
+            K = W.shape[-1]
+            if K % spec.group_size:
+                raise MoeCompressError(f"layer {layer_idx} {path}: width {K} is not a multiple of group size "
+                                       f"{spec.group_size}")
+            grid = AsymmetricGrid(spec.bits)
+            H, n, s_mean = _hessian(streamer, layer, hidden, kwargs, mod, gate, lins[0], affinity, batch_size)
+            rec["tokens"], rec["mean_gate"] = n, round(s_mean, 6)
+            if method == "rtn" or n < min_tokens:
+                res = rtn(W, grid, spec.group_size)
+                err_h = None
+            else:
+                res = gptq(W, H[None], grid, spec.group_size, gcfg)
+                err_h = H
+            if err_h is not None:  # output error relative to the weight's, on the calibration inputs
+                dW = (W[0] - res.deq[0]).double()
+                Hd = err_h.double()
+                rec[f"{names[0]}_rel_err"] = round(float(torch.einsum("nk,kl,nl->", dW, Hd, dW) / torch.einsum(
+                    "nk,kl,nl->", W[0].double(), Hd, W[0].double()).clamp(min=1e-30)), 8)
+            r0 = 0
+            for name, lin in zip(names, lins):
+                sl = slice(r0, r0 + lin.out_features)
+                r0 += lin.out_features
+                packed[f"{prefix}.{layer_idx}.{path}.{name}"] = codec.encode(
+                    res.codes[0, sl].clone(), res.scale[0, sl].clone(), res.zero[0, sl].clone(), spec)
+                lin.weight.copy_(res.deq[0, sl].to(lin.weight.dtype))
+        rec["seconds"] = round(time.time() - t0, 3)
+        records.append(rec)
+    return packed, records
