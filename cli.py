@@ -160,6 +160,10 @@ def cmd_quantize(a) -> int:
     print(f"packed {s['out']}: expert bits/param {s['expert_bits_per_param']:.3f}, "
           f"{s['source_bytes'] / 1e6:.1f} MB -> {s['packed_bytes'] / 1e6:.1f} MB ({s['compression']:.2f}x), "
           f"{s['seconds']:.1f} s" + (f", {s['fallback_experts']} experts fell back to round-to-nearest" if s["fallback_experts"] else ""))
+    sh = s.get("shared_experts")
+    if sh:
+        print(f"shared experts: {sh['count']} at int{'/'.join(map(str, sh['bits']))}, "
+              f"{sh['dense_bytes'] / 1e6:.1f} MB -> {sh['bytes'] / 1e6:.1f} MB (--shared-bits 0 keeps them dense)")
     t = s.get("ternary")
     if t:
         line = (f"ternary experts: {100 * t['zero_fraction']:.1f}% zeros, entropy bound {t['pair_entropy_bpw']:.3f} "

@@ -149,6 +149,29 @@ def main(argv=None) -> int:
             c = coverage[sm][str(seed)]
             print(f"{sm:<9} {seed:>4} {sampler_s[sm][str(seed)]:>8.1f}   {str(c['min']):>28}   "
                   f"{[round(x, 3) for x in c['cv']]}")
+    if "random" in coverage:  # paired by seed: does each sampler raise the minimum and lower the cv, per layer?
+        print("\nagainst random windows of the same seed, per layer: min raised (+), equal (=), lowered (-); "
+              "cv lowered (+) or not (-); 'live' = the min over experts that some sampler's windows reach")
+        reach = {}
+        for per_seed in coverage.values():
+            for c in per_seed.values():
+                for l, toks in enumerate(c.get("tokens") or []):
+                    reach.setdefault(l, set()).update(e for e, n in enumerate(toks) if n > 0)
+        for sm in a.samplers:
+            if sm == "random":
+                continue
+            for seed in seeds_of[sm]:
+                r, c = coverage["random"].get(str(seed)), coverage[sm][str(seed)]
+                if r is None:
+                    continue
+                mins = "".join("+" if x > y else "=" if x == y else "-" for x, y in zip(c["min"], r["min"]))
+                cvs = "".join("+" if x < y else "-" for x, y in zip(c["cv"], r["cv"]))
+                line = f"{sm:<9} {seed:>4}  min {mins}  cv {cvs}"
+                if c.get("tokens") and r.get("tokens"):
+                    live = [(min(t[e] for e in reach[l]), min(rt[e] for e in reach[l]))
+                            for l, (t, rt) in enumerate(zip(c["tokens"], r["tokens"]))]
+                    line += "  live min " + " ".join(f"{x}/{y}" for x, y in live)
+                print(line)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "perplexity": results, "sampler_seconds": sampler_s, "coverage": coverage}, f, indent=1)

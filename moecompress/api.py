@@ -144,6 +144,7 @@ def _quantize(model: str | None, out: str, config: QuantizeConfig, *, plan: str 
         allocator = Allocator(reader, config, plan)
     else:
         specs = plan_specs(reader, config)
+    _shared_widths(reader, config)  # the shared experts' group size, from shapes, before any weight is read
     with _progress(desc="checking weights", enabled=progress) as bar:
         validate_checkpoint(model, progress=bar).raise_if_bad()  # NaN/Inf, fp16 range: every tensor read once
 
@@ -287,12 +288,10 @@ def _quantize_shared(streamer, layer, hidden, kwargs, reader, i: int, config: Qu
     from .packed import tensor_bytes
     from .passes.shared import quantize_shared_experts, shared_experts, shared_spec
     found = shared_experts(layer, reader.arch)
-    if not found:
+    if not found or config.shared_bits == 0:
         return {}, []
     widths = [w for _, mod, _ in found for w in (mod.gate_proj.in_features, mod.down_proj.in_features)]
     spec = shared_spec(config, resolve_group_size(config.group_size, widths))
-    if spec is None:
-        return {}, []
     packed, recs = quantize_shared_experts(streamer, layer, hidden, kwargs, arch=reader.arch, layer_idx=i,
                                            prefix=reader.prefix, spec=spec, method=config.method, gcfg=gcfg,
                                            affinity=config.affinity, min_tokens=config.min_tokens, batch_size=bs)
@@ -301,6 +300,21 @@ def _quantize_shared(streamer, layer, hidden, kwargs, reader, i: int, config: Qu
         rec["bytes"] = sum(tensor_bytes(packed[n].tensors) for n in names)
         rec["dense_bytes"] = sum(reader.tensors[reader.arch.to_disk(f"{n}.weight")].nbytes for n in names)
     return packed, recs
+
+
+def _shared_widths(reader, config: QuantizeConfig) -> None:
+    """Refuse a --group-size that does not divide a shared expert's widths, from the checkpoint's shapes."""
+    if config.shared_bits == 0:
+        return
+    for i in reader.moe_layers:
+        for path in reader.arch.shared_expert_paths:
+            widths = [reader.tensors[k].shape[1] for p in ("gate_proj", "down_proj")
+                      if (k := reader.arch.to_disk(f"{reader.prefix}.{i}.{path}.{p}.weight")) in reader.tensors]
+            if widths:
+                try:
+                    resolve_group_size(config.group_size, widths)
+                except MoeCompressError as e:
+                    raise MoeCompressError(f"shared expert {path}: {e} (or --shared-bits 0 to keep it dense)") from None
 
 
 def _coverage_json(records, windows, config: QuantizeConfig) -> dict:

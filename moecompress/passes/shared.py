@@ -36,7 +36,7 @@ DEFAULT_BITS = 4  # width when the run's own is not an integer width (--allocati
 
 def shared_spec(config, group_size: int) -> QuantSpec | None:
     """The shared experts' spec for a run: --shared-bits, else the run's width when it is a uniform integer
-    width, else DEFAULT_BITS; None keeps them dense (--shared-bits 0)."""
+    width, else DEFAULT_BITS; None with --shared-bits 0 (they stay dense)."""
     from ..codecs.intq import INT_BITS
     bits = config.shared_bits
     if bits is None:
