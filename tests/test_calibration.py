@@ -198,3 +198,17 @@ def test_ebss_real_share_mixes_real_windows_with_generated(monkeypatch, prose_po
     for bad in (-0.1, 1.0):
         with pytest.raises(MoeCompressError, match="ebss-real"):
             CalibConfig(ebss_real=bad)
+
+
+@needs_fixture
+def test_ebss_spreads_tokens_over_the_experts(prose_pool):
+    """EBSS windows reach the experts more evenly than random prose windows of the same budget (lower cv
+    in every layer), and balancing the whole set beats balancing each sequence (mean cv over layers)."""
+    rand = routing.route_windows(MODEL, data.random_windows(prose_pool, 8, 48, 0), 8)
+    cv_r = [c.cv for c in stats.coverage_from_routing(rand).layers]
+    cv = {}
+    for bal in ("set", "sequence"):
+        w = ebss.generate(MODEL, prose_pool, 8, 48, 0, ebss.EBSSConfig(balance=bal))
+        cv[bal] = [c.cv for c in stats.coverage_from_routing(routing.route_windows(MODEL, w, 8)).layers]
+    assert all(s < r - 0.01 for s, r in zip(cv["set"], cv_r)), (cv["set"], cv_r)
+    assert sum(cv["set"]) < sum(cv["sequence"]) - 0.05, cv
