@@ -161,7 +161,8 @@ class PackedLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.weight_packed, self.bias)
+        y = _linear(x.reshape(-1, self.in_features), self.weight_packed, self.bias)  # the kernels take (rows, K)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         a = self.weight_packed.attrs

@@ -358,3 +358,15 @@ def test_moe_grouped_ternary_and_sub1_experts():
         w, idx = torch.topk(torch.randn(T, len(experts), generator=gen).softmax(-1), 2)
         torch.testing.assert_close(mk.moe_experts_forward(x, idx, w, px), mk.moe_reference(x, idx, w, experts),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_packed_linear_module_takes_any_leading_shape():
+    """PackedLinear (shared experts) runs the Triton kernel on (B, L, K) inputs as on (rows, K), with its bias."""
+    from moecompress.experts import PackedLinear
+    p = make_int(24, 64, 4, 32, seed=5)
+    bias = torch.randn(24, generator=torch.Generator().manual_seed(6))
+    lin = PackedLinear(p, bias)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(7))
+    y = lin(x)
+    assert y.shape == (2, 5, 24)
+    check_product(y.reshape(10, 24) - bias, x.reshape(10, 64), p)
