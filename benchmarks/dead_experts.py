@@ -3,6 +3,8 @@ random token ids, and on every vocabulary token after BOS; and for the experts a
 margin seen (its logit minus the top-k-th largest logit; it is routed when the margin is >= 0).
 
     python benchmarks/dead_experts.py
+
+(also routes the whole of `--whole` files: by default the prose calibration text and the C test text.)
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=os.path.join(FIX, "mixtral-wiki4"))
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per source")
     ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--whole", nargs="*", default=[os.path.join(FIX, "text", f) for f in ("calib_prose.txt", "c_test.txt")],
+                    help="text files routed whole (every full window), beside the per-domain samples")
     a = ap.parse_args(argv)
 
     import torch
@@ -35,6 +39,10 @@ def main(argv=None) -> int:
     n = a.tokens // a.seqlen
     sources = {d: data.tokenize(tok, data.read_source(os.path.join(FIX, "text", f"{d}_test.txt")))[:n * a.seqlen].view(n, a.seqlen)
                for d in DOMAINS}
+    for f in a.whole:
+        ids = data.tokenize(tok, data.read_source(f))
+        m = len(ids) // a.seqlen
+        sources[f"{os.path.basename(f)} (all {m * a.seqlen})"] = ids[:m * a.seqlen].view(m, a.seqlen)
     sources["random ids"] = torch.randint(0, V, (n, a.seqlen), generator=torch.Generator().manual_seed(0))
     bos = reader.config.get("bos_token_id") or 0
     sources["vocab after BOS"] = torch.stack([torch.full((V,), bos), torch.arange(V)], 1)
@@ -71,7 +79,7 @@ def main(argv=None) -> int:
     for i in moe:
         print(f"\nlayer {i}")
         for name in sources:
-            print(f"  {name:<16} {counts[name][i]}")
+            print(f"  {name:<30} {counts[name][i]}")
         dead = [e for e in range(len(counts['prose'][i])) if all(counts[nm][i][e] == 0 for nm in sources)]
         for e in dead:
             print(f"  expert {e}: no token from any source; best router margin to the top-{k} cut: "

@@ -53,6 +53,7 @@ log = logging.getLogger("moecompress")
 
 
 BALANCE = ("set", "sequence")
+MEASURES = ("logstd", "cv")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class EBSSConfig:
     expand: int = 8                 # candidates proposed per beam and step
     no_repeat_ngram: int = 3
     balance: str = "set"            # "set": balance the whole calibration set; "sequence": each sequence (MoEQuant)
+    measure: str = "logstd"         # sigma per layer: std of log(1 + counts), or "cv" (std / mean)
     resident_bytes: int = 2 << 30   # keep decoder layers built when the checkpoint's layers fit
 
     def __post_init__(self):
@@ -71,18 +73,30 @@ class EBSSConfig:
             raise MoeCompressError(f"EBSS needs beams >= 1 and expand >= 1 (got {self.beams}, {self.expand})")
         if self.balance not in BALANCE:
             raise MoeCompressError(f"EBSS balance must be one of {', '.join(BALANCE)}, got {self.balance!r}")
+        if self.measure not in MEASURES:
+            raise MoeCompressError(f"EBSS measure must be one of {', '.join(MEASURES)}, got {self.measure!r}")
         if self.no_repeat_ngram < 0:
             raise MoeCompressError(f"no_repeat_ngram must be >= 0, got {self.no_repeat_ngram}")
 
 
+def spread(counts: torch.Tensor, measure: str = "logstd") -> torch.Tensor:
+    """counts: (..., L, E) -> (..., L) sigma per layer: std_e log(1 + n_le) ("logstd") or std / mean ("cv")."""
+    if measure == "cv":
+        return cv(counts)
+    return torch.log1p(counts.double()).std(-1, correction=0)
+
+
 def ebss_score(nll_sum: torch.Tensor, steps: int, counts: torch.Tensor, tau: float,
-               others: torch.Tensor | None = None, n: int = 1) -> torch.Tensor:
+               others: torch.Tensor | None = None, n: int = 1, measure: str = "logstd") -> torch.Tensor:
     """nll_sum: (...) summed NLL of `steps` predicted tokens; counts: (..., L, E) -> (...) score (lower wins).
 
     With `others` (..., L, E), the counts of the other n - 1 sequences, the balance term is the change
     n * (sigma(others + counts) - sigma(others)) that the candidate makes to the whole set's sigma
     (= sigma(counts) when n = 1)."""
-    bal = cv(counts).mean(-1) if others is None else n * (cv(others + counts).mean(-1) - cv(others).mean(-1))
+    if others is None:
+        bal = spread(counts, measure).mean(-1)
+    else:
+        bal = n * (spread(others + counts, measure).mean(-1) - spread(others, measure).mean(-1))
     return nll_sum / max(steps, 1) + bal / tau
 
 
@@ -225,7 +239,7 @@ def generate(model, pool, nsamples: int, seqlen: int, seed: int, config: EBSSCon
         if config.balance == "set":  # the best beams of the other sequences, (n, L, E) -> per candidate
             best_cnt = counts.view(n, B, *counts.shape[1:])[torch.arange(n), score.view(n, B).argmin(1)]
             others = (best_cnt.sum(0) - best_cnt).repeat_interleave(B * C, 0)
-        sc = ebss_score(nll_c, t, cnt_c, config.tau, others, n)
+        sc = ebss_score(nll_c, t, cnt_c, config.tau, others, n, config.measure)
         sc[~(alive[parent] & torch.isfinite(cand_lp.reshape(-1)))] = float("inf")
         best = sc.view(n, B * C).topk(B, dim=-1, largest=False).indices  # (n, B)
         sel = (best + torch.arange(n)[:, None] * (B * C)).reshape(-1)  # (n*B,) candidate rows

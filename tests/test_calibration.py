@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -70,7 +71,18 @@ def test_ebss_score_prefers_likely_and_balanced():
     s_even = ebss.ebss_score(torch.tensor([10.0]), 5, even, 1.2)
     s_skew = ebss.ebss_score(torch.tensor([10.0]), 5, skew, 1.2)
     assert s_even.item() == pytest.approx(2.0)
-    assert s_skew.item() == pytest.approx(2.0 + 3 ** 0.5 / 1.2)
+    assert s_skew.item() == pytest.approx(2.0 + math.log(21) * 3 ** 0.5 / 4 / 1.2)  # std of log(1 + counts)
+    s_cv = ebss.ebss_score(torch.tensor([10.0]), 5, skew, 1.2, measure="cv")
+    assert s_cv.item() == pytest.approx(2.0 + 3 ** 0.5 / 1.2)  # std / mean
+    # the log measure rewards a token for a starved expert more than cv does: min-aware
+    base = torch.tensor([[[40, 40, 40, 1]]])
+    for m in ("logstd", "cv"):
+        up_min = ebss.ebss_score(torch.tensor([0.0]), 1, base + torch.tensor([0, 0, 0, 2]), 1.0, measure=m)
+        up_mid = ebss.ebss_score(torch.tensor([0.0]), 1, base + torch.tensor([0, 0, 2, 0]), 1.0, measure=m)
+        gain = (up_mid - up_min).item()
+        assert gain > (0.2 if m == "logstd" else 0.0), (m, gain)
+    with pytest.raises(MoeCompressError, match="measure"):
+        ebss.EBSSConfig(measure="var")
     with pytest.raises(MoeCompressError):
         ebss.EBSSConfig(tau=0)
 
