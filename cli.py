@@ -41,7 +41,8 @@ def add_calib_args(p):
     p.add_argument("--sampler", choices=["random", "balanced", "ebss"], default=C.sampler,
                    help=f"how calibration windows are chosen (default {C.sampler})")
     p.add_argument("--ebss-tau", type=float, default=C.ebss_tau,
-                   help=f"--sampler ebss: weight of expert balance, score = NLL + CV of usage / tau (default {C.ebss_tau})")
+                   help=f"--sampler ebss: weight of expert balance, score = NLL + std of log usage counts / tau "
+                        f"(default {C.ebss_tau})")
     p.add_argument("--ebss-beams", type=int, default=C.ebss_beams, help=f"--sampler ebss: beam width (default {C.ebss_beams})")
     p.add_argument("--ebss-expand", type=int, default=C.ebss_expand,
                    help=f"--sampler ebss: most likely next tokens each beam proposes per step (default {C.ebss_expand})")

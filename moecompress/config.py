@@ -23,7 +23,7 @@ class CalibConfig:
     seed: int = 0
     sampler: str = "random"
     batch_size: int = 8
-    ebss_tau: float = 1.2            # --sampler ebss: score = NLL + CV of expert usage / tau (MoEQuant's default)
+    ebss_tau: float = 1.2            # --sampler ebss: score = NLL + std of log expert usage / tau (MoEQuant's tau)
     ebss_beams: int = 4              # --sampler ebss: beam width
     ebss_expand: int = 8             # --sampler ebss: candidates proposed per beam and step
     ebss_real: float = 0.0           # --sampler ebss: share of windows taken from the real text, the rest generated
