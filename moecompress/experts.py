@@ -165,5 +165,5 @@ class PackedLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        a = self.weight_packed.attrs
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight_packed.codec}{a.get('bits', '')}"
+        codec = f"{self.weight_packed.codec}{self.weight_packed.attrs.get('bits', '')}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {codec}"

@@ -3,9 +3,11 @@
 The model skeleton is built on the meta device from the packed config, each MoE layer's fused experts
 module is replaced by `MoEExperts` over the stored `PackedTensor`s (decoded on the fly, only for experts
 that receive tokens; Triton kernels on CUDA, the torch reference on the CPU), and every other tensor is
-loaded as stored. A quantized `merge --ratio` output keeps its per-layer expert counts in config.json
-("moecompress_merge"): those layers' routers get K_l rows and their experts K_l slots. The manifest is validated against the shards (checksums, codecs from the fixed
-registry, shapes) before anything is built.
+loaded as stored, except the packed shared experts' Linears (manifest entries that name a `module`),
+which become `PackedLinear`s. A quantized `merge --ratio` output keeps its per-layer expert counts in
+config.json ("moecompress_merge"): those layers' routers get K_l rows and their experts K_l slots. The
+manifest is validated against the shards (checksums, codecs from the fixed registry, shapes) before
+anything is built.
 """
 from __future__ import annotations
 
