@@ -187,8 +187,8 @@ def cmd_merge(a) -> int:
     from moecompress.merge.pipeline import run_merge
     s = run_merge(a.model, a.out, experts=a.experts, ratio=a.ratio, method=a.method, calib=tuple(a.calib or ()),
                   nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, progress=not a.quiet, refit=a.refit,
-                  sampler=a.sampler, ebss_tau=a.ebss_tau, ebss_beams=a.ebss_beams,
-                        ebss_expand=a.ebss_expand, ebss_real=a.ebss_real)
+                  sampler=a.sampler, ebss_tau=a.ebss_tau, ebss_beams=a.ebss_beams, ebss_expand=a.ebss_expand,
+                  ebss_real=a.ebss_real)
     print(json.dumps(s, indent=1, default=str))
     return 0
 

@@ -224,3 +224,33 @@ def test_ebss_spreads_tokens_over_the_experts(prose_pool):
         cv[bal] = [c.cv for c in stats.coverage_from_routing(routing.route_windows(MODEL, w, 8)).layers]
     assert all(s < r - 0.01 for s, r in zip(cv["set"], cv_r)), (cv["set"], cv_r)
     assert sum(cv["set"]) < sum(cv["sequence"]) - 0.05, cv
+
+
+@pytest.mark.parametrize("command", ["quantize", "merge", "prune", "calib-stats"])
+def test_every_command_passes_the_calibration_flags_on(monkeypatch, command):
+    """The calibration flags reach the function behind each command with names it accepts (a renamed or
+    added flag that one command forgets fails here, not at a user's run)."""
+    import inspect
+
+    from moecompress import api, cli
+    from moecompress.merge import pipeline
+    seen = {}
+
+    def checked(real, result):
+        def fake(*args, **kwargs):
+            seen.update(inspect.signature(real).bind(*args, **kwargs).arguments)  # TypeError on an unknown keyword
+            return result
+        return fake
+    cov = stats.Coverage(16, [])
+    monkeypatch.setattr(pipeline, "run_merge", checked(pipeline.run_merge, {}))
+    monkeypatch.setattr(api, "calibration_stats", checked(api.calibration_stats, (cov, 0.0)))
+    monkeypatch.setattr(api, "quantize", checked(api.quantize, {"out": "x", "expert_bits_per_param": 4.0,
+                                                               "source_bytes": 1, "packed_bytes": 1, "compression": 1.0,
+                                                               "seconds": 0.0, "fallback_experts": 0}))
+    argv = [command, "m", "--sampler", "ebss", "--ebss-expand", "3", "--ebss-real", "0.5"]
+    if command in ("merge", "prune"):
+        argv += ["--out", "o", "--experts", "2"]
+    assert cli.main(argv) == 0
+    calib = seen["config"].calib if "config" in seen else seen.get("calib")
+    got = seen["ebss_expand"] if command in ("merge", "prune") else calib.ebss_expand
+    assert got == 3, seen

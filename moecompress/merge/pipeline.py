@@ -70,7 +70,7 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
               method: str = "msmoe", calib=(), nsamples: int = 64, seqlen: int = 256, seed: int = 0,
               batch_size: int = 8, max_router_samples: int = 8192, progress: bool = True,
               router_mode: str | None = None, refit: bool | None = None, sampler: str = "random",
-              ebss_tau: float = 1.2, ebss_beams: int = 4, ebss_real: float = 0.0) -> dict:
+              ebss_tau: float = 1.2, ebss_beams: int = 4, ebss_expand: int = 8, ebss_real: float = 0.0) -> dict:
     """Reduce every MoE layer of checkpoint `source` to `experts` experts (or `ratio` of all, adaptively).
     router_mode / refit override the method's defaults (merged router rows; least-squares down refit,
     merge.DEFAULT_REFIT: on for reap, msmoe and hcsmoe); the benchmark measures them."""
@@ -102,7 +102,7 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
         if n_group and experts % int(n_group):
             raise MoeCompressError(f"this model routes in {n_group} expert groups: choose --experts divisible by {n_group}")
     calib_cfg = CalibConfig(tuple(calib or ()), nsamples, seqlen, seed, sampler, ebss_tau=ebss_tau, ebss_beams=ebss_beams,
-                            ebss_real=ebss_real)
+                            ebss_expand=ebss_expand, ebss_real=ebss_real)
     windows = calibration_windows(source, calib_cfg)
     streamer = LayerStreamer(reader)
     kwargs = streamer.layer_kwargs(min(batch_size, len(windows)), windows.shape[1])
