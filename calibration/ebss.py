@@ -9,9 +9,10 @@ x_1..x_t, with n_le the number of (token, slot) routings to expert e of MoE laye
 
 Deviations from the paper, on purpose:
 - sigma is the std of the log counts (`measure="logstd"`), not of the counts themselves. Like the mean
-  NLL it does not grow with the sequence length (a log ratio of counts; the raw std grows linearly
-  with t and would override the likelihood in long sequences), and it is min-aware: a token for an
-  expert with n routings lowers it by about (log n - mean) / n, so the starved experts gain most,
+  NLL it stays bounded as the sequence grows (differences of log counts are log ratios; only an expert
+  stuck at zero adds a log t; the raw std grows linearly with t and would override the likelihood in
+  long sequences), and it is min-aware: one more token for an expert with n routings lowers it in
+  proportion to (mean - log n) / n, so the starved experts gain most,
   where the raw std (and std / mean, `measure="cv"`, this module's earlier choice) mostly pushes
   tokens away from the dominant expert and leaves the least-used ones where they were. Measured on
   the trained fixture (32 x 256 tokens, prose seed text, seed 2), the least-used live experts of
