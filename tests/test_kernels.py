@@ -199,7 +199,7 @@ def test_moe_grouped_split_k_keeps_other_groups():
     experts = make_layer(H, I, [4, 4, 2], g=32)
     idx = torch.tensor([[0, 2], [1, 2], [2, 0]])
     r = route(idx, 3, block_m=1)
-    x = torch.randn(3, H)
+    x = torch.randn(3, H, generator=torch.Generator().manual_seed(3))
     out = torch.full((r.rows1.numel(), I), 7.0)
     stack = {n: torch.stack([experts[e]["gate"].tensors[n] for e in (0, 1)]) for n in ("qweight", "scales", "zeros")}
     blk = torch.tensor([0, 1, -1, -1], dtype=torch.int32)[r.block_expert.clamp(max=3)]
@@ -217,7 +217,7 @@ def test_moe_experts_without_tokens_and_prepared_reuse():
     experts = make_layer(H, I, [4, 3, 4, 2], g=16, seed=5)
     px = mk.prepare_experts(experts)
     assert len(px.stage1) == 4 and len(px.stage2) == 3  # expert 1 split (gate 3 bits, up 8 bits); down: 2,3,4
-    x = torch.randn(5, H)
+    x = torch.randn(5, H, generator=torch.Generator().manual_seed(5))  # not the global RNG: order-independent
     idx = torch.full((5, 1), 2)  # only expert 2 gets tokens
     w = torch.ones(5, 1)
     torch.testing.assert_close(mk.moe_experts_forward(x, idx, w, px), mk.moe_reference(x, idx, w, experts),
@@ -244,13 +244,13 @@ def test_codec_without_kernel_falls_back(monkeypatch):
 
     def dense(N, K, seed):
         return PackedTensor("dense16_test", (N, K), {"w": torch.randn(N, K, generator=torch.Generator().manual_seed(seed)).half()})
-    x = torch.randn(3, H)
+    x = torch.randn(3, H, generator=torch.Generator().manual_seed(7))
     p = dense(I, H, 0)
     torch.testing.assert_close(mk.packed_linear(x, p), x @ decode(p).T)
     experts = [{"gate": dense(I, H, 1), "up": dense(I, H, 2), "down": dense(H, I, 3)},
                {"gate": make_int(I, H, 4, 16, 4), "up": make_int(I, H, 4, 16, 5), "down": make_int(H, I, 4, 16, 6)}]
     idx = torch.tensor([[0, 1], [1, 0], [0, 1]])
-    w = torch.rand(3, 2)
+    w = torch.rand(3, 2, generator=torch.Generator().manual_seed(8))
     torch.testing.assert_close(mk.moe_experts_forward(x, idx, w, experts), mk.moe_reference(x, idx, w, experts),
                                rtol=1e-5, atol=1e-5)
 
