@@ -291,7 +291,7 @@ def _quantize_shared(streamer, layer, hidden, kwargs, reader, i: int, config: Qu
     if not found or config.shared_bits == 0:
         return {}, []
     widths = [w for _, mod, _ in found for w in (mod.gate_proj.in_features, mod.down_proj.in_features)]
-    spec = shared_spec(config, resolve_group_size(config.group_size, widths))
+    spec = shared_spec(config, _shared_group_size(config, widths, ", ".join(p for p, _, _ in found)))
     packed, recs = quantize_shared_experts(streamer, layer, hidden, kwargs, arch=reader.arch, layer_idx=i,
                                            prefix=reader.prefix, spec=spec, method=config.method, gcfg=gcfg,
                                            affinity=config.affinity, min_tokens=config.min_tokens, batch_size=bs)
@@ -300,6 +300,13 @@ def _quantize_shared(streamer, layer, hidden, kwargs, reader, i: int, config: Qu
         rec["bytes"] = sum(tensor_bytes(packed[n].tensors) for n in names)
         rec["dense_bytes"] = sum(reader.tensors[reader.arch.to_disk(f"{n}.weight")].nbytes for n in names)
     return packed, recs
+
+
+def _shared_group_size(config: QuantizeConfig, widths: list[int], path: str) -> int:
+    try:
+        return resolve_group_size(config.group_size, widths)
+    except MoeCompressError as e:
+        raise MoeCompressError(f"shared expert {path}: {e} (or --shared-bits 0 to keep it dense)") from None
 
 
 def _shared_widths(reader, config: QuantizeConfig) -> None:
@@ -311,10 +318,7 @@ def _shared_widths(reader, config: QuantizeConfig) -> None:
             widths = [reader.tensors[k].shape[1] for p in ("gate_proj", "down_proj")
                       if (k := reader.arch.to_disk(f"{reader.prefix}.{i}.{path}.{p}.weight")) in reader.tensors]
             if widths:
-                try:
-                    resolve_group_size(config.group_size, widths)
-                except MoeCompressError as e:
-                    raise MoeCompressError(f"shared expert {path}: {e} (or --shared-bits 0 to keep it dense)") from None
+                _shared_group_size(config, widths, path)
 
 
 def _coverage_json(records, windows, config: QuantizeConfig) -> dict:

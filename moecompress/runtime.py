@@ -22,7 +22,7 @@ from safetensors import safe_open
 from .arch import PROJS, arch_for
 from .checkpoint import merged_counts, read_safetensors_header
 from .errors import CheckpointError, PackedFormatError
-from .experts import MoEExperts
+from .experts import MoEExperts, PackedLinear
 from .layerwise import fresh_rotary, find_experts, hf_config, meta_model, set_submodule
 from .packed import check_file_entries, read_manifest, rebuild, verify_files
 
@@ -264,7 +264,6 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype | None = None, verif
     fresh_rotary(model)
     model = model.to(dtype)
     for (i, mod), pt in modules.items():
-        from .experts import PackedLinear
         set_submodule(layers[i], mod, PackedLinear(pt, layers[i].get_submodule(mod).bias))
     for i, experts in by_layer.items():
         weights = [experts.get(e) for e in range(max(experts) + 1)]

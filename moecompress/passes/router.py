@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MoeCompressError
-from ..quant.gptq import GPTQConfig, gptq
+from ..quant.gptq import GPTQConfig, gptq, relative_output_error
 from ..quant.grids import AsymmetricGrid
 
 
@@ -52,7 +52,6 @@ def quantize_router(streamer, layer, hidden, kwargs, arch, bits: int, group_size
     W = router.weight.float()
     res = gptq(W[None], H.float()[None], AsymmetricGrid(bits), group_size, gcfg)
     Q = res.deq[0].to(router.weight.dtype)
-    dW = (W - Q.float()).double()
-    err = float(torch.einsum("ek,kl,el->", dW, H, dW) / torch.einsum("ek,kl,el->", W.double(), H, W.double()).clamp(min=1e-30))
+    err = relative_output_error(W, Q.float(), H)
     router.weight.copy_(Q)
     return Q.clone(), {"bits": bits, "group_size": group_size, "tokens": acc["n"], "logit_rel_err": round(err, 8)}

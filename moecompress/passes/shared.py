@@ -27,23 +27,21 @@ from torch import nn
 
 from ..codecs import PackedTensor, QuantSpec, get_codec
 from ..errors import MoeCompressError
-from ..quant.gptq import GPTQConfig, gptq, rtn
+from ..quant.gptq import GPTQConfig, gptq, relative_output_error, rtn
 from ..quant.grids import AsymmetricGrid
 
 LINEARS = ("gate_proj", "up_proj", "down_proj")
 DEFAULT_BITS = 4  # width when the run's own is not an integer width (--allocation lp, ternary)
 
 
-def shared_spec(config, group_size: int) -> QuantSpec | None:
+def shared_spec(config, group_size: int) -> QuantSpec:
     """The shared experts' spec for a run: --shared-bits, else the run's width when it is a uniform integer
-    width, else DEFAULT_BITS; None with --shared-bits 0 (they stay dense)."""
+    width, else DEFAULT_BITS (--shared-bits 0, dense, is handled by the caller: no spec)."""
     from ..codecs.intq import INT_BITS
     bits = config.shared_bits
     if bits is None:
         uniform_int = config.allocation == "uniform" and config.method in ("gptq", "rtn") and config.bits in INT_BITS
         bits = int(config.bits) if uniform_int else DEFAULT_BITS
-    if bits == 0:
-        return None
     return QuantSpec("int", int(bits), group_size)
 
 
@@ -116,24 +114,15 @@ def quantize_shared_experts(streamer, layer, hidden, kwargs, *, arch, layer_idx:
         for names in (("gate_proj", "up_proj"), ("down_proj",)):
             lins = [getattr(mod, n) for n in names]
             W = torch.cat([lin.weight for lin in lins]).float()[None]  # (1, N, K)
-            K = W.shape[-1]
-            if K % spec.group_size:
-                raise MoeCompressError(f"layer {layer_idx} {path}: width {K} is not a multiple of group size "
-                                       f"{spec.group_size}")
             grid = AsymmetricGrid(spec.bits)
             H, n, s_mean = _hessian(streamer, layer, hidden, kwargs, mod, gate, lins[0], affinity, batch_size)
             rec["tokens"], rec["mean_gate"] = n, round(s_mean, 6)
             if method == "rtn" or n < min_tokens:
                 res = rtn(W, grid, spec.group_size)
-                err_h = None
             else:
                 res = gptq(W, H[None], grid, spec.group_size, gcfg)
-                err_h = H
-            if err_h is not None:  # output error relative to the weight's, on the calibration inputs
-                dW = (W[0] - res.deq[0]).double()
-                Hd = err_h.double()
-                rec[f"{names[0]}_rel_err"] = round(float(torch.einsum("nk,kl,nl->", dW, Hd, dW) / torch.einsum(
-                    "nk,kl,nl->", W[0].double(), Hd, W[0].double()).clamp(min=1e-30)), 8)
+                # output error relative to the weight's, on the calibration inputs
+                rec[f"{names[0]}_rel_err"] = round(relative_output_error(W[0], res.deq[0], H), 8)
             r0 = 0
             for name, lin in zip(names, lins):
                 sl = slice(r0, r0 + lin.out_features)

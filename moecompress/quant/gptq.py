@@ -155,3 +155,12 @@ def rtn(W: torch.Tensor, grid, group_size: int) -> GPTQResult:
     z = zero.repeat_interleave(group_size, dim=2)
     q, deq = grid.quantize(W.float().reshape(E, N * K), GridParams(s.reshape(E, N * K), z.reshape(E, N * K)))
     return GPTQResult(q.view(E, N, K), scale.contiguous(), zero.contiguous(), deq.view(E, N, K), torch.zeros(E))
+
+
+def relative_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(dW H dW^T) / tr(W H W^T), dW = W - Q: the output error on the inputs behind H relative to the
+    output's own energy (W, Q: (N, K) float32; H: (K, K))."""
+    dW = (W - Q).double()
+    H = H.double()
+    W = W.double()
+    return float(torch.einsum("nk,kl,nl->", dW, H, dW) / torch.einsum("nk,kl,nl->", W, H, W).clamp(min=1e-30))

@@ -104,28 +104,25 @@ def size_breakdown(path: str, manifest: dict | None = None) -> SizeBreakdown:
     grid: dict[tuple[int, int], dict] = {}
     packed = set()
     for ent in (manifest or {}).get("tensors", []):
-        if "module" in ent:  # a packed Linear outside the experts (a shared expert's): counted as the dense one
-            params += int(ent["shape"][0]) * int(ent["shape"][1])
-            for f in ent["fields"]:
-                t = tensors.get(f"{ent['name']}.{f}")
-                if t is None:
-                    raise MoeCompressError(f"{path}: the manifest names {ent['name']}.{f}, which no shard holds")
-                packed.add(t.name)
-                comp["dense MLP/shared experts"] += t.nbytes
-            continue
-        cell = grid.setdefault((int(ent["layer"]), int(ent["expert"])), {"bytes": 0, "params": 0, "codecs": set()})
         n = int(ent["shape"][0]) * int(ent["shape"][1])
-        cell["params"] += n
-        cell["codecs"].add(_label(ent))
         params += n
-        expert_params += n
+        cell = None
+        if "module" not in ent:  # a routed expert's projection; "module": a packed Linear outside the experts
+            # (a shared expert's), counted where its dense weight would be
+            cell = grid.setdefault((int(ent["layer"]), int(ent["expert"])), {"bytes": 0, "params": 0, "codecs": set()})
+            cell["params"] += n
+            cell["codecs"].add(_label(ent))
+            expert_params += n
         for f in ent["fields"]:
             t = tensors.get(f"{ent['name']}.{f}")
             if t is None:
                 raise MoeCompressError(f"{path}: the manifest names {ent['name']}.{f}, which no shard holds")
             packed.add(t.name)
-            comp["expert scales" if t.dtype in FLOAT_DTYPES else "experts"] += t.nbytes
-            cell["bytes"] += t.nbytes
+            if cell is None:
+                comp["dense MLP/shared experts"] += t.nbytes
+            else:
+                comp["expert scales" if t.dtype in FLOAT_DTYPES else "experts"] += t.nbytes
+                cell["bytes"] += t.nbytes
     for k, t in tensors.items():
         if k in packed:
             continue
