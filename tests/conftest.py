@@ -89,3 +89,25 @@ needs_shared = pytest.mark.skipif(not (os.path.isdir(TRAINED) and os.path.isdir(
 
 def needs_trained():
     return pytest.mark.skipif(not os.path.isdir(TRAINED), reason=f"trained fixture not found at {TRAINED}")
+
+
+def digest(d: str) -> dict[str, str]:
+    """sha256 of every shard and the manifest of packed directory d: two runs are byte-identical when equal."""
+    import glob
+    import hashlib
+    files = sorted(glob.glob(os.path.join(d, "*.safetensors"))) + [os.path.join(d, "moecompress.json")]
+    return {os.path.basename(f): hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}
+
+
+def interrupt_at(monkeypatch, layer: int):
+    """Make the quantize pass raise KeyboardInterrupt (Ctrl-C) when it reaches MoE layer `layer`;
+    returns the real pass, to put back with monkeypatch.setattr before resuming."""
+    import moecompress.passes.quantize as q
+    real = q.quantize_moe_layer
+
+    def stop(*a, **k):
+        if k["layer_idx"] == layer:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(q, "quantize_moe_layer", stop)
+    return real

@@ -7,7 +7,6 @@ exit code 2, one `error:` line on stderr, no traceback, no output and no partial
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import write_tiny
+from conftest import digest, interrupt_at, write_tiny
 from moecompress import api, cli
 from moecompress.config import CalibConfig, QuantizeConfig
 from moecompress.errors import CheckpointError, MoeCompressError, PackedFormatError
@@ -67,11 +66,6 @@ def reference(root, tiny):
     out = str(root / "ref")
     api.quantize(tiny, out, CFG, progress=False)
     return out
-
-
-def digest(d: str) -> dict[str, str]:
-    files = sorted(glob.glob(os.path.join(d, "*.safetensors"))) + [os.path.join(d, "moecompress.json")]
-    return {os.path.basename(f): hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}
 
 
 def copy(src: str, dst) -> str:
@@ -307,14 +301,8 @@ def test_ctrl_c_then_resume(tmp_path, tiny, reference, monkeypatch):
 
 def test_resume_checks_fingerprints(tmp_path, tiny, monkeypatch):
     import moecompress.passes.quantize as q
-    real = q.quantize_moe_layer
-
-    def stop(*a, **k):
-        if k["layer_idx"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
     out = str(tmp_path / "fp")
-    monkeypatch.setattr(q, "quantize_moe_layer", stop)
+    real = interrupt_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         api.quantize(tiny, out, CFG, progress=False)
     monkeypatch.setattr(q, "quantize_moe_layer", real)

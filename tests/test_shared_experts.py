@@ -9,7 +9,7 @@ import torch
 from moecompress.checkpoint import CheckpointReader
 from moecompress.layerwise import LayerStreamer
 
-from conftest import TEXT, needs_shared
+from conftest import TEXT, digest, interrupt_at, needs_shared
 
 
 def _calib(n=4, L=32):
@@ -119,30 +119,17 @@ def test_damaged_module_entries_are_refused(tiny_dir, tmp_path, module, match):
 def test_interrupted_run_with_shared_experts_resumes_to_the_same_bytes(tiny_dir, tmp_path, monkeypatch):
     """Ctrl-C after the first MoE layer, then --resume: shards, manifest and the size summary (which adds
     the shared experts' bytes from the finished layers' records) equal an uninterrupted run's."""
-    import glob
-    import hashlib
-
     import moecompress.passes.quantize as q
     from moecompress.api import quantize
     from moecompress.config import QuantizeConfig
     path = tiny_dir("Qwen2Moe", "native")
     cfg = QuantizeConfig(bits=4, group_size=16, affinity=True, calib=_calib())
     ref = quantize(path, str(tmp_path / "ref"), cfg, progress=False)
-    real = q.quantize_moe_layer
-
-    def interrupted(*a, **k):
-        if k["layer_idx"] == 1:
-            raise KeyboardInterrupt
-        return real(*a, **k)
     out = str(tmp_path / "cut")
-    monkeypatch.setattr(q, "quantize_moe_layer", interrupted)
+    real = interrupt_at(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         quantize(path, out, cfg, progress=False)
     monkeypatch.setattr(q, "quantize_moe_layer", real)
     got = quantize(path, out, cfg, progress=False, resume=True)
-
-    def digest(d):
-        files = sorted(glob.glob(os.path.join(d, "*.safetensors"))) + [os.path.join(d, "moecompress.json")]
-        return {os.path.basename(f): hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}
     assert digest(out) == digest(str(tmp_path / "ref"))
     assert got["packed_bytes"] == ref["packed_bytes"] and got["shared_experts"] == ref["shared_experts"]
