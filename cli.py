@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from moecompress.config import CalibConfig, QuantizeConfig
+from moecompress.config import BALANCE_OBJECTIVES, CalibConfig, QuantizeConfig
 
 Q, C = QuantizeConfig(), CalibConfig()
 
@@ -40,6 +40,10 @@ def add_calib_args(p):
     p.add_argument("--seed", type=int, default=C.seed, help=f"random seed (default {C.seed})")
     p.add_argument("--sampler", choices=["random", "balanced", "ebss"], default=C.sampler,
                    help=f"how calibration windows are chosen (default {C.sampler})")
+    p.add_argument("--balance-objective", choices=list(BALANCE_OBJECTIVES), default=C.balance_objective,
+                   help=f"--sampler balanced: what the window selection maximizes per layer, the sum over experts "
+                        f"of sqrt(usage share), the entropy of the shares, or the sum of log counts (log favours the "
+                        f"least-used experts most) (default {C.balance_objective})")
     p.add_argument("--ebss-tau", type=float, default=C.ebss_tau,
                    help=f"--sampler ebss: weight of expert balance, score = NLL + std of log usage counts / tau "
                         f"(default {C.ebss_tau})")
@@ -49,6 +53,13 @@ def add_calib_args(p):
     p.add_argument("--ebss-real", type=float, default=C.ebss_real,
                    help=f"--sampler ebss: share of the windows taken at random from the calibration text, the rest "
                         f"self-generated (default {C.ebss_real}: all generated, as MoEQuant)")
+
+
+def calib_config(a) -> CalibConfig:
+    """The calibration options `add_calib_args` parsed."""
+    return CalibConfig(tuple(a.calib or ()), a.nsamples, a.seqlen, a.seed, a.sampler, ebss_tau=a.ebss_tau,
+                       ebss_beams=a.ebss_beams, ebss_expand=a.ebss_expand, ebss_real=a.ebss_real,
+                       balance_objective=a.balance_objective)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,9 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_quantize(a) -> int:
     from moecompress import api
-    calib = CalibConfig(tuple(a.calib or ()), a.nsamples, a.seqlen, a.seed, a.sampler,
-                        ebss_tau=a.ebss_tau, ebss_beams=a.ebss_beams,
-                        ebss_expand=a.ebss_expand, ebss_real=a.ebss_real)
+    calib = calib_config(a)
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, method=a.method, allocation=a.allocation,
                          percdamp=a.percdamp, act_order=a.act_order, affinity=a.affinity, min_tokens=a.min_tokens,
                          router_bits=a.router_bits, shared_bits=a.shared_bits,
@@ -185,10 +194,8 @@ def cmd_quantize(a) -> int:
 
 def cmd_merge(a) -> int:
     from moecompress.merge.pipeline import run_merge
-    s = run_merge(a.model, a.out, experts=a.experts, ratio=a.ratio, method=a.method, calib=tuple(a.calib or ()),
-                  nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, progress=not a.quiet, refit=a.refit,
-                  sampler=a.sampler, ebss_tau=a.ebss_tau, ebss_beams=a.ebss_beams, ebss_expand=a.ebss_expand,
-                  ebss_real=a.ebss_real)
+    s = run_merge(a.model, a.out, experts=a.experts, ratio=a.ratio, method=a.method, calib=calib_config(a),
+                  progress=not a.quiet, refit=a.refit)
     print(json.dumps(s, indent=1, default=str))
     return 0
 
@@ -215,9 +222,7 @@ def cmd_eval(a) -> int:
 
 def cmd_calib_stats(a) -> int:
     from moecompress import api
-    calib = CalibConfig(tuple(a.calib or ()), a.nsamples, a.seqlen, a.seed, a.sampler,
-                        ebss_tau=a.ebss_tau, ebss_beams=a.ebss_beams,
-                        ebss_expand=a.ebss_expand, ebss_real=a.ebss_real)
+    calib = calib_config(a)
     cov, seconds = api.calibration_stats(a.model, calib, threshold=a.threshold, progress=not a.quiet)
     print(cov.table())
     print(f"sampler {a.sampler}: {seconds:.1f} s")

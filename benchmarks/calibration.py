@@ -11,8 +11,9 @@ setting (api.calibration_windows is swapped for a lookup in this process), so sa
 once. Full run (hours on 2 CPU cores):
 
     python benchmarks/calibration.py --json /tmp/calib_bench.json
-A sampler spec `ebss@F` is EBSS with a share F of real windows (`--ebss-real F`). `--previous JSON...`
-adds the cells (sampler, affinity, seed) of earlier runs with the same settings that this run lacks,
+A sampler spec `ebss@F` is EBSS with a share F of real windows (`--ebss-real F`); `balanced:entropy` is
+the balanced sampler with that objective (`--balance-objective`; plain `balanced` uses the default).
+`--previous JSON...` adds the cells (sampler, affinity, seed) of earlier runs with the same settings that this run lacks,
 so one grid can be split over processes, e.g. on 2 cores:
 
     python benchmarks/calibration.py --samplers ebss --seeds 0 1 --json /tmp/c_a.json &
@@ -38,6 +39,27 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIX = os.path.join(HERE, "..", "..", "shared", "fixtures")
 DOMAINS = ("prose", "verse", "c", "python")
+
+
+def paired_table(results: dict, bits: int, cells, seeds_of) -> None:
+    """Each cell minus random windows without affinity on the same seed: mean +- standard error of the
+    per-seed differences (negative = lower perplexity than the baseline). Seeds share the quantization's
+    other randomness, so pairing removes most of the seed-to-seed spread the plain table shows."""
+    base = f"w{bits}/random/off/"
+    if not any(k.startswith(base) for k in results):
+        return
+    print(f"{bits}-bit, paired against random (same seed): mean difference +- standard error (seeds)")
+    for d in DOMAINS:
+        row = []
+        for sm, aff in cells:
+            diffs = [results[f"w{bits}/{sm}/{aff}/{s}"][d] - results[base + str(s)][d] for s in seeds_of[sm]
+                     if f"w{bits}/{sm}/{aff}/{s}" in results and base + str(s) in results]
+            if (sm, aff) == ("random", "off") or not diffs:
+                row.append("-")
+                continue
+            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+            row.append(f"{statistics.mean(diffs):+7.3f} +-{se:5.3f} ({len(diffs)})")
+        print(f"{d:<8}" + "".join(f"{c:>24}" for c in row))
 
 
 def main(argv=None) -> int:
@@ -68,9 +90,11 @@ def main(argv=None) -> int:
     tok = data.load_tokenizer(a.model)
     pool = data.token_pool(tok, data.parse_sources([a.calib]))
     windows, sampler_s, coverage = {}, {}, {}
-    def calib_of(spec, seed):  # "ebss@0.5" -> sampler ebss with half the windows real
+    def calib_of(spec, seed):  # "ebss@0.5": half the windows real; "balanced:entropy": that objective
         sm, _, real = spec.partition("@")
-        return CalibConfig((a.calib,), a.nsamples, a.seqlen, seed, sm, ebss_real=float(real or 0))
+        sm, _, objective = sm.partition(":")
+        return CalibConfig((a.calib,), a.nsamples, a.seqlen, seed, sm, ebss_real=float(real or 0),
+                           balance_objective=objective or CalibConfig.balance_objective)
 
     for sm in a.samplers:
         for seed in a.seeds:
@@ -86,8 +110,9 @@ def main(argv=None) -> int:
                   f"cv/layer {[round(c.cv, 3) for c in cov.layers]}", flush=True)
 
     real = api.calibration_windows
-    spec_of = {(calib_of(sm, 0).sampler, calib_of(sm, 0).ebss_real): sm for sm in a.samplers}
-    api.calibration_windows = lambda model, calib: windows[(spec_of[calib.sampler, calib.ebss_real], calib.seed)]
+    key = lambda c: (c.sampler, c.ebss_real, c.balance_objective)  # noqa: E731
+    spec_of = {key(calib_of(sm, 0)): sm for sm in a.samplers}
+    api.calibration_windows = lambda model, calib: windows[(spec_of[key(calib)], calib.seed)]
     results = {"original": {d: r["perplexity"] for d, r in
                             zip(DOMAINS, api.evaluate(a.model, list(texts.values()), max_tokens=a.max_tokens,
                                                       progress=False).values())}}
@@ -143,6 +168,9 @@ def main(argv=None) -> int:
                 sd = statistics.stdev(v) if len(v) > 1 else 0.0
                 row.append(f"{statistics.mean(v):>10.3f} +-{sd:5.3f}")
             print(f"{d:<8}" + "".join(f"{c:>18}" for c in row))
+        print("seeds   " + "".join(f"{sum(f'w{bits}/{sm}/{aff}/{s}' in results for s in seeds_of[sm]):>18}"
+                                    for sm, aff in cells))
+        paired_table(results, bits, cells, seeds_of)
     print("\nsampler   seed  seconds   min tokens/expert per layer   cv per layer")
     for sm in a.samplers:
         for seed in seeds_of[sm]:

@@ -67,7 +67,8 @@ def main():
     tok = transformers.AutoTokenizer.from_pretrained(a.fixture)
     tests = {d: torch.tensor(tok(open(os.path.join(text, f"{d}_test.txt"), encoding="utf-8").read())["input_ids"][: a.tokens])
              for d in DOMAINS}
-    calib = (os.path.join(text, "calib_mix.txt"),)
+    from moecompress.config import CalibConfig
+    calib = CalibConfig((os.path.join(text, "calib_mix.txt"),), a.nsamples, a.seqlen, seed=0)
     rows = {"original": evaluate(a.fixture, tests)}
     cuts = [int(k) for k in a.cuts.split(",")]
     configs = [(K, m, {}) for K in cuts for m in a.methods.split(",")]
@@ -82,8 +83,7 @@ def main():
             name = f"{E}->{K} {method}" + "".join(f" {k}={v}" for k, v in kw.items())
             out = os.path.join(tmp, name.replace(" ", "_").replace(">", ""))
             t0 = time.time()
-            run_merge(a.fixture, out, experts=K, method=method, calib=calib, nsamples=a.nsamples,
-                      seqlen=a.seqlen, seed=0, progress=False, **kw)
+            run_merge(a.fixture, out, experts=K, method=method, calib=calib, progress=False, **kw)
             rec = json.load(open(os.path.join(out, "run", "merge_record.json")))
             rows[name] = evaluate(out, tests)
             print(f"{name}: " + " ".join(f"{rows[name][d]:.2f}" for d in DOMAINS) + f" ({time.time() - t0:.0f} s) "

@@ -11,6 +11,7 @@ from .errors import MoeCompressError
 FORMAT_VERSION = 1
 METHODS = ("gptq", "rtn", "ternary")
 SAMPLERS = ("random", "balanced", "ebss")
+BALANCE_OBJECTIVES = ("sqrt", "entropy", "log")  # --sampler balanced: calibration/samplers.py
 ALLOCATIONS = ("uniform", "lp")
 CANDIDATES = (2, 3, 4, 8, "sub1")  # --allocation lp widths; sub1: ternary experts coded to 1 bit/weight, all counted
 
@@ -27,6 +28,7 @@ class CalibConfig:
     ebss_beams: int = 4              # --sampler ebss: beam width
     ebss_expand: int = 8             # --sampler ebss: candidates proposed per beam and step
     ebss_real: float = 0.0           # --sampler ebss: share of windows taken from the real text, the rest generated
+    balance_objective: str = "sqrt"  # --sampler balanced: what the greedy window selection maximizes
 
     def __post_init__(self):
         if self.nsamples < 1:
@@ -41,6 +43,9 @@ class CalibConfig:
                                    f"got {self.ebss_real}")
         if self.sampler not in SAMPLERS:
             raise MoeCompressError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.balance_objective not in BALANCE_OBJECTIVES:
+            raise MoeCompressError(f"unknown balance objective {self.balance_objective!r}; choose one of "
+                                   f"{', '.join(BALANCE_OBJECTIVES)}")
 
 
 @dataclass(frozen=True)

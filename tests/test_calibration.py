@@ -172,6 +172,8 @@ def test_calib_stats_cli(tmp_path, capsys):
 def test_config_rejects_unknown_sampler():
     with pytest.raises(MoeCompressError):
         CalibConfig(sampler="greedy")
+    with pytest.raises(MoeCompressError, match="balance objective"):
+        CalibConfig(balance_objective="minimum")
 
 
 def test_ebss_flags_reach_the_generator(monkeypatch):
@@ -247,10 +249,11 @@ def test_every_command_passes_the_calibration_flags_on(monkeypatch, command):
     monkeypatch.setattr(api, "quantize", checked(api.quantize, {"out": "x", "expert_bits_per_param": 4.0,
                                                                "source_bytes": 1, "packed_bytes": 1, "compression": 1.0,
                                                                "seconds": 0.0, "fallback_experts": 0}))
-    argv = [command, "m", "--sampler", "ebss", "--ebss-expand", "3", "--ebss-real", "0.5"]
+    argv = [command, "m", "--sampler", "ebss", "--ebss-expand", "3", "--ebss-real", "0.5", "--seed", "5",
+            "--balance-objective", "entropy"]
     if command in ("merge", "prune"):
         argv += ["--out", "o", "--experts", "2"]
     assert cli.main(argv) == 0
-    calib = seen["config"].calib if "config" in seen else seen.get("calib")
-    got = seen["ebss_expand"] if command in ("merge", "prune") else calib.ebss_expand
-    assert got == 3, seen
+    calib = seen["config"].calib if "config" in seen else seen["calib"]
+    assert (calib.sampler, calib.ebss_expand, calib.ebss_real, calib.seed, calib.balance_objective) == \
+        ("ebss", 3, 0.5, 5, "entropy"), seen

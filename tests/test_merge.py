@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import needs_shared
+from moecompress.config import CalibConfig
 from moecompress.errors import MoeCompressError
 from moecompress.merge import compute_layer_stats, reduce_layer
 from moecompress.merge.align import align_expert, permute_expert
@@ -221,7 +222,7 @@ def test_run_merge_writes_a_checkpoint_plain_transformers_loads(tiny_dir, tmp_pa
     E = CheckpointReader(src).num_experts
     K = E // 2
     out = str(tmp_path / "m")
-    s = run_merge(src, out, experts=K, method=method, nsamples=4, seqlen=32, progress=False)
+    s = run_merge(src, out, experts=K, method=method, calib=CalibConfig(nsamples=4, seqlen=32), progress=False)
     r = CheckpointReader(out)
     assert all(r.layer_num_experts(i) == K for i in r.moe_layers)
     src_r = CheckpointReader(src)
@@ -247,7 +248,7 @@ def test_merge_then_quantize_then_load(tiny_dir, tmp_path, count):
 
     src = tiny_dir("Qwen3Moe", "native")  # 2 layers x 8 experts
     merged, packed = str(tmp_path / "m"), str(tmp_path / "q")
-    s = run_merge(src, merged, method="msmoe", nsamples=4, seqlen=32, progress=False, **count)
+    s = run_merge(src, merged, method="msmoe", calib=CalibConfig(nsamples=4, seqlen=32), progress=False, **count)
     assert sum(s["experts_per_layer"]) == (8 if "experts" in count else 7) and min(s["experts_per_layer"]) >= 2
     assert s["uniform"] == ("experts" in count)
     from moecompress.evaluate import load_any
@@ -291,7 +292,7 @@ def test_ratio_counts_are_checked_before_work(tiny_dir, tmp_path):
     from moecompress.validate import validate_checkpoint
 
     merged, packed = str(tmp_path / "m"), str(tmp_path / "q")
-    s = run_merge(tiny_dir("Qwen3Moe", "native"), merged, ratio=7 / 16, method="reap", nsamples=4, seqlen=32,
+    s = run_merge(tiny_dir("Qwen3Moe", "native"), merged, ratio=7 / 16, method="reap", calib=CalibConfig(nsamples=4, seqlen=32),
                   progress=False)
     assert validate_checkpoint(merged, check_values=False).ok
     api.quantize(merged, packed, QuantizeConfig(bits=3, group_size=16, calib=CalibConfig(nsamples=4, seqlen=32)),
@@ -357,7 +358,7 @@ def test_layer_streamer_builds_per_layer_routers(tiny_dir, tmp_path):
     from moecompress.merge.pipeline import run_merge
 
     out = str(tmp_path / "r")
-    s = run_merge(tiny_dir("Qwen3Moe", "native"), out, ratio=7 / 16, method="reap", nsamples=4, seqlen=32, progress=False)
+    s = run_merge(tiny_dir("Qwen3Moe", "native"), out, ratio=7 / 16, method="reap", calib=CalibConfig(nsamples=4, seqlen=32), progress=False)
     counts = s["experts_per_layer"]
     assert sum(counts) == 7 and len(set(counts)) == 2 and min(counts) >= 2
     reader = CheckpointReader(out)

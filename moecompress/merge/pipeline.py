@@ -19,9 +19,11 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import asdict
 
 import torch
 
+from ..config import CalibConfig
 from ..errors import MoeCompressError
 from . import METHODS, reduce_layer
 from .counts import allocate_counts, importance
@@ -67,16 +69,13 @@ def _layer_stats(streamer, layer, hidden, kwargs, bs, router, experts, max_route
 
 
 def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float | None = None,
-              method: str = "msmoe", calib=(), nsamples: int = 64, seqlen: int = 256, seed: int = 0,
-              batch_size: int = 8, max_router_samples: int = 8192, progress: bool = True,
-              router_mode: str | None = None, refit: bool | None = None, sampler: str = "random",
-              ebss_tau: float = 1.2, ebss_beams: int = 4, ebss_expand: int = 8, ebss_real: float = 0.0) -> dict:
+              method: str = "msmoe", calib: CalibConfig = CalibConfig(nsamples=64), max_router_samples: int = 8192,
+              progress: bool = True, router_mode: str | None = None, refit: bool | None = None) -> dict:
     """Reduce every MoE layer of checkpoint `source` to `experts` experts (or `ratio` of all, adaptively).
     router_mode / refit override the method's defaults (merged router rows; least-squares down refit,
     merge.DEFAULT_REFIT: on for reap, msmoe and hcsmoe); the benchmark measures them."""
     from ..api import _progress, calibration_windows
     from ..checkpoint import CheckpointReader
-    from ..config import CalibConfig
     from ..layerwise import LayerStreamer, copy_tokenizer_files, find_experts
     from .writer import MergedWriter
 
@@ -101,9 +100,8 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
         n_group = reader.config.get("n_group")
         if n_group and experts % int(n_group):
             raise MoeCompressError(f"this model routes in {n_group} expert groups: choose --experts divisible by {n_group}")
-    calib_cfg = CalibConfig(tuple(calib or ()), nsamples, seqlen, seed, sampler, ebss_tau=ebss_tau, ebss_beams=ebss_beams,
-                            ebss_expand=ebss_expand, ebss_real=ebss_real)
-    windows = calibration_windows(source, calib_cfg)
+    windows = calibration_windows(source, calib)
+    batch_size = calib.batch_size
     streamer = LayerStreamer(reader)
     kwargs = streamer.layer_kwargs(min(batch_size, len(windows)), windows.shape[1])
 
@@ -169,9 +167,8 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
                "seconds": round(time.time() - t0, 1), "out": os.path.abspath(out)}
     run = {
         "run/run_config.json": {"source": reader.path, "fingerprint": reader.fingerprint, "method": method,
-                                "experts": experts, "ratio": ratio, "calib": list(calib or ()), "nsamples": nsamples,
-                                "router_mode": router_mode, "refit": refit,
-                                "seqlen": seqlen, "seed": seed, "format_version": FORMAT_VERSION},
+                                "experts": experts, "ratio": ratio, "calib": asdict(calib),
+                                "router_mode": router_mode, "refit": refit, "format_version": FORMAT_VERSION},
         "run/merge_record.json": {"format_version": FORMAT_VERSION, "source_fingerprint": reader.fingerprint,
                                   "layers": records},
         "run/metrics.json": summary,
