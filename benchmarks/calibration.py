@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     print("original: " + "  ".join(f"{d} {v:.3f}" for d, v in results["original"].items()))
     cells = [(sm, aff) for sm in a.samplers for aff in a.affinity]
     for bits in a.bits:
-        print(f"\n{bits}-bit   " + "".join(f"{sm + ('+agq' if aff == 'on' else ''):>18}" for sm, aff in cells))
+        print(f"\n{bits}-bit   " + "".join(f"{sm + ('+agq' if aff == 'on' else ''):>24}" for sm, aff in cells))
         for d in DOMAINS:
             row = []
             for sm, aff in cells:
@@ -167,15 +167,15 @@ def main(argv=None) -> int:
                     continue
                 sd = statistics.stdev(v) if len(v) > 1 else 0.0
                 row.append(f"{statistics.mean(v):>10.3f} +-{sd:5.3f}")
-            print(f"{d:<8}" + "".join(f"{c:>18}" for c in row))
-        print("seeds   " + "".join(f"{sum(f'w{bits}/{sm}/{aff}/{s}' in results for s in seeds_of[sm]):>18}"
+            print(f"{d:<8}" + "".join(f"{c:>24}" for c in row))
+        print("seeds   " + "".join(f"{sum(f'w{bits}/{sm}/{aff}/{s}' in results for s in seeds_of[sm]):>24}"
                                     for sm, aff in cells))
         paired_table(results, bits, cells, seeds_of)
-    print("\nsampler   seed  seconds   min tokens/expert per layer   cv per layer")
+    print("\nsampler          seed  seconds   min tokens/expert per layer   cv per layer")
     for sm in a.samplers:
         for seed in seeds_of[sm]:
             c = coverage[sm][str(seed)]
-            print(f"{sm:<9} {seed:>4} {sampler_s[sm][str(seed)]:>8.1f}   {str(c['min']):>28}   "
+            print(f"{sm:<16} {seed:>4} {sampler_s[sm][str(seed)]:>8.1f}   {str(c['min']):>28}   "
                   f"{[round(x, 3) for x in c['cv']]}")
     if "random" in coverage:  # paired by seed: does each sampler raise the minimum and lower the cv, per layer?
         print("\nagainst random windows of the same seed, per layer: min raised (+), equal (=), lowered (-); "
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
                     continue
                 mins = "".join("+" if x > y else "=" if x == y else "-" for x, y in zip(c["min"], r["min"]))
                 cvs = "".join("+" if x < y else "-" for x, y in zip(c["cv"], r["cv"]))
-                line = f"{sm:<9} {seed:>4}  min {mins}  cv {cvs}"
+                line = f"{sm:<16} {seed:>4}  min {mins}  cv {cvs}"
                 if c.get("tokens") and r.get("tokens"):
                     live = [(min(t[e] for e in reach[l]), min(rt[e] for e in reach[l]))
                             for l, (t, rt) in enumerate(zip(c["tokens"], r["tokens"]))]

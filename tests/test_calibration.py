@@ -44,12 +44,13 @@ def test_coverage_table_and_json(tmp_path):
         stats.Coverage(-1, [])
 
 
-def test_balanced_select_prefers_starved_experts():
+@pytest.mark.parametrize("objective", ["sqrt", "entropy", "log"])
+def test_balanced_select_prefers_starved_experts(objective):
     # 40 windows that all feed experts 0-1, 8 that also reach expert 2 or 3: greedy must take the latter
     common = torch.tensor([[30, 30, 0, 0]])
     rare = torch.tensor([[20, 20, 20, 0], [20, 20, 0, 20]])
     counts = torch.cat([common.repeat(40, 1), rare.repeat(4, 1)])[:, None, :]  # (48, 1, 4)
-    idx = samplers.balanced_select(counts, 8)
+    idx = samplers.balanced_select(counts, 8, objective)
     assert sorted(idx.tolist()) == list(range(40, 48))
     tot = counts[idx].sum(0)[0]
     assert tot.min().item() == 80 and stats.cv(tot).item() < stats.cv(counts[:8].sum(0)[0]).item()
@@ -257,3 +258,16 @@ def test_every_command_passes_the_calibration_flags_on(monkeypatch, command):
     calib = seen["config"].calib if "config" in seen else seen["calib"]
     assert (calib.sampler, calib.ebss_expand, calib.ebss_real, calib.seed, calib.balance_objective) == \
         ("ebss", 3, 0.5, 5, "entropy"), seen
+
+
+def test_balance_objectives_rank_the_starved_expert_as_documented():
+    """log, sqrt, entropy: ever less weight on the least-used expert. How many of a window's 120 routings
+    must reach the starved expert (the rest going to the dominant one) for it to beat a window that
+    gives all 120 to a mid-sized expert?"""
+    total = torch.tensor([[[1000.0, 600.0, 400.0, 20.0]]])   # (1, L=1, E=4): expert 3 starved
+    mid = torch.tensor([[0.0, 0.0, 120.0, 0.0]])
+    need = {}
+    for obj in ("log", "sqrt", "entropy"):
+        F = lambda w: float(samplers.balance_objective(total + w, obj))  # noqa: E731
+        need[obj] = next(s for s in range(121) if F(torch.tensor([[120.0 - s, 0, 0, s]])) > F(mid))
+    assert need["log"] < need["sqrt"] < need["entropy"] <= 60, need   # measured 4, 12, 29

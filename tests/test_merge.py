@@ -233,6 +233,8 @@ def test_run_merge_writes_a_checkpoint_plain_transformers_loads(tiny_dir, tmp_pa
     rec = json.load(open(os.path.join(out, "run", "merge_record.json")))
     assert len(rec["layers"]) == len(r.moe_layers) and all(l["experts_after"] == K for l in rec["layers"])
     assert s["experts_per_layer"] == [K] * len(r.moe_layers)
+    cfg = json.load(open(os.path.join(out, "run", "run_config.json")))["calib"]  # the whole calibration recipe
+    assert (cfg["sampler"], cfg["nsamples"], cfg["seqlen"], cfg["seed"]) == ("random", 4, 32, 0)
 
 
 @needs_shared
