@@ -5,12 +5,12 @@ import os
 import pytest
 import torch
 
-from conftest import needs_shared
+from conftest import FAMILIES, needs_shared, write_tiny
 from moecompress.config import CalibConfig
 from moecompress.errors import MoeCompressError
 from moecompress.merge import compute_layer_stats, reduce_layer
 from moecompress.merge.align import align_expert, permute_expert
-from moecompress.merge.counts import allocate_counts
+from moecompress.merge.counts import allocate_counts, routing_floor
 from moecompress.merge.hcsmoe import average_linkage_clusters
 from moecompress.merge.reduction import merge_groups
 from moecompress.merge.refit import route
@@ -204,6 +204,48 @@ def test_adaptive_counts():
         allocate_counts([peaked, peaked], 0.1, 2)
     with pytest.raises(MoeCompressError, match="--ratio"):
         allocate_counts([peaked], 1.5, 2)
+
+
+def test_adaptive_counts_in_expert_groups():
+    """Group-limited routing: experts leave a layer n_group at a time, the cheapest pair over all layers first."""
+    flat = torch.full((8,), 1 / 8)
+    peaked = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.02, 0.01, 0.01, 0.01])
+    assert allocate_counts([flat, peaked], 0.75, 4, 2) == [8, 4]
+    assert allocate_counts([flat, peaked], 0.75, 4, 4) == [8, 4]     # 12 kept: one unit of 4 from the peaked layer
+    assert allocate_counts([flat, peaked], 0.6, 4, 4) == [4, 4]     # 9.6 rounds to 2 groups of 4: one from each
+    counts = allocate_counts([flat, peaked, peaked], 0.55, 4, 2)
+    assert all(c % 2 == 0 and c >= 4 for c in counts) and sum(counts) == 2 * round(0.55 * 24 / 2)
+    with pytest.raises(MoeCompressError, match="multiples of 2"):
+        allocate_counts([flat, peaked], 0.3, 6, 2)
+
+
+def test_routing_floor():
+    assert routing_floor({}, 2) == (2, 1)
+    assert routing_floor({"n_group": 8, "topk_group": 4}, 8) == (16, 8)          # DeepSeek-V3: top-2 per group
+    assert routing_floor({"n_group": 8, "topk_group": 3, "topk_method": "group_limited_greedy"}, 6) == (16, 8)
+    assert routing_floor({"n_group": 4, "topk_group": 1, "topk_method": "group_limited_greedy"}, 2) == (8, 4)
+    assert routing_floor({"n_group": 8, "topk_group": 3, "topk_method": "greedy"}, 6) == (6, 1)  # V2-Lite
+
+
+def test_grouped_routing_merge_keeps_whole_groups(tmp_path, monkeypatch):
+    """DeepSeek-V3 with 2 expert groups: every --ratio count is a multiple of 2, so the router's
+    (tokens, groups, experts per group) view keeps each token's scores together (an odd count used to mix
+    tokens silently: the first token's logits changed with the tokens after it)."""
+    import transformers
+    from moecompress.merge.pipeline import run_merge
+    monkeypatch.setitem(FAMILIES, "DeepseekV3", {**FAMILIES["DeepseekV3"], "n_group": 2, "topk_group": 1})
+    src = str(tmp_path / "src")
+    write_tiny(src, "DeepseekV3", layers=4)
+    with pytest.raises(MoeCompressError, match="expert groups"):
+        run_merge(src, str(tmp_path / "odd"), experts=5, method="reap", calib=CalibConfig(nsamples=4, seqlen=32))
+    out = str(tmp_path / "r")
+    s = run_merge(src, out, ratio=0.6, method="reap", calib=CalibConfig(nsamples=4, seqlen=32), progress=False)
+    assert all(k % 2 == 0 and k >= 4 for k in s["experts_per_layer"]) and sum(s["experts_per_layer"]) == 14
+    from moecompress.evaluate import load_any
+    m = load_any(out)
+    ids = torch.arange(1, 17)[None]
+    with torch.no_grad():
+        assert torch.allclose(m(ids[:, :1]).logits[0, 0], m(ids).logits[0, 0], atol=1e-5)
 
 
 # -- the pipeline on tiny random checkpoints ---------------------------------------------------

@@ -26,7 +26,7 @@ import torch
 from ..config import CalibConfig
 from ..errors import MoeCompressError
 from . import METHODS, reduce_layer
-from .counts import allocate_counts, importance
+from .counts import allocate_counts, importance, routing_floor
 from .stats import LayerStats, combine, compute_layer_stats
 
 log = logging.getLogger("moecompress")
@@ -93,13 +93,15 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
     top_k = int(reader.config.get("num_experts_per_tok") or reader.config.get("moe_topk") or 1)
     layers = reader.moe_layers
     sizes = {i: reader.layer_num_experts(i) for i in layers}
+    floor, multiple = routing_floor(reader.config, top_k)
     if experts is not None:
         for i in layers:
             from .reduction import check_target
             check_target(sizes[i], experts, top_k)
-        n_group = reader.config.get("n_group")
-        if n_group and experts % int(n_group):
-            raise MoeCompressError(f"this model routes in {n_group} expert groups: choose --experts divisible by {n_group}")
+        if experts % multiple or experts < floor:
+            raise MoeCompressError(f"this model routes in {multiple} expert groups (top-{top_k} within "
+                                   f"{reader.config.get('topk_group')} groups): choose --experts divisible by {multiple} "
+                                   f"and at least {floor}")
     windows = calibration_windows(source, calib)
     batch_size = calib.batch_size
     streamer = LayerStreamer(reader)
@@ -120,7 +122,7 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
             else:
                 hidden = streamer.run_layer(layer, hidden, kwargs[i], batch_size)
             del layer
-        counts = dict(zip(layers, allocate_counts(shares, ratio, top_k)))
+        counts = dict(zip(layers, allocate_counts(shares, ratio, floor, multiple)))
 
     writer = MergedWriter(reader, out)
     hidden, records = embed(), []
