@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ternary-threshold", type=float, default=Q.ternary_threshold,
                    help="--method ternary: weights with |w| < t * (hi - lo) become 0; more zeros, fewer bits "
                         "(default: searched per batch of experts so the sub-1-bit codes fit --bits; 0 at --bits 1.6)")
+    q.add_argument("--hessian-prior", type=float, default=Q.hessian_prior, metavar="A",
+                   help="add to each expert's GPTQ Hessian A x (input width) tokens' worth of the statistics it would "
+                        "see on all of the layer's tokens: rarely routed experts lean on typical inputs instead of a "
+                        f"handful of their own (default {Q.hessian_prior}: off)")
     q.add_argument("--min-tokens", type=int, default=Q.min_tokens,
                    help=f"experts with fewer routed calibration tokens fall back to round-to-nearest (default {Q.min_tokens})")
     q.add_argument("--shared-bits", type=int, default=Q.shared_bits, choices=(0, 2, 3, 4, 8),
@@ -159,6 +163,7 @@ def cmd_quantize(a) -> int:
     calib = calib_config(a)
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, method=a.method, allocation=a.allocation,
                          percdamp=a.percdamp, act_order=a.act_order, affinity=a.affinity, min_tokens=a.min_tokens,
+                         hessian_prior=a.hessian_prior,
                          router_bits=a.router_bits, shared_bits=a.shared_bits,
                          ternary_threshold=a.ternary_threshold, candidates=a.candidates, budget_scope=a.budget_scope,
                          min_bits=a.min_bits, max_bits=a.max_bits, top_two=a.top_two, alpha=a.alpha, beta=a.beta,

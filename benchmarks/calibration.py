@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32768, help="evaluation tokens per domain")
+    ap.add_argument("--hessian-prior", type=float, default=0.0, help="quantize --hessian-prior (default 0: off)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--previous", nargs="+", default=[],
                     help="JSONs of earlier runs with the same settings: the cells this run lacks join the table")
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
                     for seed in a.seeds:
                         out = os.path.join(work, f"w{bits}-{sm}-{aff}-{seed}")
                         cfg = QuantizeConfig(bits=bits, group_size=a.group_size, method="gptq", affinity=aff == "on",
-                                             calib=calib_of(sm, seed))
+                                             hessian_prior=a.hessian_prior, calib=calib_of(sm, seed))
                         t0 = time.time()
                         api.quantize(a.model, out, cfg, progress=False)
                         ev = api.evaluate(out, list(texts.values()), max_tokens=a.max_tokens, progress=False)
@@ -140,8 +141,9 @@ def main(argv=None) -> int:
     for path in a.previous:
         with open(path) as f:
             prev = json.load(f)
-        for k, v in prev["args"].items():
-            if k in ("nsamples", "seqlen", "group_size", "max_tokens", "model", "calib") and v != getattr(a, k):
+        for k in ("nsamples", "seqlen", "group_size", "max_tokens", "model", "calib", "hessian_prior"):
+            v = prev["args"].get(k, 0.0 if k == "hessian_prior" else None)
+            if v != getattr(a, k):
                 raise SystemExit(f"--previous {path}: {k} differs ({v} vs {getattr(a, k)})")
         for k, v in prev["perplexity"].items():
             results.setdefault(k, v)
@@ -153,6 +155,7 @@ def main(argv=None) -> int:
     a.samplers = list(sampler_s)
     seeds_of = {sm: sorted(int(s) for s in sampler_s[sm]) for sm in a.samplers}
     print(f"\nprose-only calibration, {a.nsamples} x {a.seqlen} tokens, GPTQ group {a.group_size}, "
+          f"{f'--hessian-prior {a.hessian_prior:g}, ' if a.hessian_prior else ''}"
           f"seeds {seeds_of}, eval {a.max_tokens} tokens/domain; perplexity mean +- std over seeds")
     print("original: " + "  ".join(f"{d} {v:.3f}" for d, v in results["original"].items()))
     cells = [(sm, aff) for sm in a.samplers for aff in a.affinity]

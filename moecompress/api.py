@@ -190,7 +190,8 @@ def _quantize(model: str | None, out: str, config: QuantizeConfig, *, plan: str 
                 layer_specs = {e: specs[(i, e)] for e in range(reader.layer_num_experts(i))}
                 packed, rec = quantize_moe_layer(streamer, layer, hidden, kwargs[i], layer_idx=i, specs=layer_specs,
                                                  method=config.method, gcfg=gcfg, affinity=config.affinity,
-                                                 min_tokens=config.min_tokens, batch_size=bs, encoder=encoder)
+                                                 min_tokens=config.min_tokens, batch_size=bs, encoder=encoder,
+                                                 hessian_prior=config.hessian_prior)
                 for (e, p), pt in sorted(packed.items()):
                     name = f"{reader.prefix}.{i}.{path}.{e}.{p}"
                     for f, t in pt.tensors.items():

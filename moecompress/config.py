@@ -59,6 +59,7 @@ class QuantizeConfig:
     act_order: bool = False
     affinity: bool = False           # AGQ: weight each token's Hessian term by its gate weight
     min_tokens: int = 16             # fewer routed tokens than this: round-to-nearest fallback
+    hessian_prior: float = 0.0       # a > 0: each expert's Hessian + a * K tokens' worth of its all-token statistics
     router_bits: int | None = None   # MoEQuant: GPTQ the router too (2/3/4/8), routing recomputed with it
     shared_bits: int | None = None   # shared experts' width (2/3/4/8; 0 keeps them dense); None: --bits when
     # that is a uniform integer width, else 4 (passes/shared.py)
@@ -100,6 +101,8 @@ class QuantizeConfig:
             raise MoeCompressError(f"--shared-bits must be 0 (keep dense), 2, 3, 4 or 8, got {self.shared_bits}")
         if self.router_bits is not None and (isinstance(self.router_bits, bool) or self.router_bits not in (2, 3, 4, 8)):
             raise MoeCompressError(f"--router-bits must be 2, 3, 4 or 8, got {self.router_bits}")
+        if not self.hessian_prior >= 0:
+            raise MoeCompressError(f"--hessian-prior must be >= 0, got {self.hessian_prior}")
         if self.min_tokens < 0:
             raise MoeCompressError(f"--min-tokens must be >= 0, got {self.min_tokens}")
         if self.allocation == "lp" and self.method == "ternary":

@@ -271,3 +271,46 @@ def test_balance_objectives_rank_the_starved_expert_as_documented():
         F = lambda w: float(samplers.balance_objective(total + w, obj))  # noqa: E731
         need[obj] = next(s for s in range(121) if F(torch.tensor([[120.0 - s, 0, 0, s]])) > F(mid))
     assert need["log"] < need["sqrt"] < need["entropy"] <= 60, need   # measured 4, 12, 29
+
+
+def test_hessian_prior_statistics_are_the_all_token_averages():
+    """prior=True: gate/up's prior is the average x x^T over every routed row (all experts, so every token
+    k times: the all-token average); down's runs the expert on a fixed sample of token positions."""
+    from moecompress.passes.calibrate import HessianCollector
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g)
+    routes = {0: torch.arange(0, 40), 1: torch.arange(0, 40, 2), 2: torch.arange(1, 40, 2)}  # top-2: 80 rows
+    col = HessianCollector(3, 6, "x", subset=[0], prior=True)
+    hcol = HessianCollector(3, 6, "h", subset=[0], prior=True, sample_every=4)
+    for e, tok in routes.items():
+        w = torch.rand(tok.numel(), generator=g)
+        col(e, tok, x[tok], None, w)
+        hcol(e, tok, x[tok], x[tok], w)
+    assert torch.allclose(col.prior_hessian(1, None), x.t() @ x / 40, atol=1e-5)
+    assert torch.equal(col.H[0], x.t() @ x) and 1 not in col.H       # the subset's own Hessian unchanged
+
+    def double(e, v):
+        return 2 * v, None
+    kept = torch.cat([tok[(tok * 2654435761) % (1 << 32) % 4 == 0] for tok in routes.values()])
+    assert 0 < kept.numel() < 80
+    assert torch.allclose(hcol.prior_hessian(0, double), 4 * x[kept].t() @ x[kept] / kept.numel(), atol=1e-5)
+    with pytest.raises(MoeCompressError, match="hessian-prior"):
+        from moecompress.config import QuantizeConfig
+        QuantizeConfig(hessian_prior=-1)
+
+
+@needs_fixture
+def test_hessian_prior_rescues_a_small_calibration_set(tmp_path):
+    """16 windows of 64 tokens leave experts a few dozen to a few hundred routed tokens, fewer than the
+    192/384 input widths: plain GPTQ overfits them. The prior lowers 2-bit perplexity on held-out prose and
+    on C, which the calibration text lacks (measured 51.52 -> 48.38 and 22.70 -> 20.20)."""
+    from moecompress import api
+    from moecompress.config import QuantizeConfig
+    ppl = {}
+    texts = [os.path.join(FIX, "text", f"{d}_test.txt") for d in ("prose", "c")]
+    for a in (0.0, 1.0):
+        out = str(tmp_path / f"p{a}")
+        cfg = QuantizeConfig(bits=2, group_size=64, hessian_prior=a, calib=CalibConfig((PROSE,), 16, 64, seed=0))
+        api.quantize(MODEL, out, cfg, progress=False)
+        ppl[a] = [r["perplexity"] for r in api.evaluate(out, texts, max_tokens=4096, progress=False).values()]
+    assert ppl[1.0][0] < 0.97 * ppl[0.0][0] and ppl[1.0][1] < 0.95 * ppl[0.0][1], ppl

@@ -23,7 +23,7 @@ from ..arch import PROJS
 from ..codecs import PackedTensor, QuantSpec, get_codec
 from ..quant.gptq import GPTQConfig, GPTQResult, gptq, rtn
 from ..quant.grids import AsymmetricGrid
-from .calibrate import HessianCollector, expert_chunks
+from .calibrate import PRIOR_TOKENS, HessianCollector, expert_chunks
 
 log = logging.getLogger("moecompress")
 HESSIAN_BUDGET = 1 << 30
@@ -253,10 +253,15 @@ def _quantize_group(W: torch.Tensor, Hs: torch.Tensor | None, spec: QuantSpec, m
 
 def quantize_moe_layer(streamer, layer, hidden, kwargs, *, layer_idx: int, specs: dict, method: str,
                        gcfg: GPTQConfig, affinity: bool, min_tokens: int, batch_size: int,
-                       encoder: LayerEncoder | None = None):
+                       encoder: LayerEncoder | None = None, hessian_prior: float = 0.0):
     """Quantize the experts of one materialized MoE layer in place.
 
     specs: {expert: QuantSpec}. Returns ({(expert, proj): PackedTensor}, LayerRecord).
+    hessian_prior = a > 0 (`--hessian-prior`): each expert's Hessian gets a * K tokens' worth of what it
+    would see on all of the layer's tokens (K its input width), weighted like a routed token:
+        H_e + a * K * cbar_e * mean_t v_t v_t^T
+    so an expert routed few tokens (n_e ~ K or fewer, a rank-deficient H_e that GPTQ overfits) leans on
+    the layer's typical inputs, while one routed many more than K keeps its own statistics.
     """
     from ..layerwise import find_experts
     t0 = time.time()
@@ -264,6 +269,8 @@ def quantize_moe_layer(streamer, layer, hidden, kwargs, *, layer_idx: int, specs
     encoder = encoder or LayerEncoder()
     E = ex.num_experts
     experts = list(range(E))
+    tokens = hidden.shape[0] * hidden.shape[1] if hidden.dim() == 3 else hidden.shape[0]
+    sample_every = max(1, tokens // PRIOR_TOKENS)
     packed: dict[tuple[int, str], PackedTensor] = {}
     record = None
     fallback: list[int] = []
@@ -273,7 +280,8 @@ def quantize_moe_layer(streamer, layer, hidden, kwargs, *, layer_idx: int, specs
         need_h = method != "rtn"
         chunks = expert_chunks(experts, K, HESSIAN_BUDGET) if need_h else [experts]
         for chunk in chunks:
-            col = HessianCollector(E, K, which, subset=chunk if need_h else [], affinity=affinity)
+            col = HessianCollector(E, K, which, subset=chunk if need_h else [], affinity=affinity,
+                                   prior=need_h and hessian_prior > 0, sample_every=sample_every)
             if need_h or record is None:  # round-to-nearest needs one pass, for the statistics
                 ex.observer = col
                 streamer.run_layer(layer, hidden, kwargs, batch_size)
@@ -295,6 +303,8 @@ def quantize_moe_layer(streamer, layer, hidden, kwargs, *, layer_idx: int, specs
                         for j, e in enumerate(group):  # too few tokens: identity Hessian == round-to-nearest
                             if e in fallback:
                                 Hs[j] = torch.eye(K)
+                            elif hessian_prior > 0:
+                                Hs[j] += (hessian_prior * K * col.mean_weight(e)) * col.prior_hessian(e, ex.expert_forward)
                     res, search = _quantize_group(W, Hs, spec, method, gcfg, encoder.sizer(spec, rows))
                     del W, Hs
                     if search is not None:
