@@ -227,6 +227,7 @@ def test_routing_floor():
     assert routing_floor({"n_group": 8, "topk_group": 3, "topk_method": "greedy"}, 6) == (6, 1)  # V2-Lite
 
 
+@needs_shared
 def test_grouped_routing_merge_keeps_whole_groups(tmp_path, monkeypatch):
     """DeepSeek-V3 with 2 expert groups: every --ratio count is a multiple of 2, so the router's
     (tokens, groups, experts per group) view keeps each token's scores together (an odd count used to mix
