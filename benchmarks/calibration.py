@@ -80,7 +80,6 @@ def main(argv=None) -> int:
                     help="JSONs of earlier runs with the same settings: the cells this run lacks join the table")
     a = ap.parse_args(argv)
 
-    import torch
     from moecompress import api
     from moecompress.calibration import data, samplers
     from moecompress.calibration.routing import route_windows

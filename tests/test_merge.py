@@ -232,7 +232,6 @@ def test_grouped_routing_merge_keeps_whole_groups(tmp_path, monkeypatch):
     """DeepSeek-V3 with 2 expert groups: every --ratio count is a multiple of 2, so the router's
     (tokens, groups, experts per group) view keeps each token's scores together (an odd count used to mix
     tokens silently: the first token's logits changed with the tokens after it)."""
-    import transformers
     from moecompress.merge.pipeline import run_merge
     monkeypatch.setitem(FAMILIES, "DeepseekV3", {**FAMILIES["DeepseekV3"], "n_group": 2, "topk_group": 1})
     src = str(tmp_path / "src")

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..arch import PROJS
 from ..codecs import PackedTensor, QuantSpec, get_codec
 from ..quant.gptq import GPTQConfig, GPTQResult, gptq, rtn
 from ..quant.grids import AsymmetricGrid
