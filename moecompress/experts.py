@@ -12,7 +12,6 @@ is how calibration collects Hessians and routing statistics without a second cop
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Protocol
 
 import torch

@@ -25,7 +25,6 @@ def _router(path, key):
 def test_router_on_grid_and_recorded(tiny_dir, tmp_path, family):
     import moecompress
     from moecompress.api import quantize
-    from moecompress.arch import arch_for
     from moecompress.checkpoint import CheckpointReader
     src = tiny_dir(family, "native")
     reader = CheckpointReader(src)
