@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..config import BALANCE_OBJECTIVES
+from ..config import BALANCE_OBJECTIVES, CalibConfig
 from ..errors import MoeCompressError
 from .data import random_windows
 from .routing import Routing, route_windows
@@ -48,22 +48,23 @@ from .routing import Routing, route_windows
 log = logging.getLogger("moecompress")
 
 
-OBJECTIVES = BALANCE_OBJECTIVES
+DEFAULT_OBJECTIVE = CalibConfig.balance_objective  # one default for the CLI, the API and these functions
 
 
 @dataclass(frozen=True)
 class BalancedConfig:
     pool_factor: int = 4        # candidate windows = pool_factor * nsamples
-    objective: str = "sqrt"
+    objective: str = DEFAULT_OBJECTIVE
 
     def __post_init__(self):
         if self.pool_factor < 1:
             raise MoeCompressError(f"balanced sampler pool_factor must be >= 1, got {self.pool_factor}")
-        if self.objective not in OBJECTIVES:
-            raise MoeCompressError(f"unknown balance objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.objective not in BALANCE_OBJECTIVES:
+            raise MoeCompressError(f"unknown balance objective {self.objective!r}; "
+                                   f"choose one of {', '.join(BALANCE_OBJECTIVES)}")
 
 
-def balance_objective(N: torch.Tensor, objective: str = "sqrt") -> torch.Tensor:
+def balance_objective(N: torch.Tensor, objective: str = DEFAULT_OBJECTIVE) -> torch.Tensor:
     """N: (..., L, E) usage counts -> (...) F summed over layers: sum_e sqrt(share), the entropy of the
     shares, or sum_e log(1 + N)."""
     if objective == "log":
@@ -80,7 +81,7 @@ class Selection(NamedTuple):
     seconds: float
 
 
-def balanced_select(counts: torch.Tensor, n: int, objective: str = "sqrt") -> torch.Tensor:
+def balanced_select(counts: torch.Tensor, n: int, objective: str = DEFAULT_OBJECTIVE) -> torch.Tensor:
     """Greedy max of F(sum_{w in S} counts[w]) over |S| = n.
 
     counts: (P, L, E) per-window counts -> (n,) indices into P, in selection order (ties: lowest index).

@@ -29,6 +29,7 @@ class HessianCollector:
         self.pool = torch.zeros(dim, dim, dtype=torch.float32) if prior and which == "x" else None
         self.pool_rows = 0
         self.sample: list[torch.Tensor] = []  # which == "h": sampled routed inputs x
+        self._sample_x: torch.Tensor | None = None  # their concatenation, built once after the pass
 
     def __call__(self, e: int, tok: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
         self.tokens[e] += tok.numel()
@@ -65,8 +66,10 @@ class HessianCollector:
             return self.pool / max(self.pool_rows, 1)
         if not self.sample:
             return torch.zeros(self.dim, self.dim)
+        if self._sample_x is None:
+            self._sample_x = torch.cat(self.sample)
         with torch.no_grad():
-            h = expert_forward(e, torch.cat(self.sample))[0].float()
+            h = expert_forward(e, self._sample_x)[0].float()
         return h.t() @ h / h.shape[0]
 
 
