@@ -100,9 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--hessian-prior", type=float, default=Q.hessian_prior, metavar="A",
                    help="add to each expert's GPTQ Hessian A x (input width) tokens' worth of the statistics it would "
                         "see on all of the layer's tokens: rarely routed experts lean on typical inputs instead of a "
-                        f"handful of their own (default {Q.hessian_prior}: off)")
+                        f"handful of their own, and those under --min-tokens are GPTQ'd on it instead of rounded "
+                        f"(default {Q.hessian_prior}: off)")
     q.add_argument("--min-tokens", type=int, default=Q.min_tokens,
-                   help=f"experts with fewer routed calibration tokens fall back to round-to-nearest (default {Q.min_tokens})")
+                   help=f"experts with fewer routed calibration tokens fall back to round-to-nearest, or with "
+                        f"--hessian-prior to GPTQ on their few tokens plus the prior (default {Q.min_tokens})")
     q.add_argument("--shared-bits", type=int, default=Q.shared_bits, choices=(0, 2, 3, 4, 8),
                    help="width of the shared experts (Qwen2-MoE, DeepSeek), GPTQ'd like the routed ones; 0 keeps "
                         "them dense (default: --bits when that is a uniform integer width, else 4)")

@@ -58,7 +58,7 @@ class QuantizeConfig:
     block_size: int = 128
     act_order: bool = False
     affinity: bool = False           # AGQ: weight each token's Hessian term by its gate weight
-    min_tokens: int = 16             # fewer routed tokens than this: round-to-nearest fallback
+    min_tokens: int = 16             # fewer routed tokens than this: round-to-nearest (GPTQ on the prior with hessian_prior)
     hessian_prior: float = 0.0       # a > 0: each expert's Hessian + a * K tokens' worth of its all-token statistics
     router_bits: int | None = None   # MoEQuant: GPTQ the router too (2/3/4/8), routing recomputed with it
     shared_bits: int | None = None   # shared experts' width (2/3/4/8; 0 keeps them dense); None: --bits when

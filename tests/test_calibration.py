@@ -303,14 +303,20 @@ def test_hessian_prior_statistics_are_the_all_token_averages():
 def test_hessian_prior_rescues_a_small_calibration_set(tmp_path):
     """16 windows of 64 tokens leave experts a few dozen to a few hundred routed tokens, fewer than the
     192/384 input widths: plain GPTQ overfits them. The prior lowers 2-bit perplexity on held-out prose and
-    on C, which the calibration text lacks (measured 51.52 -> 48.38 and 22.70 -> 20.20)."""
+    on C, which the calibration text lacks (measured with 2 torch threads 51.34 -> 49.22 and 22.94 -> 20.48,
+    with 1 thread 49.85 -> 48.62 and 24.99 -> 21.09: 2-bit GPTQ on so few tokens moves with the float
+    summation order, hence the loose prose bound). The experts under --min-tokens (5 here) are rounded to
+    nearest without the prior and GPTQ'd with it, so the manifest lists them only without."""
     from moecompress import api
     from moecompress.config import QuantizeConfig
-    ppl = {}
+    ppl, fell = {}, {}
     texts = [os.path.join(FIX, "text", f"{d}_test.txt") for d in ("prose", "c")]
     for a in (0.0, 1.0):
         out = str(tmp_path / f"p{a}")
         cfg = QuantizeConfig(bits=2, group_size=64, hessian_prior=a, calib=CalibConfig((PROSE,), 16, 64, seed=0))
         api.quantize(MODEL, out, cfg, progress=False)
+        with open(os.path.join(out, "moecompress.json")) as f:
+            fell[a] = json.load(f)["fallback_experts"]
         ppl[a] = [r["perplexity"] for r in api.evaluate(out, texts, max_tokens=4096, progress=False).values()]
-    assert ppl[1.0][0] < 0.97 * ppl[0.0][0] and ppl[1.0][1] < 0.95 * ppl[0.0][1], ppl
+    assert ppl[1.0][0] < 0.985 * ppl[0.0][0] and ppl[1.0][1] < 0.95 * ppl[0.0][1], ppl
+    assert len(fell[0.0]) >= 3 and fell[1.0] == [], fell

@@ -261,6 +261,12 @@ def quantize_moe_layer(streamer, layer, hidden, kwargs, *, layer_idx: int, specs
         H_e + a * K * cbar_e * mean_t v_t v_t^T
     so an expert routed few tokens (n_e ~ K or fewer, a rank-deficient H_e that GPTQ overfits) leans on
     the layer's typical inputs, while one routed many more than K keeps its own statistics.
+    An expert routed fewer than min_tokens tokens is rounded to nearest (an identity Hessian), or with the
+    prior GPTQ'd on its few tokens plus the prior like every other expert. (Measured with 16 x 64 prose
+    tokens, 4 seeds, on the 5 experts under 16 tokens, prior against round-to-nearest for those experts
+    alone: 3-bit a little better in all four domains, -0.03 to -0.12; 2-bit mixed, C -0.37, verse +0.33.
+    So the prior replaces round-to-nearest where the user asked for it, and is not the default fallback.)
+    The prior is collected once per stage, by the first chunk's pass.
     """
     from ..layerwise import find_experts
     t0 = time.time()
@@ -272,15 +278,19 @@ def quantize_moe_layer(streamer, layer, hidden, kwargs, *, layer_idx: int, specs
     sample_every = max(1, tokens // PRIOR_TOKENS)
     packed: dict[tuple[int, str], PackedTensor] = {}
     record = None
-    fallback: list[int] = []
+    fallback: list[int] = []  # under min_tokens
+    rounded: set[int] = set()  # of those, the experts rounded to nearest (all of them, without the prior)
     searched: list[dict] = []
+    need_h = method != "rtn"
+    want_prior = need_h and hessian_prior > 0
     for stage, projs, which in ((0, ("gate", "up"), "x"), (1, ("down",), "h")):
         K = ex.weights[0][projs[0]].shape[1]
-        need_h = method != "rtn"
         chunks = expert_chunks(experts, K, HESSIAN_BUDGET) if need_h else [experts]
+        prior_of = None  # the first chunk's collector, which gathered the layer's prior statistics
         for chunk in chunks:
             col = HessianCollector(E, K, which, subset=chunk if need_h else [], affinity=affinity,
-                                   prior=need_h and hessian_prior > 0, sample_every=sample_every)
+                                   prior=want_prior and prior_of is None, sample_every=sample_every)
+            prior_of = prior_of or (col if col.prior else None)
             if need_h or record is None:  # round-to-nearest needs one pass, for the statistics
                 ex.observer = col
                 streamer.run_layer(layer, hidden, kwargs, batch_size)
@@ -299,11 +309,13 @@ def quantize_moe_layer(streamer, layer, hidden, kwargs, *, layer_idx: int, specs
                     Hs = None
                     if need_h:
                         Hs = col.stacked(group)
-                        for j, e in enumerate(group):  # too few tokens: identity Hessian == round-to-nearest
-                            if e in fallback:
-                                Hs[j] = torch.eye(K)
-                            elif hessian_prior > 0:
-                                Hs[j] += (hessian_prior * K * col.mean_weight(e)) * col.prior_hessian(e, ex.expert_forward)
+                        for j, e in enumerate(group):
+                            P = prior_of.prior_hessian(e, ex.expert_forward) if prior_of else None
+                            if e in fallback and (P is None or not P.trace() > 0):
+                                Hs[j] = torch.eye(K)  # identity Hessian == round-to-nearest
+                                rounded.add(e)
+                            elif P is not None:
+                                Hs[j] += (hessian_prior * K * col.mean_weight(e)) * P
                     res, search = _quantize_group(W, Hs, spec, method, gcfg, encoder.sizer(spec, rows))
                     del W, Hs
                     if search is not None:
@@ -323,6 +335,8 @@ def quantize_moe_layer(streamer, layer, hidden, kwargs, *, layer_idx: int, specs
                             ex.set_dense(e, p, res.deq[j, sl].to(streamer.dtype, copy=True))
                     del res
     packed.update(encoder.finish_layer())
+    if need_h:
+        record.fallback = sorted(rounded)
     record.seconds = round(time.time() - t0, 3)
     record.specs = {e: specs[e].label for e in experts}
     record.ternary = searched
@@ -331,7 +345,8 @@ def quantize_moe_layer(streamer, layer, hidden, kwargs, *, layer_idx: int, specs
             log.warning("layer %d %s: even threshold %.2f gives %.3f bits per weight, over the budget; kept it",
                         layer_idx, "+".join(s["projs"]), s["threshold"], s["bits"])
     if fallback and method != "rtn":
-        log.warning("layer %d: expert%s %s got fewer than %d calibration tokens (%s): quantized by round-to-nearest",
+        log.warning("layer %d: expert%s %s got fewer than %d calibration tokens (%s): quantized %s",
                     layer_idx, "s" if len(fallback) > 1 else "", ", ".join(map(str, fallback)), min_tokens,
-                    ", ".join(str(record.tokens[e]) for e in fallback))
+                    ", ".join(str(record.tokens[e]) for e in fallback),
+                    "by round-to-nearest" if rounded else "by GPTQ on them plus the --hessian-prior")
     return packed, record
