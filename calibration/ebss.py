@@ -39,7 +39,8 @@ Each sequence starts from one token drawn (seeded) from the calibration text.
 Cost and what it needs (generation through the layer-streamed model): all nsamples sequences advance
 together, one token per step; at each step every decoder layer processes the nsamples * beams *
 expand candidate tokens against a per-layer key/value cache (rows * kv_heads * t * head_dim floats per
-layer and tensor). Decoder layers stay resident when the checkpoint's layer weights fit in
+layer and tensor), a beam's candidates as query positions of its row (BeamCache), so the cache is
+not copied per candidate. Decoder layers stay resident when the checkpoint's layer weights fit in
 `resident_bytes`; otherwise each layer is rebuilt from the checkpoint at every step, so the model is
 read seqlen times (seqlen * one layer of memory at a time, plus the caches). Attention is full over
 the cache (no sliding window: fine while seqlen is below a family's window).
@@ -124,32 +125,39 @@ def blocked(seq: torch.Tensor, vocab: int, ngram: int) -> torch.Tensor:
 
 
 class BeamCache:
-    """Per-layer key/value cache of the live beams; candidates read their parent's rows (the attention
-    modules call `update`), and `commit` keeps the chosen candidates."""
+    """Per-layer key/value cache of the live beams (the attention modules call `update`); `commit` keeps
+    the chosen candidates.
+
+    A step feeds either one token per live row (`group = 0`: the first token) or, for the search, each
+    row's C candidate tokens at once as C query positions of that row (`group = C`): they read the row's
+    cached keys plus their own, and a mask (StreamedLM.step) hides the row's other candidates. The cache
+    is then read once per row, not copied once per candidate."""
 
     def __init__(self):
         self.k, self.v, self.new = {}, {}, {}
-        self.parent: torch.Tensor | None = None
+        self.group = 0
 
     def update(self, k, v, layer_idx, *args, **kwargs):
         self.new[layer_idx] = (k, v)
         if layer_idx not in self.k:
             return k, v
-        pk, pv = self.k[layer_idx], self.v[layer_idx]
-        if self.parent is not None:
-            pk, pv = pk[self.parent], pv[self.parent]  # (R, h, t, d) -> (R*C, h, t, d)
-        return torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+        return torch.cat([self.k[layer_idx], k], 2), torch.cat([self.v[layer_idx], v], 2)
 
     def commit(self, sel: torch.Tensor) -> None:
-        """sel: (R',) candidate rows that become the live beams."""
+        """sel: (R',) rows that become the live beams: candidate rows r * C + c with `group = C`."""
         for i, (k, v) in self.new.items():
-            if i in self.k:
-                p = self.parent[sel] if self.parent is not None else sel
-                self.k[i] = torch.cat([self.k[i][p], k[sel]], 2)
-                self.v[i] = torch.cat([self.v[i][p], v[sel]], 2)
+            if self.group:
+                p, c = sel // self.group, sel % self.group
+                k, v = k[p, :, c].unsqueeze(2), v[p, :, c].unsqueeze(2)  # (R', h, 1, d) the chosen tokens
             else:
-                self.k[i], self.v[i] = k[sel], v[sel]
-        self.new, self.parent = {}, None
+                p = sel
+                k, v = k[sel], v[sel]
+            if i in self.k:
+                self.k[i] = torch.cat([self.k[i][p], k], 2)
+                self.v[i] = torch.cat([self.v[i][p], v], 2)
+            else:
+                self.k[i], self.v[i] = k, v
+        self.new, self.group = {}, 0
 
 
 class StreamedLM:
@@ -186,27 +194,36 @@ class StreamedLM:
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, pos: int, cache: BeamCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids: (R,) tokens at position pos -> (hidden (R, H) after the last layer, counts (R, L_moe, E))."""
+        """ids: (R,) tokens at position pos, or (R, C) candidates for position pos of each cached row ->
+        (hidden after the last layer (R*C, H), routing counts (R*C, L_moe, E)), one row per token."""
         from ..layerwise import find_experts
         s = self.streamer
-        R = ids.shape[0]
-        x = s.embed(ids[:, None])  # (R, 1, H)
-        position_ids = torch.full((R, 1), pos, dtype=torch.long)
+        ids = ids[:, None] if ids.dim() == 1 else ids
+        R, C = ids.shape
+        x = s.embed(ids)  # (R, C, H)
+        position_ids = torch.full((R, C), pos, dtype=torch.long)
         pe = s.model.model.rotary_emb(x, position_ids)
-        counts = torch.zeros(R, len(self.moe), self.E, dtype=torch.long)
+        mask = None
+        if C > 1:  # each candidate sees the pos cached tokens of its row and itself, not its siblings
+            cache.group = C
+            mask = torch.full((C, pos + C), torch.finfo(x.dtype).min, dtype=x.dtype)
+            mask[:, :pos] = 0
+            mask[:, pos:].fill_diagonal_(0)
+            mask = mask[None, None]
+        counts = torch.zeros(R * C, len(self.moe), self.E, dtype=torch.long)
         for i in range(s.num_layers):
             layer = self.layer(i)
             counter = None
             if i in self.moe:
-                counter = WindowCounter(R, self.E, 1)
+                counter = WindowCounter(R * C, self.E, 1)
                 find_experts(layer)[1].observer = counter
-            y = layer(x, position_embeddings=pe, attention_mask=None, position_ids=position_ids, cache=cache,
+            y = layer(x, position_embeddings=pe, attention_mask=mask, position_ids=position_ids, cache=cache,
                       use_cache=True)
             x = y[0] if isinstance(y, tuple) else y
             if counter is not None:
                 find_experts(layer)[1].observer = None
                 counts[:, self.moe.index(i)] = counter.tokens
-        return x[:, 0], counts
+        return x.reshape(R * C, -1), counts
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(self.norm(hidden), self.lm_head).float()  # (R, H) -> (R, V)
@@ -238,9 +255,8 @@ def generate(model, pool, nsamples: int, seqlen: int, seed: int, config: EBSSCon
             ban[:, eos] = True
         logp = logp.masked_fill(ban, -float("inf"))
         cand_lp, cand_tok = logp.topk(C, dim=-1)  # (n*B, C)
-        parent = torch.arange(n * B).repeat_interleave(C)  # (n*B*C,)
-        cache.parent = parent
-        h_c, cnt_c = lm.step(cand_tok.reshape(-1), t, cache)
+        parent = torch.arange(n * B).repeat_interleave(C)  # (n*B*C,) candidate row r * C + c -> beam r
+        h_c, cnt_c = lm.step(cand_tok, t, cache)
         nll_c = nll[parent] - cand_lp.reshape(-1).double()
         cnt_c = counts[parent] + cnt_c  # (n*B*C, L, E)
         others = None

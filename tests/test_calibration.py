@@ -158,6 +158,35 @@ def test_streamed_generation_matches_full_forward_and_blocks_repeats(prose_pool)
 
 
 @needs_fixture
+def test_candidates_read_their_own_rows_cache(prose_pool):
+    """A step that feeds each cached row C candidate tokens at once (the beam search's step) gives every
+    candidate the logits and routing the full model gives its row's prefix plus that one token, and
+    committing a candidate continues from exactly that sequence."""
+    from transformers import AutoModelForCausalLM
+    ref_model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    prefix = torch.cat([t for t, _ in prose_pool])[:18].view(3, 6)  # 3 rows, 6 cached tokens each
+    cand = torch.tensor([[11, 12, 13, 14], [21, 22, 23, 24], [31, 32, 33, 34]])  # (3, C=4)
+    lm = ebss.StreamedLM(MODEL, 1 << 30)
+    cache = ebss.BeamCache()
+    for p in range(6):
+        lm.step(prefix[:, p], p, cache)
+        cache.commit(torch.arange(3))
+    h, counts = lm.step(cand, 6, cache)  # (12, H), (12, L, E)
+    full = torch.cat([prefix.repeat_interleave(4, 0), cand.reshape(-1, 1)], 1)  # (12, 7)
+    with torch.no_grad():
+        ref = ref_model(full).logits[:, -1]
+    assert (lm.logits(h) - ref).abs().max().item() < 1e-3
+    assert counts.sum((1, 2)).eq(len(lm.moe) * 2).all()  # each candidate: top-2 in every MoE layer
+    sel = torch.tensor([2, 4, 11])  # row 0 cand 2, row 1 cand 0, row 2 cand 3
+    cache.commit(sel)
+    h2, _ = lm.step(torch.tensor([5, 6, 7]), 7, cache)
+    nxt = torch.cat([full[sel], torch.tensor([[5], [6], [7]])], 1)
+    with torch.no_grad():
+        ref2 = ref_model(nxt).logits[:, -1]
+    assert (lm.logits(h2) - ref2).abs().max().item() < 1e-3
+
+
+@needs_fixture
 def test_calib_stats_cli(tmp_path, capsys):
     from moecompress.cli import main
     j = tmp_path / "cov.json"
