@@ -107,3 +107,26 @@ def test_ternary_pipeline_decodes_exactly(tiny_dir, tmp_path, bits, codec):
             assert c.min() >= 0 and c.max() <= 2 and c.shape == pt.shape
     with torch.no_grad():
         assert torch.isfinite(q(torch.arange(1, 33)[None]).logits).all()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_ebss_candidate_step_matches_the_full_model(tiny_dir, family):
+    """EBSS feeds a beam's candidates as query positions of its row against the row's cache, behind a mask
+    (calibration/ebss.py). Every family's attention must honour that mask: each candidate's logits equal
+    the full model's on its row's prefix plus that one token."""
+    from transformers import AutoModelForCausalLM
+    from moecompress.calibration import ebss
+    path = tiny_dir(family)
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(1, 4096, (2, 5), generator=g)
+    cand = torch.randint(1, 4096, (2, 3), generator=g)
+    lm = ebss.StreamedLM(path, 1 << 30)
+    cache = ebss.BeamCache()
+    for p in range(5):
+        lm.step(prefix[:, p], p, cache)
+        cache.commit(torch.arange(2))
+    h, _ = lm.step(cand, 5, cache)
+    full = torch.cat([prefix.repeat_interleave(3, 0), cand.reshape(-1, 1)], 1)
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(full).logits[:, -1]
+    assert (lm.logits(h) - ref).abs().max().item() < 1e-3 * max(1.0, ref.abs().max().item())
