@@ -8,6 +8,8 @@ standard error. For the analysis only, this script raises the gate weights the H
 to the power p (the quantize pass itself has no such option).
 
     python benchmarks/agq_power.py --bits 3 --seeds 0 1 2 3 4 5        # about 12 min, one thread
+    python benchmarks/agq_power.py --powers 1 --seeds 0 1 2 3 --percdamp 0.05   # AGQ at other GPTQ settings
+    python benchmarks/agq_power.py --powers 1 --seeds 0 1 2 3 --nsamples 256
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4, 5])
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--percdamp", type=float, default=0.01, help="GPTQ relative damping (quantize --percdamp)")
     ap.add_argument("--max-tokens", type=int, default=16384, help="evaluation tokens per domain")
     a = ap.parse_args(argv)
 
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
                 for p in [0.0] + a.powers:
                     power["p"] = p
                     out = os.path.join(work, "q")
-                    cfg = QuantizeConfig(bits=bits, group_size=64, affinity=p > 0,
+                    cfg = QuantizeConfig(bits=bits, group_size=64, affinity=p > 0, percdamp=a.percdamp,
                                          calib=CalibConfig((a.calib,), a.nsamples, a.seqlen, seed))
                     api.quantize(a.model, out, cfg, progress=False)
                     ev = api.evaluate(out, texts, max_tokens=a.max_tokens, progress=False)
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
         calibrate.HessianCollector.__call__ = collect
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nGPTQ group 64 on random prose windows ({a.nsamples} x {a.seqlen}), seeds {a.seeds}, eval "
+    print(f"\nGPTQ group 64, damping {a.percdamp:g}, on random prose windows ({a.nsamples} x {a.seqlen}), seeds {a.seeds}, eval "
           f"{a.max_tokens} tokens/domain: Hessian token weight c^p against p = 0 (plain GPTQ), paired by seed, "
           f"mean +- standard error (negative = lower perplexity); p = 1 is --affinity")
     for bits in a.bits:
