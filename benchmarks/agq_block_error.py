@@ -16,14 +16,12 @@ import argparse
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-FIX = os.path.join(HERE, "..", "..", "shared", "fixtures")
+from common import FIX, add_fixture_args
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=os.path.join(FIX, "mixtral-wiki4"))
-    ap.add_argument("--calib", default=os.path.join(FIX, "text", "calib_prose.txt"))
+    add_fixture_args(ap)
     ap.add_argument("--heldout", default=os.path.join(FIX, "text", "prose_test.txt"))
     ap.add_argument("--layer", type=int, default=0)
     ap.add_argument("--bits", type=int, default=3)
@@ -98,5 +96,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(HERE, ".."))
     sys.exit(main())

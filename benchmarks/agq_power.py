@@ -20,15 +20,12 @@ import statistics
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-FIX = os.path.join(HERE, "..", "..", "shared", "fixtures")
-DOMAINS = ("prose", "verse", "c", "python")
+from common import DOMAINS, add_fixture_args, mean_se, quantize_and_evaluate
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=os.path.join(FIX, "mixtral-wiki4"))
-    ap.add_argument("--calib", default=os.path.join(FIX, "text", "calib_prose.txt"))
+    add_fixture_args(ap)
     ap.add_argument("--powers", nargs="+", type=float, default=[0.5, 1.0, 2.0], help="p > 0 (p = 0 always runs)")
     ap.add_argument("--bits", nargs="+", type=int, default=[3])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4, 5])
@@ -38,7 +35,6 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16384, help="evaluation tokens per domain")
     a = ap.parse_args(argv)
 
-    from moecompress import api
     from moecompress.config import CalibConfig, QuantizeConfig
     from moecompress.passes import calibrate
 
@@ -48,7 +44,6 @@ def main(argv=None) -> int:
     def weighted(self, e, tok, x, h, w):  # c -> c^p in the Hessian (and in the gate sums it records)
         return collect(self, e, tok, x, h, w.float().clamp(min=0) ** power["p"] if self.affinity else w)
 
-    texts = [os.path.join(FIX, "text", f"{d}_test.txt") for d in DOMAINS]
     ppl = {}
     work = tempfile.mkdtemp(prefix="agq-power-")
     calibrate.HessianCollector.__call__ = weighted
@@ -57,13 +52,9 @@ def main(argv=None) -> int:
             for seed in a.seeds:
                 for p in [0.0] + a.powers:
                     power["p"] = p
-                    out = os.path.join(work, "q")
                     cfg = QuantizeConfig(bits=bits, group_size=64, affinity=p > 0, percdamp=a.percdamp,
                                          calib=CalibConfig((a.calib,), a.nsamples, a.seqlen, seed))
-                    api.quantize(a.model, out, cfg, progress=False)
-                    ev = api.evaluate(out, texts, max_tokens=a.max_tokens, progress=False)
-                    ppl[(bits, seed, p)] = [r["perplexity"] for r in ev.values()]
-                    shutil.rmtree(out)
+                    ppl[(bits, seed, p)] = quantize_and_evaluate(a.model, cfg, os.path.join(work, "q"), a.max_tokens)
                     print(f"[w{bits} seed {seed} p {p:g}] "
                           + " ".join(f"{d} {v:.3f}" for d, v in zip(DOMAINS, ppl[(bits, seed, p)])), flush=True)
     finally:
@@ -80,13 +71,11 @@ def main(argv=None) -> int:
         for p in a.powers:
             row = []
             for i in range(len(DOMAINS)):
-                d = [ppl[(bits, s, p)][i] - ppl[(bits, s, 0.0)][i] for s in a.seeds]
-                se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
-                row.append(f"{statistics.mean(d):+.3f} +-{se:.3f}")
+                m, se = mean_se([ppl[(bits, s, p)][i] - ppl[(bits, s, 0.0)][i] for s in a.seeds])
+                row.append(f"{m:+.3f} +-{se:.3f}")
             print(f"{p:>6g}" + "".join(f"{c:>20}" for c in row))
     return 0
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(HERE, ".."))
     sys.exit(main())

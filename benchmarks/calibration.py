@@ -36,9 +36,7 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-FIX = os.path.join(HERE, "..", "..", "shared", "fixtures")
-DOMAINS = ("prose", "verse", "c", "python")
+from common import DOMAINS, add_fixture_args, domain_texts, mean_se, quantize_and_evaluate
 
 
 def paired_table(results: dict, bits: int, cells, seeds_of) -> None:
@@ -57,15 +55,14 @@ def paired_table(results: dict, bits: int, cells, seeds_of) -> None:
             if (sm, aff) == ("random", "off") or not diffs:
                 row.append("-")
                 continue
-            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-            row.append(f"{statistics.mean(diffs):+7.3f} +-{se:5.3f} ({len(diffs)})")
+            m, se = mean_se(diffs)
+            row.append(f"{m:+7.3f} +-{se:5.3f} ({len(diffs)})")
         print(f"{d:<8}" + "".join(f"{c:>24}" for c in row))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=os.path.join(FIX, "mixtral-wiki4"))
-    ap.add_argument("--calib", default=os.path.join(FIX, "text", "calib_prose.txt"))
+    add_fixture_args(ap)
     ap.add_argument("--samplers", nargs="*", default=["random", "balanced", "ebss"])
     ap.add_argument("--bits", nargs="+", type=int, default=[3, 2])
     ap.add_argument("--affinity", nargs="+", default=["off", "on"], choices=["off", "on"])
@@ -86,7 +83,6 @@ def main(argv=None) -> int:
     from moecompress.calibration.stats import coverage_from_routing
     from moecompress.config import CalibConfig, QuantizeConfig
 
-    texts = {d: os.path.join(FIX, "text", f"{d}_test.txt") for d in DOMAINS}
     tok = data.load_tokenizer(a.model)
     pool = data.token_pool(tok, data.parse_sources([a.calib]))
     windows, sampler_s, coverage = {}, {}, {}
@@ -114,7 +110,7 @@ def main(argv=None) -> int:
     spec_of = {key(calib_of(sm, 0)): sm for sm in a.samplers}
     api.calibration_windows = lambda model, calib: windows[(spec_of[key(calib)], calib.seed)]
     results = {"original": {d: r["perplexity"] for d, r in
-                            zip(DOMAINS, api.evaluate(a.model, list(texts.values()), max_tokens=a.max_tokens,
+                            zip(DOMAINS, api.evaluate(a.model, domain_texts(), max_tokens=a.max_tokens,
                                                       progress=False).values())}}
     work = tempfile.mkdtemp(prefix="calib-bench-")
     try:
@@ -126,13 +122,10 @@ def main(argv=None) -> int:
                         cfg = QuantizeConfig(bits=bits, group_size=a.group_size, method="gptq", affinity=aff == "on",
                                              hessian_prior=a.hessian_prior, calib=calib_of(sm, seed))
                         t0 = time.time()
-                        api.quantize(a.model, out, cfg, progress=False)
-                        ev = api.evaluate(out, list(texts.values()), max_tokens=a.max_tokens, progress=False)
-                        ppl = {d: r["perplexity"] for d, r in zip(DOMAINS, ev.values())}
+                        ppl = dict(zip(DOMAINS, quantize_and_evaluate(a.model, cfg, out, a.max_tokens)))
                         results[f"w{bits}/{sm}/{aff}/{seed}"] = ppl
                         print(f"[w{bits} {sm} affinity {aff} seed {seed}] {time.time() - t0:.0f} s "
                               + " ".join(f"{d} {v:.3f}" for d, v in ppl.items()), flush=True)
-                        shutil.rmtree(out)
     finally:
         api.calibration_windows = real
         shutil.rmtree(work, ignore_errors=True)
@@ -210,5 +203,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(HERE, ".."))
     sys.exit(main())

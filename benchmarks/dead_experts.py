@@ -12,14 +12,12 @@ import argparse
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-FIX = os.path.join(HERE, "..", "..", "shared", "fixtures")
-DOMAINS = ("prose", "verse", "c", "python")
+from common import DOMAINS, FIX, add_fixture_args, domain_texts
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=os.path.join(FIX, "mixtral-wiki4"))
+    add_fixture_args(ap, calib=False)
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per source")
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--whole", nargs="*", default=[os.path.join(FIX, "text", f) for f in ("calib_prose.txt", "c_test.txt")],
@@ -37,8 +35,8 @@ def main(argv=None) -> int:
     tok = data.load_tokenizer(a.model)
     V = s.embed_weight.shape[0]
     n = a.tokens // a.seqlen
-    sources = {d: data.tokenize(tok, data.read_source(os.path.join(FIX, "text", f"{d}_test.txt")))[:n * a.seqlen].view(n, a.seqlen)
-               for d in DOMAINS}
+    sources = {d: data.tokenize(tok, data.read_source(path))[:n * a.seqlen].view(n, a.seqlen)
+               for d, path in zip(DOMAINS, domain_texts())}
     for f in a.whole:
         ids = data.tokenize(tok, data.read_source(f))
         m = len(ids) // a.seqlen
@@ -88,5 +86,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(HERE, ".."))
     sys.exit(main())

@@ -12,18 +12,15 @@ cache lengths t, and must give the same hidden states; then one whole generate()
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-FIX = os.path.join(HERE, "..", "..", "shared", "fixtures")
+from common import add_fixture_args
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=os.path.join(FIX, "mixtral-wiki4"))
-    ap.add_argument("--calib", default=os.path.join(FIX, "text", "calib_prose.txt"))
+    add_fixture_args(ap)
     ap.add_argument("--rows", type=int, default=128, help="live beams R (nsamples x beams)")
     ap.add_argument("--expand", type=int, default=8, help="candidates per beam C")
     ap.add_argument("--lengths", nargs="+", type=int, default=[32, 128, 255], help="cache lengths t")
@@ -89,5 +86,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(HERE, ".."))
     sys.exit(main())

@@ -17,15 +17,12 @@ import statistics
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-FIX = os.path.join(HERE, "..", "..", "shared", "fixtures")
-DOMAINS = ("prose", "verse", "c", "python")
+from common import DOMAINS, add_fixture_args, mean_se, quantize_and_evaluate
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=os.path.join(FIX, "mixtral-wiki4"))
-    ap.add_argument("--calib", default=os.path.join(FIX, "text", "calib_prose.txt"))
+    add_fixture_args(ap)
     ap.add_argument("--prior", type=float, default=1.0)
     ap.add_argument("--sizes", nargs="+", default=["16x64", "128x256"], help="calibration windows x tokens")
     ap.add_argument("--bits", nargs="+", type=int, default=[2, 3])
@@ -34,9 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16384, help="evaluation tokens per domain")
     a = ap.parse_args(argv)
 
-    from moecompress import api
     from moecompress.config import CalibConfig, QuantizeConfig
-    texts = [os.path.join(FIX, "text", f"{d}_test.txt") for d in DOMAINS]
     ppl = {}
     work = tempfile.mkdtemp(prefix="prior-bench-")
     try:
@@ -45,13 +40,10 @@ def main(argv=None) -> int:
             for bits in a.bits:
                 for seed in a.seeds:
                     for prior in (0.0, a.prior):
-                        out = os.path.join(work, "q")
                         cfg = QuantizeConfig(bits=bits, group_size=64, affinity=a.affinity, hessian_prior=prior,
                                              calib=CalibConfig((a.calib,), n, L, seed))
-                        api.quantize(a.model, out, cfg, progress=False)
-                        ev = api.evaluate(out, texts, max_tokens=a.max_tokens, progress=False)
-                        ppl[(size, bits, seed, prior)] = [r["perplexity"] for r in ev.values()]
-                        shutil.rmtree(out)
+                        ppl[(size, bits, seed, prior)] = quantize_and_evaluate(a.model, cfg, os.path.join(work, "q"),
+                                                                               a.max_tokens)
                         print(f"[{size} w{bits} seed {seed} prior {prior:g}] "
                               + " ".join(f"{d} {v:.3f}" for d, v in zip(DOMAINS, ppl[(size, bits, seed, prior)])),
                               flush=True)
@@ -68,13 +60,11 @@ def main(argv=None) -> int:
             for i in range(len(DOMAINS)):
                 off = [ppl[(size, bits, s, 0.0)][i] for s in a.seeds]
                 on = [ppl[(size, bits, s, a.prior)][i] for s in a.seeds]
-                d = [y - x for x, y in zip(off, on)]
-                se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
-                row.append(f"{statistics.mean(off):.2f}/{statistics.mean(on):.2f} {statistics.mean(d):+.2f}+-{se:.2f}")
+                m, se = mean_se([y - x for x, y in zip(off, on)])
+                row.append(f"{statistics.mean(off):.2f}/{statistics.mean(on):.2f} {m:+.2f}+-{se:.2f}")
             print(f"{size:<9}{bits:>5}  " + "".join(f"{c:>30}" for c in row))
     return 0
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(HERE, ".."))
     sys.exit(main())
