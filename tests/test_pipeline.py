@@ -76,3 +76,17 @@ def test_quality_gptq_beats_rtn_and_4bit_is_close(packed):
     base = evaluate(TRAINED, [text], max_tokens=8192, progress=False)[text]["perplexity"]
     assert ppl[(4, "gptq")] < base * 1.015, (ppl, base)
     assert ppl[(2, "gptq")] < ppl[(2, "rtn")], ppl
+
+
+def test_checkout_kernels_do_not_shadow_hugging_face_kernels():
+    """With the checkout on sys.path (python -m pytest, a REPL or script in the project root), transformers
+    must still import: its activations module imports Hugging Face's `kernels`, which the top-level
+    kernels/ directory would shadow (ImportError 'CUDAProperties') unless moecompress loads the real one."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys; sys.path.insert(0, %r); import moecompress, transformers.activations; "
+            "m = sys.modules.get('kernels'); print(getattr(m, '__file__', None))" % root)
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not r.stdout.strip().startswith(os.path.join(root, "kernels")), r.stdout
