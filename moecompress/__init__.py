@@ -8,29 +8,34 @@ __version__ = "0.1.0"
 
 
 def _unshadow_kernels() -> None:
-    """Keep the checkout's top-level `kernels/` from shadowing Hugging Face's `kernels` package.
+    """Keep the checkout's `kernels/` (and benchmarks/kernels.py) from shadowing Hugging Face's `kernels`.
 
     `kernels/` is installed as `moecompress.kernels`, but with the checkout itself on sys.path (`python -m
-    pytest` or a REPL in the project root, `python cli.py`, the benchmarks) a plain `import kernels`
-    finds it, and transformers (which requires Hugging Face's `kernels` since 5.25 and imports it from
-    its activations module) fails with "cannot import name 'CUDAProperties' from 'kernels'". So when the
-    checkout is on the path and nothing named `kernels` is loaded yet, load the installed one with the
-    checkout off the path; transformers then finds it in sys.modules.
+    pytest` or a REPL in the project root, `python cli.py`, `python benchmarks/X.py`) a plain `import
+    kernels` finds it (or the kernel benchmark), and transformers, which requires Hugging Face's `kernels`
+    since 5.25 and imports it from its activations module, fails with "cannot import name
+    'CUDAProperties' from 'kernels'". So when `kernels` would resolve inside the checkout and nothing of
+    that name is loaded yet, load the installed package with the checkout's folders off the path;
+    transformers then finds it in sys.modules.
     """
     import importlib.util
     import os
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if "kernels" in sys.modules or not os.path.isfile(os.path.join(root, "kernels", "__init__.py")) \
-            or not os.path.isfile(os.path.join(root, "pyproject.toml")):
+    if "kernels" in sys.modules or not os.path.isfile(os.path.join(root, "pyproject.toml")):
         return
 
-    def is_root(p: str) -> bool:
-        return os.path.abspath(p or os.curdir) == root
-    if not any(is_root(p) for p in sys.path):
+    def inside(p: str) -> bool:
+        p = os.path.abspath(p or os.curdir)
+        return p == root or p.startswith(root + os.sep)
+    try:
+        spec = importlib.util.find_spec("kernels")
+    except (ImportError, ValueError):
+        return
+    if spec is None or not inside(spec.origin or ""):
         return
     saved = sys.path[:]
-    sys.path[:] = [p for p in saved if not is_root(p)]
+    sys.path[:] = [p for p in saved if not inside(p)]
     try:
         if importlib.util.find_spec("kernels") is not None:
             importlib.import_module("kernels")
