@@ -10,6 +10,16 @@ to the power p (the quantize pass itself has no such option).
     python benchmarks/agq_power.py --bits 3 --seeds 0 1 2 3 4 5        # about 12 min, one thread
     python benchmarks/agq_power.py --powers 1 --seeds 0 1 2 3 --percdamp 0.05   # AGQ at other GPTQ settings
     python benchmarks/agq_power.py --powers 1 --seeds 0 1 2 3 --nsamples 256
+
+`--sensitivity` adds two token weights from the loss (the AGQ variant that uses per-token loss
+sensitivity): g_t = |dL/dy_t|^2, the squared gradient of the windows' summed next-token loss with
+respect to the MoE layer's output y_t (the residual stream after the layer), from one backward pass of
+the full-precision model over the calibration windows, normalized to mean 1 per layer; "g" weights the
+Hessian by g_t alone, "c*g" by c_t g_t (under the diagonal approximation of the loss curvature, c_t^2 g_t
+is the weight under which GPTQ's loss is the loss change itself). It loads the whole model (fine for
+the fixture; the quantize pass has no such option).
+
+    python benchmarks/agq_power.py --powers 1 --sensitivity --seeds 0 1 2 3 4 5
 """
 from __future__ import annotations
 
@@ -23,6 +33,37 @@ import tempfile
 from common import DOMAINS, add_fixture_args, mean_se, quantize_and_evaluate
 
 
+def loss_sensitivity(model_path: str, windows, batch_size: int = 8) -> dict:
+    """{decoder layer: (S * L,) |dL/dy_t|^2 / its mean}: L the windows' summed next-token NLL, y_t the
+    residual stream after the layer (whose gradient is the MoE block output's), token t = window * L + pos."""
+    import torch
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    layers = model.model.layers
+    g = {k: [] for k in range(len(layers))}
+    for s in range(0, windows.shape[0], batch_size):
+        ids, outs = windows[s:s + batch_size], {}
+
+        def keep(k):
+            def hook(module, args, out):
+                y = out[0] if isinstance(out, tuple) else out
+                y.retain_grad()
+                outs[k] = y
+            return hook
+        hooks = [layer.register_forward_hook(keep(k)) for k, layer in enumerate(layers)]
+        try:
+            logits = model(input_ids=ids).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
+        model.zero_grad(set_to_none=True)
+        for k, y in outs.items():
+            g[k].append(y.grad.float().pow(2).sum(-1).flatten())
+    g = {k: torch.cat(v) for k, v in g.items()}
+    return {k: v / v.mean() for k, v in g.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_fixture_args(ap)
@@ -33,32 +74,64 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--percdamp", type=float, default=0.01, help="GPTQ relative damping (quantize --percdamp)")
     ap.add_argument("--max-tokens", type=int, default=16384, help="evaluation tokens per domain")
+    ap.add_argument("--sensitivity", action="store_true", help="also the loss-sensitivity weights g and c*g")
     a = ap.parse_args(argv)
 
+    from moecompress import api, layerwise
     from moecompress.config import CalibConfig, QuantizeConfig
     from moecompress.passes import calibrate
+    from moecompress.passes import quantize as qpass
 
-    collect = calibrate.HessianCollector.__call__
-    power = {"p": 1.0}
+    collect, run_layer, quantize_layer = (calibrate.HessianCollector.__call__, layerwise.LayerStreamer.run_layer,
+                                          qpass.quantize_moe_layer)
+    now = {"p": 1.0, "g": None, "layer": None, "next": 0}  # the weight, and where the pass is
 
-    def weighted(self, e, tok, x, h, w):  # c -> c^p in the Hessian (and in the gate sums it records)
-        return collect(self, e, tok, x, h, w.float().clamp(min=0) ** power["p"] if self.affinity else w)
+    def weighted(self, e, tok, x, h, w):  # c -> c^p (or g, c*g) in the Hessian (and in the gate sums it records)
+        p = now["p"]
+        if isinstance(p, str):  # "g" or "c*g": the token's loss sensitivity, found by its index in the windows
+            g = now["g"][now["layer"]][now["offset"] + tok.long()]
+            self.affinity = True
+            return collect(self, e, tok, x, h, g * w.float().clamp(min=0) if p == "c*g" else g)
+        return collect(self, e, tok, x, h, w.float().clamp(min=0) ** p if self.affinity else w)
 
+    def counted_run_layer(self, layer, hidden, kwargs, batch_size=8):  # the first token index of each mini-batch
+        now["next"] = 0
+
+        def pre(module, args):
+            now["offset"] = now["next"]
+            now["next"] += args[0].shape[0] * args[0].shape[1]
+        hook = layer.register_forward_pre_hook(pre)
+        try:
+            return run_layer(self, layer, hidden, kwargs, batch_size)
+        finally:
+            hook.remove()
+
+    def layer_known(*args, layer_idx, **kw):
+        now["layer"] = layer_idx
+        return quantize_layer(*args, layer_idx=layer_idx, **kw)
+
+    variants = [0.0] + a.powers + (["g", "c*g"] if a.sensitivity else [])
     ppl = {}
     work = tempfile.mkdtemp(prefix="agq-power-")
     calibrate.HessianCollector.__call__ = weighted
+    layerwise.LayerStreamer.run_layer = counted_run_layer
+    qpass.quantize_moe_layer = layer_known
     try:
         for bits in a.bits:
             for seed in a.seeds:
-                for p in [0.0] + a.powers:
-                    power["p"] = p
-                    cfg = QuantizeConfig(bits=bits, group_size=64, affinity=p > 0, percdamp=a.percdamp,
-                                         calib=CalibConfig((a.calib,), a.nsamples, a.seqlen, seed))
+                calib = CalibConfig((a.calib,), a.nsamples, a.seqlen, seed)
+                if a.sensitivity and now.get("seed") != seed:
+                    now["g"], now["seed"] = loss_sensitivity(a.model, api.calibration_windows(a.model, calib)), seed
+                for p in variants:
+                    now["p"] = p
+                    cfg = QuantizeConfig(bits=bits, group_size=64, affinity=p != 0, percdamp=a.percdamp, calib=calib)
                     ppl[(bits, seed, p)] = quantize_and_evaluate(a.model, cfg, os.path.join(work, "q"), a.max_tokens)
-                    print(f"[w{bits} seed {seed} p {p:g}] "
+                    print(f"[w{bits} seed {seed} p {p}] "
                           + " ".join(f"{d} {v:.3f}" for d, v in zip(DOMAINS, ppl[(bits, seed, p)])), flush=True)
     finally:
         calibrate.HessianCollector.__call__ = collect
+        layerwise.LayerStreamer.run_layer = run_layer
+        qpass.quantize_moe_layer = quantize_layer
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"\nGPTQ group 64, damping {a.percdamp:g}, on random prose windows ({a.nsamples} x {a.seqlen}), seeds {a.seeds}, eval "
@@ -68,12 +141,12 @@ def main(argv=None) -> int:
         base = [statistics.mean(ppl[(bits, s, 0.0)][i] for s in a.seeds) for i in range(len(DOMAINS))]
         print(f"{bits}-bit, p = 0: " + "  ".join(f"{d} {v:.3f}" for d, v in zip(DOMAINS, base)))
         print(f"{'p':>6}" + "".join(f"{d:>20}" for d in DOMAINS))
-        for p in a.powers:
+        for p in variants[1:]:
             row = []
             for i in range(len(DOMAINS)):
                 m, se = mean_se([ppl[(bits, s, p)][i] - ppl[(bits, s, 0.0)][i] for s in a.seeds])
                 row.append(f"{m:+.3f} +-{se:.3f}")
-            print(f"{p:>6g}" + "".join(f"{c:>20}" for c in row))
+            print(f"{p:>6}" + "".join(f"{c:>20}" for c in row))
     return 0
 
 
