@@ -20,6 +20,13 @@ is the weight under which GPTQ's loss is the loss change itself). It loads the w
 the fixture; the quantize pass has no such option).
 
     python benchmarks/agq_power.py --powers 1 --sensitivity --seeds 0 1 2 3 4 5
+
+`--jitter EPS` adds `--draws` runs of plain GPTQ whose token weights are 1 + EPS * u_t (u_t uniform in
+[-1, 1], a fixed draw per run): Hessians equal to plain GPTQ's to within EPS relative, far below their
+sampling error, so the spread of those runs around plain GPTQ is the rounding's own chaos, the floor
+under which no difference between two calibration methods means anything.
+
+    python benchmarks/agq_power.py --powers --jitter 1e-5 --draws 3 --seeds 0 1 2 3 4 5
 """
 from __future__ import annotations
 
@@ -67,7 +74,7 @@ def loss_sensitivity(model_path: str, windows, batch_size: int = 8) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_fixture_args(ap)
-    ap.add_argument("--powers", nargs="+", type=float, default=[0.5, 1.0, 2.0], help="p > 0 (p = 0 always runs)")
+    ap.add_argument("--powers", nargs="*", type=float, default=[0.5, 1.0, 2.0], help="p > 0 (p = 0 always runs)")
     ap.add_argument("--bits", nargs="+", type=int, default=[3])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4, 5])
     ap.add_argument("--nsamples", type=int, default=128)
@@ -75,7 +82,11 @@ def main(argv=None) -> int:
     ap.add_argument("--percdamp", type=float, default=0.01, help="GPTQ relative damping (quantize --percdamp)")
     ap.add_argument("--max-tokens", type=int, default=16384, help="evaluation tokens per domain")
     ap.add_argument("--sensitivity", action="store_true", help="also the loss-sensitivity weights g and c*g")
+    ap.add_argument("--jitter", type=float, default=0.0, help="also plain GPTQ with token weights 1 + EPS * u, u in [-1, 1]")
+    ap.add_argument("--draws", type=int, default=3, help="--jitter: how many draws of u")
     a = ap.parse_args(argv)
+
+    import torch
 
     from moecompress import api, layerwise
     from moecompress.config import CalibConfig, QuantizeConfig
@@ -88,9 +99,13 @@ def main(argv=None) -> int:
 
     def weighted(self, e, tok, x, h, w):  # c -> c^p (or g, c*g) in the Hessian (and in the gate sums it records)
         p = now["p"]
-        if isinstance(p, str):  # "g" or "c*g": the token's loss sensitivity, found by its index in the windows
-            g = now["g"][now["layer"]][now["offset"] + tok.long()]
+        if isinstance(p, str):  # "g", "c*g" or "jN": a weight per token, found by its index in the windows
             self.affinity = True
+            if p.startswith("j"):
+                gen = torch.Generator().manual_seed(1_000_003 * int(p[1:]) + 1009 * now["layer"])
+                u = torch.rand(now["ntok"], generator=gen) * 2 - 1
+                return collect(self, e, tok, x, h, 1 + a.jitter * u[now["offset"] + tok.long()])
+            g = now["g"][now["layer"]][now["offset"] + tok.long()]
             return collect(self, e, tok, x, h, g * w.float().clamp(min=0) if p == "c*g" else g)
         return collect(self, e, tok, x, h, w.float().clamp(min=0) ** p if self.affinity else w)
 
@@ -110,7 +125,9 @@ def main(argv=None) -> int:
         now["layer"] = layer_idx
         return quantize_layer(*args, layer_idx=layer_idx, **kw)
 
-    variants = [0.0] + a.powers + (["g", "c*g"] if a.sensitivity else [])
+    variants = [0.0] + a.powers + (["g", "c*g"] if a.sensitivity else []) + \
+        ([f"j{i}" for i in range(a.draws)] if a.jitter else [])
+    now["ntok"] = a.nsamples * a.seqlen
     ppl = {}
     work = tempfile.mkdtemp(prefix="agq-power-")
     calibrate.HessianCollector.__call__ = weighted
@@ -147,6 +164,13 @@ def main(argv=None) -> int:
                 m, se = mean_se([ppl[(bits, s, p)][i] - ppl[(bits, s, 0.0)][i] for s in a.seeds])
                 row.append(f"{m:+.3f} +-{se:.3f}")
             print(f"{p:>6}" + "".join(f"{c:>20}" for c in row))
+        if a.jitter:  # the spread of one run: plain GPTQ and its jittered copies are the same method
+            runs = [0.0] + [v for v in variants if isinstance(v, str) and v.startswith("j")]
+            sd = [(statistics.mean(statistics.variance([ppl[(bits, s, v)][i] for v in runs]) for s in a.seeds)) ** 0.5
+                  for i in range(len(DOMAINS))]
+            print(f"rounding chaos, standard deviation of one run (plain GPTQ and {len(runs) - 1} copies with token weights "
+                  f"1 +- {a.jitter:g}, pooled over seeds): " + "  ".join(
+                      f"{d} {v:.3f} ({100 * v / b:.2f}%)" for d, v, b in zip(DOMAINS, sd, base)))
     return 0
 
 
