@@ -17,7 +17,6 @@ MODEL = os.path.join(FIX, "mixtral-wiki4")
 CALIB_PROSE = os.path.join(FIX, "text", "calib_prose.txt")
 DOMAINS = ("prose", "verse", "c", "python")
 sys.path.insert(0, os.path.join(HERE, ".."))
-import moecompress  # noqa: E402,F401  with the checkout on sys.path: loads Hugging Face's `kernels`, not ours
 
 
 def domain_texts() -> list[str]:

@@ -14,6 +14,39 @@ TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
+import sys
+
+
+def _hand_over() -> None:
+    """Imported as a top-level `kernels` (the checkout on sys.path: `python -m pytest`, a script or REPL in
+    the project root), this folder would shadow Hugging Face's `kernels` package, which transformers
+    (5.25 on) requires and imports from its activations module: every model load would fail with
+    "cannot import name 'CUDAProperties' from 'kernels'". So load the installed package from the path
+    without the checkout and leave it in sys.modules, which the import statement then returns. Without
+    an installed `kernels` nothing happens (transformers only imports it when it is installed)."""
+    import importlib.machinery
+    import importlib.util
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def inside(p: str) -> bool:
+        p = os.path.abspath(p or os.curdir)
+        return p == root or p.startswith(root + os.sep)
+    spec = importlib.machinery.PathFinder.find_spec("kernels", [p for p in sys.path if not inside(p)])
+    if spec is None or spec.loader is None:
+        return
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop("kernels", None)
+        raise
+
+
+if __name__ == "kernels":
+    _hand_over()
+
 
 def backend(device=None) -> str:
     from .dispatch import backend as _backend

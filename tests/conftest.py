@@ -7,8 +7,6 @@ import shutil
 import pytest
 import torch
 
-import moecompress  # noqa: F401  first, so the checkout's kernels/ cannot shadow Hugging Face's (see its __init__)
-
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: -n 2 on 2 cores
     torch.set_num_threads(1)
 

@@ -10,7 +10,7 @@ and a whole MoE layer (top-2, 8 experts, uniform and mixed precision) against a 
 Without a GPU it runs the correctness part on small shapes under TRITON_INTERPRET=1 and says that
 GPU numbers are not available.
 
-    python benchmarks/kernels.py [--bits 4] [--group-size 128] [--batches 1,2,4,8,16,32,64] [--formats int4,ternary,sub1]
+    python benchmarks/kernel_speed.py [--bits 4] [--group-size 128] [--batches 1,2,4,8,16,32,64] [--formats int4,ternary,sub1]
 
 Formats: "intB" groupwise (--group-size), dense "ternary" and dictionary-coded "sub1" (one level pair
 per row, 90% zeros, dictionary built from the weight itself). GB/s counts the packed bytes a call
