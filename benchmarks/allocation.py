@@ -34,6 +34,7 @@ import time
 from typing import Callable, Sequence
 
 import numpy as np
+from common import CALIB_MIX, DOMAINS, MODEL, domain_texts
 
 from moecompress.allocation import (AllocationConfig, allocate, allocation_table, build_problem, expert_costs,
                                     expert_shapes, price_candidates, random_allocation, uniform_allocation)
@@ -121,8 +122,6 @@ def _fields(config: AllocationConfig) -> dict:
     return {k: getattr(config, k) for k in config.__dataclass_fields__}
 
 
-FIXTURES = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures"))
-DOMAINS = ("prose", "verse", "c", "python")
 
 
 def _moecompress(*args) -> None:
@@ -141,15 +140,15 @@ class FixtureBench:
 
     def __init__(self, work: str, nsamples: int, max_tokens: int, group_size: int = 64, seed: int = 0):
         self.work, self.nsamples, self.max_tokens, self.gs, self.seed = work, nsamples, max_tokens, group_size, seed
-        self.model = os.path.join(FIXTURES, "mixtral-wiki4")
-        self.texts = [os.path.join(FIXTURES, "text", f"{d}_test.txt") for d in DOMAINS]
+        self.model = MODEL
+        self.texts = domain_texts()
         os.makedirs(work, exist_ok=True)
 
     def quantize(self, name: str, *extra) -> str:
         out = os.path.join(self.work, name)
         if not os.path.exists(os.path.join(out, "moecompress.json")):
             _moecompress("quantize", self.model, "--out", out, "--group-size", self.gs, "--method", "gptq", "--calib",
-                         os.path.join(FIXTURES, "text", "calib_mix.txt"), "--seed", self.seed,
+                         CALIB_MIX, "--seed", self.seed,
                          "--nsamples", self.nsamples, *extra)
         return out
 

@@ -15,6 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FIX = os.path.join(HERE, "..", "..", "shared", "fixtures")
 MODEL = os.path.join(FIX, "mixtral-wiki4")
 CALIB_PROSE = os.path.join(FIX, "text", "calib_prose.txt")
+CALIB_MIX = os.path.join(FIX, "text", "calib_mix.txt")
 DOMAINS = ("prose", "verse", "c", "python")
 sys.path.insert(0, os.path.join(HERE, ".."))
 

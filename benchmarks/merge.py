@@ -25,12 +25,9 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from moecompress.merge import METHODS  # noqa: E402
-from moecompress.merge.pipeline import run_merge  # noqa: E402
-
-DOMAINS = ("prose", "verse", "c", "python")
+from common import DOMAINS, MODEL  # also puts the project root on sys.path
+from moecompress.merge import METHODS
+from moecompress.merge.pipeline import run_merge
 
 
 @torch.no_grad()
@@ -51,7 +48,7 @@ def evaluate(path, tests):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--fixture", default=os.path.join(ROOT, "..", "shared", "fixtures", "mixtral-wiki4"))
+    ap.add_argument("--fixture", default=MODEL)
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=256)

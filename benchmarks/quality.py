@@ -16,9 +16,9 @@ import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-FIX = os.path.join(HERE, "..", "..", "shared", "fixtures")
-TEXTS = {d: os.path.join(FIX, "text", f"{d}_test.txt") for d in ("prose", "verse", "c", "python")}
+from common import CALIB_MIX, DOMAINS, MODEL, domain_texts
+
+TEXTS = dict(zip(DOMAINS, domain_texts()))
 
 
 def cli(*args):
@@ -44,8 +44,7 @@ def main():
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     ap.add_argument("--methods", nargs="+", default=["gptq", "rtn"])
     a = ap.parse_args()
-    model = os.path.join(FIX, "mixtral-wiki4")
-    calib = os.path.join(FIX, "text", "calib_mix.txt")
+    model, calib = MODEL, CALIB_MIX
     with tempfile.TemporaryDirectory(prefix="moec-quality-") as work:
         rows = {"original": (16.0, evaluate(model, a.max_tokens, work, "fp"))}
         for b in a.bits:

@@ -23,9 +23,9 @@ import tempfile
 import time
 
 import torch
+from common import MODEL
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-FIXTURE = os.path.join(HERE, "..", "..", "shared", "fixtures", "mixtral-wiki4")
+FIXTURE = MODEL
 
 
 def hessians(E, K, T=2048, seed=0):

@@ -38,7 +38,8 @@ from moecompress.codecs import sub1_dict as sd
 from moecompress.codecs.ternary import encode_ternary, encoded_nbytes, get_codes
 from moecompress.quant.gptq import rtn
 from moecompress.quant.ternary import TernaryGrid, zero_fraction
-from quality import FIX, TEXTS, cli  # benchmarks/ is on sys.path when this runs as a script
+from common import CALIB_MIX, MODEL  # benchmarks/ is on sys.path when this runs as a script
+from quality import TEXTS, cli
 
 
 def load_experts(model_dir: str) -> dict:
@@ -138,7 +139,7 @@ def codec_stats(packed_dir: str, repeats: int = 3) -> dict:
 def pipeline(work: str, max_tokens: int, new_tokens: int) -> None:
     from moecompress.report.accuracy import generations, pick_prompts
     os.makedirs(work, exist_ok=True)
-    model = os.path.join(FIX, "mixtral-wiki4")
+    model = MODEL
     texts = list(TEXTS.values())
     lp = ("--method", "gptq", "--allocation", "lp", "--candidates", "sub1,2,3", "--group-size", 64)
     runs = {"sub1 --bits 1": ("sub1", ("--method", "ternary", "--bits", 1)),
@@ -152,7 +153,7 @@ def pipeline(work: str, max_tokens: int, new_tokens: int) -> None:
         slug[name] = d
         if not os.path.exists(os.path.join(out, "moecompress.json")):
             t0 = time.time()
-            cli("quantize", model, "--out", out, *args, "--calib", os.path.join(FIX, "text", "calib_mix.txt"),
+            cli("quantize", model, "--out", out, *args, "--calib", CALIB_MIX,
                  "--seed", 0)
             print(f"quantized {name} in {time.time() - t0:.0f} s", flush=True)
         outs[name] = out
@@ -184,7 +185,7 @@ def main():
     ap.add_argument("--pipeline", metavar="WORKDIR", default=None, help="quantize, evaluate and generate (see above)")
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--new-tokens", type=int, default=24)
-    ap.add_argument("--model", default="/work/shared/fixtures/mixtral-wiki4")
+    ap.add_argument("--model", default=MODEL)
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.35])
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)")
     args = ap.parse_args()
