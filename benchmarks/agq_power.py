@@ -48,25 +48,26 @@ def loss_sensitivity(model_path: str, windows, batch_size: int = 8) -> dict:
     model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     layers = model.model.layers
     g = {k: [] for k in range(len(layers))}
-    for s in range(0, windows.shape[0], batch_size):
-        ids, outs = windows[s:s + batch_size], {}
+    outs = {}  # this batch's layer outputs, kept for their gradients
 
-        def keep(k):
-            def hook(module, args, out):
-                y = out[0] if isinstance(out, tuple) else out
-                y.retain_grad()
-                outs[k] = y
-            return hook
-        hooks = [layer.register_forward_hook(keep(k)) for k, layer in enumerate(layers)]
-        try:
+    def keep(k):
+        def hook(module, args, out):
+            y = out[0] if isinstance(out, tuple) else out
+            y.retain_grad()
+            outs[k] = y
+        return hook
+    hooks = [layer.register_forward_hook(keep(k)) for k, layer in enumerate(layers)]
+    try:
+        for s in range(0, windows.shape[0], batch_size):
+            ids = windows[s:s + batch_size]
             logits = model(input_ids=ids).logits
-        finally:
-            for h in hooks:
-                h.remove()
-        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
-        model.zero_grad(set_to_none=True)
-        for k, y in outs.items():
-            g[k].append(y.grad.float().pow(2).sum(-1).flatten())
+            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
+            model.zero_grad(set_to_none=True)
+            for k, y in outs.items():
+                g[k].append(y.grad.float().pow(2).sum(-1).flatten())
+    finally:
+        for h in hooks:
+            h.remove()
     g = {k: torch.cat(v) for k, v in g.items()}
     return {k: v / v.mean() for k, v in g.items()}
 
@@ -95,16 +96,21 @@ def main(argv=None) -> int:
 
     collect, run_layer, quantize_layer = (calibrate.HessianCollector.__call__, layerwise.LayerStreamer.run_layer,
                                           qpass.quantize_moe_layer)
-    now = {"p": 1.0, "g": None, "layer": None, "next": 0}  # the weight, and where the pass is
+    # the weight ("p"; "g": the loss sensitivities of "seed"'s windows; "u": each jitter draw's u per layer), and
+    # where the pass is: the layer being quantized and the first token index of the mini-batch ("offset")
+    now = {"p": 1.0, "g": None, "seed": None, "u": {}, "layer": None, "offset": 0, "next": 0}
+    ntok = a.nsamples * a.seqlen
 
     def weighted(self, e, tok, x, h, w):  # c -> c^p (or g, c*g) in the Hessian (and in the gate sums it records)
         p = now["p"]
         if isinstance(p, str):  # "g", "c*g" or "jN": a weight per token, found by its index in the windows
             self.affinity = True
             if p.startswith("j"):
-                gen = torch.Generator().manual_seed(1_000_003 * int(p[1:]) + 1009 * now["layer"])
-                u = torch.rand(now["ntok"], generator=gen) * 2 - 1
-                return collect(self, e, tok, x, h, 1 + a.jitter * u[now["offset"] + tok.long()])
+                key = (p, now["layer"])
+                if key not in now["u"]:  # drawn once per draw and layer, not per observed batch
+                    gen = torch.Generator().manual_seed(1_000_003 * int(p[1:]) + 1009 * now["layer"])
+                    now["u"][key] = torch.rand(ntok, generator=gen) * 2 - 1
+                return collect(self, e, tok, x, h, 1 + a.jitter * now["u"][key][now["offset"] + tok.long()])
             g = now["g"][now["layer"]][now["offset"] + tok.long()]
             return collect(self, e, tok, x, h, g * w.float().clamp(min=0) if p == "c*g" else g)
         return collect(self, e, tok, x, h, w.float().clamp(min=0) ** p if self.affinity else w)
@@ -127,7 +133,6 @@ def main(argv=None) -> int:
 
     variants = [0.0] + a.powers + (["g", "c*g"] if a.sensitivity else []) + \
         ([f"j{i}" for i in range(a.draws)] if a.jitter else [])
-    now["ntok"] = a.nsamples * a.seqlen
     ppl = {}
     work = tempfile.mkdtemp(prefix="agq-power-")
     calibrate.HessianCollector.__call__ = weighted
@@ -137,7 +142,7 @@ def main(argv=None) -> int:
         for bits in a.bits:
             for seed in a.seeds:
                 calib = CalibConfig((a.calib,), a.nsamples, a.seqlen, seed)
-                if a.sensitivity and now.get("seed") != seed:
+                if a.sensitivity and now["seed"] != seed:
                     now["g"], now["seed"] = loss_sensitivity(a.model, api.calibration_windows(a.model, calib)), seed
                 for p in variants:
                     now["p"] = p

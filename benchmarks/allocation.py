@@ -122,8 +122,6 @@ def _fields(config: AllocationConfig) -> dict:
     return {k: getattr(config, k) for k in config.__dataclass_fields__}
 
 
-
-
 def _moecompress(*args) -> None:
     cmd = [sys.executable, "-m", "moecompress.cli", "-q", *map(str, args)]
     print("+ moecompress " + " ".join(map(str, args)), flush=True)

@@ -25,8 +25,6 @@ import time
 import torch
 from common import MODEL
 
-FIXTURE = MODEL
-
 
 def hessians(E, K, T=2048, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -53,9 +51,9 @@ def time_gptq(W, H, bits=4, group=64, repeats=1):
 def gptq_table(fixture_weights: bool):
     rows = []
     # the trained fixture: gate+up stacked (8, 768, 192) and down (8, 192, 384), as the pass runs them
-    if fixture_weights and os.path.isdir(FIXTURE):
+    if fixture_weights and os.path.isdir(MODEL):
         from moecompress.checkpoint import CheckpointReader
-        r = CheckpointReader(FIXTURE)
+        r = CheckpointReader(MODEL)
         ex = r.layer_experts(0)
         shapes = [("fixture gate+up", torch.cat([ex["gate"], ex["up"]], 1)), ("fixture down", ex["down"])]
     else:
@@ -90,7 +88,7 @@ def write_synthetic(path: str, target_gb: float, hidden=1024, inter=1408, expert
            "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 0, "dtype": "bfloat16"}
     json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(FIXTURE, f), path)
+        shutil.copy(os.path.join(MODEL, f), path)
     g = torch.Generator().manual_seed(0)
     rnd = lambda *s: (torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16)
     wm = {}
