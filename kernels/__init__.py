@@ -27,12 +27,13 @@ def _hand_over() -> None:
     import importlib.machinery
     import importlib.util
     import os
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.realpath(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-    def inside(p: str) -> bool:
-        p = os.path.abspath(p or os.curdir)
-        return p == root or p.startswith(root + os.sep)
-    spec = importlib.machinery.PathFinder.find_spec("kernels", [p for p in sys.path if not inside(p)])
+    # Only the entries that name the checkout's root itself find this folder. Entries below it must stay:
+    # a virtual environment in the checkout (.venv, as CI makes it) has its site-packages there.
+    def is_root(p: str) -> bool:
+        return os.path.realpath(p or os.curdir) == root
+    spec = importlib.machinery.PathFinder.find_spec("kernels", [p for p in sys.path if not is_root(p)])
     if spec is None or spec.loader is None:
         return
     mod = importlib.util.module_from_spec(spec)
