@@ -116,7 +116,7 @@ def correctness(small: bool) -> bool:
 def bench_linear(args, bw: float) -> None:
     from moecompress import kernels as mk
     from moecompress.codecs import decode
-    print(f"\n| format | model | proj | N x K | batch | packed ms | packed GB/s | % copy bw | bf16 ms | speed-up |")
+    print("\n| format | model | proj | N x K | batch | packed ms | packed GB/s | % copy bw | bf16 ms | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for fmt in args.formats:
         for name, (H, I) in SHAPES.items():
@@ -131,7 +131,7 @@ def bench_linear(args, bw: float) -> None:
                     gbs = nbytes / t_p
                     print(f"| {fmt} | {name} | {proj} | {N}x{K} | {B} | {t_p * 1e3:.3f} | {gbs / 1e9:.0f} | "
                           f"{100 * gbs / bw:.0f}% | {t_d * 1e3:.3f} | {t_d / t_p:.2f}x |", flush=True)
-                del w
+                w = None  # free the dense copy before the next shape's
 
 
 def bench_moe(args) -> None:
@@ -167,7 +167,7 @@ def bench_moe(args) -> None:
                 t_d = cuda_time(ref, args.iters)
                 err = rel_err(mk.moe_experts_forward(x, idx, w, px), ref())
                 print(f"| {name} | {label} | {T} | {t_p * 1e3:.3f} | {t_d * 1e3:.3f} | {t_d / t_p:.2f}x | {err:.1e} |")
-            del experts, px, dense
+            experts = px = dense = None  # free the device buffers before the next model's
             torch.cuda.empty_cache()
 
 

@@ -166,7 +166,7 @@ def pipeline(work: str, max_tokens: int, new_tokens: int) -> None:
         bits = 16.0 if out == model else disk_bits(out, model)
         rows[name] = (bits, [res[t]["perplexity"] for t in texts])
     print(f"\nfixture mixtral-wiki4, calib_mix 128 x 256 seed 0, eval first {max_tokens} tokens per text, windows of 256")
-    print(f"| model | expert bits/param (files) | " + " | ".join(DOMAINS) + " |")
+    print("| model | expert bits/param (files) | " + " | ".join(DOMAINS) + " |")
     print("|---|---|" + "---|" * len(DOMAINS))
     for name, (bits, ppl) in rows.items():
         print(f"| {name} | {bits:.3f} | " + " | ".join(f"{p:.2f}" for p in ppl) + " |")

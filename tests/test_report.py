@@ -109,7 +109,7 @@ def test_report_expert_grids_and_records(made):
         assert set(lm["skipped"]) == {"arc_easy", "hellaswag", "piqa"} and "not installed" in lm["skipped"]["piqa"]
 
 
-def _screenshot(html: str, png: str) -> "np.ndarray":
+def _screenshot(html: str, png: str):
     import numpy as np
     from PIL import Image
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
