@@ -1,9 +1,10 @@
 """Triton kernels for the "sub1" codec: exact decode and a fused decode-matmul y = x @ W^T.
 
-Format (`moecompress/codecs/ternary.py`, `sub1_dict.py`): the rows of W (N, K), one after another, are a
-stream of pair symbols s = 3 t[2i] + t[2i+1] (ceil(K/2) per row) coded as b-bit codewords (b = ceil(log2 D)
-<= 16, an LSB-first bit stream: codeword i is cut out of the 3 bytes from bit i * b) against a shared
-dictionary. Codeword c expands to lengths[c] symbols, table[c, 0:lengths[c]] (`sub1_dict.expansion_table`).
+Format (`moecompress/codecs/ternary.py`, `sub1_dict.py`, `sub1_trie.py`): the rows of W (N, K), one after
+another, are a stream of pair symbols s = 3 t[2i] + t[2i+1] (ceil(K/2) per row) coded as b-bit codewords (b =
+ceil(log2 D) <= 16, an LSB-first bit stream: codeword i is cut out of the 3 bytes from bit i * b) against a
+shared dictionary. Codeword c expands to lengths[c] symbols, table[c, 0:lengths[c]]
+(`sub1_trie.expansion_table`).
 Row n begins inside codeword starts[n] - 1, skip[n] symbols before its end, when skip[n] > 0, else at
 codeword starts[n] (starts = exclusive cumsum of row_counts, skip = row_skip). W[n, k] = lo / 0 / hi[n, k // g]
 for t = 0 / 1 / 2.
@@ -32,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moecompress.codecs import sub1_dict as sd
+from moecompress.codecs import sub1_trie as st
 
 from .intq_triton import interpreting
 
@@ -139,7 +140,7 @@ def device_tables(dictionary: torch.Tensor, dictionary_id: str, device) -> tuple
     key = (dictionary_id, str(device))
     got = _TABLES.get(key)
     if got is None:
-        table, lengths = sd.tables_for(dictionary.cpu())
+        table, lengths = st.tables_for(dictionary.cpu())
         got = (table.reshape(-1).contiguous().to(device), lengths.to(torch.int32).to(device), table.shape[1])
         if len(_TABLES) > 16:
             _TABLES.clear()

@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from moecompress.codecs import QuantSpec, decode, nbytes
 from moecompress.codecs import sub1_dict as sd
+from moecompress.codecs import sub1_trie as tr
 from moecompress.codecs.ternary import (Sub1Codec, TernaryCodec, attach_shared, encode_ternary, encoded_nbytes,
                                         get_codes, pack_trits, split_shared, unpack_trits)
 from moecompress.errors import MoeCompressError, PackedFormatError
@@ -108,10 +109,10 @@ def test_sub1_roundtrip_exact(N, K, zeros, seed, other):
 def test_dictionary_is_a_tunstall_trie():
     codes = random_codes(64, 96, 0.9, 3)
     d = sd.build_dictionary([codes], max_entries=1024, sizes=(1024,))
-    trie = sd.from_tensor(d)
-    assert torch.equal(sd.to_tensor(trie), d) and d.numel() == -(-trie.parent.numel() // 8)
-    leaves = sd.leaves(trie)
-    assert leaves.numel() == sd.num_codewords(d) and 1024 - 8 < leaves.numel() <= 1024
+    trie = tr.from_tensor(d)
+    assert torch.equal(tr.to_tensor(trie), d) and d.numel() == -(-trie.parent.numel() // 8)
+    leaves = tr.leaves(trie)
+    assert leaves.numel() == tr.num_codewords(d) and 1024 - 8 < leaves.numel() <= 1024
     assert bool((trie.parent < torch.arange(trie.parent.numel())).all())  # parents first, complete: 9 children each
     # Tunstall: every expanded node is at least as probable as every leaf (iid model of the counts)
     c = sd.symbol_counts([codes]).double() + 0.5
@@ -119,16 +120,16 @@ def test_dictionary_is_a_tunstall_trie():
     lp = torch.zeros(trie.parent.numel(), dtype=torch.float64)
     for i in range(trie.parent.numel()):
         lp[i] = logp[trie.symbol[i]] + (lp[trie.parent[i]] if trie.parent[i] >= 0 else 0)
-    inner = sd.expanded_nodes(trie)
+    inner = tr.expanded_nodes(trie)
     assert float(lp[inner].min()) >= float(lp[leaves].max()) - 1e-9
-    table, lengths = sd.expansion_table(trie)
+    table, lengths = tr.expansion_table(trie)
     L = int(lengths.max())  # the deepest codewords continue the run of zero pairs
     assert L > 4 and bool((table[lengths.argmax(), :L - 1] == sd.ZERO_PAIR).all())
     bad = d.clone()
     bad[-1] |= 0x80 if trie.parent.numel() % 8 else 0  # a bit past the last node, or
     bad = bad if not torch.equal(bad, d) else torch.cat([d, torch.tensor([1], dtype=torch.uint8)])
     with pytest.raises(PackedFormatError):
-        sd.from_tensor(bad)
+        tr.from_tensor(bad)
 
 
 @pytest.mark.parametrize("zeros, bound", [(0.8, 1.08), (0.9, 1.11)])
@@ -155,7 +156,7 @@ def test_rows_are_coded_as_one_stream():
     pk = Sub1Codec().encode(codes, *levels(512, 1, 11), d)
     skip = pk.tensors["row_skip"].long()
     assert int((skip > 0).sum()) > 256  # most rows begin inside a codeword of the row before
-    per_row = sum(sd.parse_rows(sd.walker_for(d), sd.pair_symbols(codes[n:n + 1]))[0].numel()
+    per_row = sum(sd.parse_rows(tr.walker_for(d), sd.pair_symbols(codes[n:n + 1]))[0].numel()
                   for n in range(512))
     assert int(pk.tensors["row_counts"].long().sum()) < 0.9 * per_row
     assert torch.equal(get_codes(pk), codes)

@@ -9,18 +9,19 @@ per row, as QMoE). Decode: W[n, k] = lo[n, k//g] if t == 0, 0 if t == 1, hi[n, k
                                    the row is padded with zero trits (t = 1) to a multiple of 5
     lo, hi  float16 (N, K//g)
 
-"sub1" (codes in sub1_dict.py): pairs s = 3 t[2i] + t[2i+1] per row (odd K padded with a zero trit),
-the rows one after another greedily longest-match coded against a shared Tunstall dictionary:
+"sub1" (coding in sub1_dict.py, the dictionary in sub1_trie.py): pairs s = 3 t[2i] + t[2i+1] per row (odd K
+padded with a zero trit), the rows one after another greedily longest-match coded against a shared Tunstall
+dictionary:
     codewords   uint8 (ceil(M b / 8),)  the M codewords of the row-major stream, b = attrs["codeword_bits"]
                                    = ceil(log2 D) bits each, LSB-first (sub1_dict.pack_codewords)
     row_counts  uint8 / int16 / int32 (N,)   codewords that start in each row, the narrowest type that
                                    holds ceil(K/2)
     row_skip    uint8 (N,)        symbols at the start of each row that belong to a codeword started in
-                                   an earlier row (< sub1_dict.MAX_LEN). Row n decodes on its own: from
+                                   an earlier row (< sub1_trie.MAX_LEN). Row n decodes on its own: from
                                    codeword o = sum(row_counts[:n]), or, when row_skip[n] > 0, from
                                    codeword o - 1 at position length(o - 1) - row_skip[n]
     lo, hi      float16 (N, K//g)
-    dictionary  uint8 (ceil(D/8),) the shared Tunstall dictionary as a bitmap (sub1_dict.to_tensor);
+    dictionary  uint8 (ceil(D/8),) the shared Tunstall dictionary as a bitmap (sub1_trie.to_tensor);
                                    attrs["dictionary_id"] is its content hash. The SAME tensor is in
                                    every PackedTensor that shares it: a writer stores it once per id
                                    (e.g. under "moecompress.sub1_dictionary.<id>") and drops it from
@@ -44,6 +45,7 @@ from ..errors import MoeCompressError, PackedFormatError
 from ..quant.ternary import ZERO_CODE
 from . import PackedTensor, QuantSpec, register_codec
 from . import sub1_dict as sd
+from . import sub1_trie as st
 
 POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
 OPTIONS = {"zero_fraction": float, "threshold": float, "fit": str, "target_bits": float, "percdamp": float}
@@ -194,7 +196,7 @@ class Sub1Codec:
         g = _group(K, group_size)
         _check_inputs(codes, lo, hi, g)
         parse = sd.encode_rows(codes, dictionary)
-        bits = sd.codeword_bits(sd.num_codewords(dictionary))
+        bits = sd.codeword_bits(st.num_codewords(dictionary))
         return PackedTensor("sub1", (N, K), {
             "codewords": sd.pack_codewords(parse.codewords, bits),
             "row_counts": parse.row_counts.to(count_dtype(K)),
@@ -202,7 +204,7 @@ class Sub1Codec:
             "lo": lo.to(torch.float16).contiguous(),
             "hi": hi.to(torch.float16).contiguous(),
             "dictionary": dictionary,
-        }, {"group_size": g, "dictionary_id": sd.dictionary_id(dictionary), "codeword_bits": bits})
+        }, {"group_size": g, "dictionary_id": st.dictionary_id(dictionary), "codeword_bits": bits})
 
     @staticmethod
     def codewords(packed: PackedTensor) -> torch.Tensor:
@@ -223,8 +225,8 @@ class Sub1Codec:
         d = packed.tensors.get("dictionary")
         if d is None:
             raise PackedFormatError("sub1 codec: the shared 'dictionary' tensor is missing (attach_shared it)")
-        D = sd.leaves(sd.from_tensor(d)).numel()
-        if packed.attrs.get("dictionary_id") != sd.dictionary_id(d):
+        D = st.leaves(st.from_tensor(d)).numel()
+        if packed.attrs.get("dictionary_id") != st.dictionary_id(d):
             raise PackedFormatError("sub1 codec: the attached dictionary does not match attrs['dictionary_id']")
         bits = packed.attrs.get("codeword_bits")
         if bits != sd.codeword_bits(D):
