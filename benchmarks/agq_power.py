@@ -104,7 +104,6 @@ def main(argv=None) -> int:
     def weighted(self, e, tok, x, h, w):  # c -> c^p (or g, c*g) in the Hessian (and in the gate sums it records)
         p = now["p"]
         if isinstance(p, str):  # "g", "c*g" or "jN": a weight per token, found by its index in the windows
-            self.affinity = True
             if p.startswith("j"):
                 key = (p, now["layer"])
                 if key not in now["u"]:  # drawn once per draw and layer, not per observed batch

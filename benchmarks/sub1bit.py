@@ -38,7 +38,7 @@ from moecompress.codecs import sub1_dict as sd
 from moecompress.codecs.ternary import encode_ternary, encoded_nbytes, get_codes
 from moecompress.quant.gptq import rtn
 from moecompress.quant.ternary import TernaryGrid, zero_fraction
-from common import CALIB_MIX, MODEL  # benchmarks/ is on sys.path when this runs as a script
+from common import CALIB_MIX, DOMAINS, MODEL  # benchmarks/ is on sys.path when this runs as a script
 from quality import TEXTS, cli
 
 
@@ -87,9 +87,6 @@ def run(W: dict, threshold: float, repeats: int = 3) -> dict:
         "sub1_share": sum(p.codec == "sub1" for p in packed) / len(packed),
         "decode_MBps": nbytes / 1e6 / t_dec, "build_s": t_build, "encode_s": t_enc, "exact": exact,
     }
-
-
-DOMAINS = tuple(TEXTS)
 
 
 def disk_bits(packed: str, original: str) -> float:

@@ -76,5 +76,3 @@ def test_quality_gptq_beats_rtn_and_4bit_is_close(packed):
     base = evaluate(TRAINED, [text], max_tokens=8192, progress=False)[text]["perplexity"]
     assert ppl[(4, "gptq")] < base * 1.015, (ppl, base)
     assert ppl[(2, "gptq")] < ppl[(2, "rtn")], ppl
-
-
