@@ -15,6 +15,7 @@ out on both sides (they are identical or not needed to run the model).
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 from typing import NamedTuple
@@ -37,10 +38,7 @@ class TensorEntry(NamedTuple):
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 class SizeBreakdown(NamedTuple):
