@@ -44,14 +44,13 @@ def main():
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     ap.add_argument("--methods", nargs="+", default=["gptq", "rtn"])
     a = ap.parse_args()
-    model, calib = MODEL, CALIB_MIX
     with tempfile.TemporaryDirectory(prefix="moec-quality-") as work:
-        rows = {"original": (16.0, evaluate(model, a.max_tokens, work, "fp"))}
+        rows = {"original": (16.0, evaluate(MODEL, a.max_tokens, work, "fp"))}
         for b in a.bits:
             for m in a.methods:
                 out = os.path.join(work, f"{m}{b}")
-                cli("quantize", model, "--out", out, "--bits", str(b), "--group-size", "64", "--method", m,
-                    "--calib", calib, "--nsamples", str(a.nsamples), "--seed", "0")
+                cli("quantize", MODEL, "--out", out, "--bits", str(b), "--group-size", "64", "--method", m,
+                    "--calib", CALIB_MIX, "--nsamples", str(a.nsamples), "--seed", "0")
                 bits = json.load(open(os.path.join(out, "moecompress.json")))["expert_bits_per_param"]
                 rows[f"{m} {b}-bit"] = (bits, evaluate(out, a.max_tokens, work, f"{m}{b}"))
                 print(f"done: {m} {b}-bit", flush=True)
