@@ -7,6 +7,12 @@ in canonical form, `expert(layer, e, proj) -> (out, in)` float tensor, whatever 
 tensor per expert (Mixtral's `block_sparse_moe.experts.{e}.w1`, Qwen's `mlp.experts.{e}.gate_proj`) or
 fused 3D tensors (transformers v5's `mlp.experts.gate_up_proj [E, 2I, H]`, GPT-OSS's interleaved
 `[E, H, 2I]` with biases). Pickle-only checkpoints are refused, never loaded.
+
+Quantized sources (FP8 with 128x128 block scales, DeepSeek-V3/R1; MXFP4 experts, GPT-OSS; see
+source_formats.py) are read as the float checkpoints they stand for: `tensors` lists logical tensors only
+(a `weight` with its `weight_scale_inv`, or `*_blocks` with `*_scales`, is one entry with the dequantized
+shape and dtype), and `get`, `get_slice`, `expert` and `layer_experts` dequantize one tensor at a time, on
+`device`. `stored` keeps the tensors as they are on disk; `total_bytes` and `expert_bytes` count those.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import torch
 
 from .arch import PROJS, ArchSpec, ExpertKey, arch_for
 from .errors import CheckpointError
+from .source_formats import SourceTensor, companions, find_sources, logical_dtype
 
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -42,6 +49,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     start: int
     end: int
+    source: SourceTensor | None = None  # stored quantized: read from source.parts; dtype, shape and
+    # nbytes (end - start, start = 0) are those of the dequantized tensor
 
     @property
     def numel(self) -> int:
@@ -107,8 +116,9 @@ def merged_counts(config: dict) -> dict[int, int] | None:
 class CheckpointReader:
     """A local Hugging Face checkpoint directory, read lazily. See the module docstring."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, device: str | torch.device = "cpu"):
         self.path = os.path.abspath(path)
+        self.device = torch.device(device)  # where tensors are returned and quantized sources dequantized
         if not os.path.isdir(self.path):
             raise CheckpointError(f"checkpoint directory not found: {path}")
         cfg = os.path.join(self.path, "config.json")
@@ -120,13 +130,14 @@ class CheckpointReader:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}/config.json is not valid JSON ({e.msg})") from None
         self.arch: ArchSpec = arch_for(self.config)
-        self.tensors: dict[str, TensorInfo] = {}
+        self.stored: dict[str, TensorInfo] = {}  # as on disk, quantized parts and their scales included
         for shard in self._shards():
             header, start = read_safetensors_header(os.path.join(self.path, shard))
             for k, v in header.items():
                 if k != "__metadata__":
                     s, e = v["data_offsets"]
-                    self.tensors[k] = TensorInfo(k, shard, v["dtype"], tuple(v["shape"]), start + s, start + e)
+                    self.stored[k] = TensorInfo(k, shard, v["dtype"], tuple(v["shape"]), start + s, start + e)
+        self.tensors = self._logical()  # what the checkpoint stands for: one float tensor per logical name
         self.prefix = self._layer_prefix()
         self.num_layers = int(self.config.get("num_hidden_layers", 0))
         self.num_experts = self.arch.num_experts(self.config)  # the largest count where layers differ
@@ -158,6 +169,25 @@ class CheckpointReader:
                                   "files: convert them to safetensors first")
         raise CheckpointError(f"{self.path} has no *.safetensors weights")
 
+    def _logical(self) -> dict[str, TensorInfo]:
+        """`stored` with each quantized tensor and its scales merged into one dequantized entry."""
+        sources, problems = find_sources({k: (t.dtype, t.shape) for k, t in self.stored.items()}, self.config)
+        if problems:
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise CheckpointError(f"{self.path}: {problems[0]}{more}")
+        drop = companions(sources)
+        by_part = {src.values: k for k, src in sources.items()}  # the logical tensor takes its codes' place
+        dtype = logical_dtype(self.config)
+        out = {}
+        for k, t in self.stored.items():
+            if k in by_part:
+                src = sources[by_part[k]]
+                out[by_part[k]] = TensorInfo(by_part[k], t.shard, dtype, src.shape, 0,
+                                             math.prod(src.shape) * DTYPE_BYTES[dtype], src)
+            elif k not in drop:
+                out[k] = t
+        return out
+
     def _layer_prefix(self) -> str:
         for cand in ("model.layers", "model.language_model.layers", "language_model.model.layers", "transformer.h"):
             if any(k.startswith(cand + ".") for k in self.tensors):
@@ -182,19 +212,35 @@ class CheckpointReader:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).view(shape)
 
+    def _read_stored(self, name: str, index: int | None = None) -> torch.Tensor:
+        """Stored tensor `name` (row `index` of its first dimension only, when given), on `device`."""
+        info = self.stored[name]
+        if index is None:
+            t = self._read(info, info.start, info.nbytes, info.shape)
+        else:
+            row = info.nbytes // info.shape[0]
+            t = self._read(info, info.start + index * row, row, info.shape[1:])
+        return t.to(self.device)
+
+    def _dequant(self, info: TensorInfo, index: int | None = None) -> torch.Tensor:
+        src = info.source
+        if index is not None and len(src.shape) < 3:  # a row of a 2D FP8 weight: its scales span 128 rows
+            return self._dequant(info)[index]
+        out = src.decode(*(self._read_stored(p, index) for p in src.parts()))
+        return out.to(TORCH_DTYPES[info.dtype])  # fp32 products rounded once, as the references store them
+
     def get(self, name: str) -> torch.Tensor:
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"tensor {name!r} not found in {self.path}")
-        return self._read(info, info.start, info.nbytes, info.shape)
+        return self._dequant(info) if info.source else self._read_stored(name)
 
     def get_slice(self, name: str, index: int) -> torch.Tensor:
         """Row `index` of the first dimension of tensor `name`, read without the rest."""
         info = self.tensors[name]
         if not 0 <= index < info.shape[0]:
             raise CheckpointError(f"index {index} out of range for tensor {name!r} of shape {list(info.shape)}")
-        row = info.nbytes // info.shape[0]
-        return self._read(info, info.start + index * row, row, info.shape[1:])
+        return self._dequant(info, index) if info.source else self._read_stored(name, index)
 
     # -- structure ------------------------------------------------------------------------------
     def layout(self, layer: int) -> str | None:
@@ -250,7 +296,8 @@ class CheckpointReader:
 
     # -- expert weights -----------------------------------------------------------------------
     def expert(self, key: ExpertKey) -> torch.Tensor:
-        """Canonical (out, in) weight of one expert projection, in its stored dtype."""
+        """Canonical (out, in) weight of one expert projection, in its stored dtype (a quantized source's:
+        the checkpoint's float dtype)."""
         layer, e, proj = key
         if self.layout(layer) == "per_expert":
             return self.get(self.arch.per_expert_key(layer, e, proj, self.prefix))
@@ -293,10 +340,10 @@ class CheckpointReader:
         h = hashlib.sha256()
         with open(os.path.join(self.path, "config.json"), "rb") as f:
             h.update(f.read())
-        for k in sorted(self.tensors):
-            t = self.tensors[k]
+        for k in sorted(self.stored):
+            t = self.stored[k]
             h.update(f"{k}|{t.dtype}|{t.shape}|{t.nbytes}".encode())
-        for shard in sorted({t.shard for t in self.tensors.values()}):
+        for shard in sorted({t.shard for t in self.stored.values()}):
             p = os.path.join(self.path, shard)
             size = os.path.getsize(p)
             h.update(str(size).encode())
@@ -308,11 +355,12 @@ class CheckpointReader:
 
     @property
     def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
+        """Bytes on disk (quantized sources: codes and scales)."""
+        return sum(t.nbytes for t in self.stored.values())
 
     @property
     def expert_bytes(self) -> int:
-        return sum(t.nbytes for k, t in self.tensors.items() if self.is_expert_tensor(k))
+        return sum(t.nbytes for k, t in self.stored.items() if self.is_expert_tensor(k))
 
     @property
     def expert_params(self) -> int:
