@@ -6,6 +6,10 @@ TRITON_INTERPRET=1 and MOECOMPRESS_KERNELS=triton the Triton kernels run on CPU 
 the tests check them). Codecs map to kernels through two fixed tables; a codec without a kernel falls
 back to the torch reference (decode, then matmul), so new codecs (ternary, sub1) slot in by adding
 one entry per table (int, ternary and sub1 all have both).
+
+Validation is once per tensor: `_check_packed` runs the codec's check only on a PackedTensor that has
+not passed it (`moecompress.codecs.ensure_checked`; the loader checks every tensor it reads), so a
+call on a checked tensor does host-side shape and dtype comparisons only: no device work, no sync.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import os
 
 import torch
 
-from moecompress.codecs import PackedTensor, decode as reference_decode, get_codec
+from moecompress.codecs import PackedTensor, decode as reference_decode, ensure_checked
 from moecompress.errors import MoeCompressError
 
 ENV = "MOECOMPRESS_KERNELS"
@@ -96,9 +100,8 @@ TRITON_DECODE = {"int": _int_decode, "ternary": _ternary_decode, "sub1": _sub1_d
 
 
 def _check_packed(packed: PackedTensor) -> None:
-    if not isinstance(packed, PackedTensor):
-        raise MoeCompressError(f"expected a PackedTensor, got {type(packed).__name__}; pack the weight with a codec first")
-    get_codec(packed.codec).check(packed)
+    """The codec's check, unless this tensor already passed it (then host metadata only)."""
+    ensure_checked(packed)
 
 
 def decode(packed: PackedTensor) -> torch.Tensor:
@@ -132,7 +135,7 @@ def packed_linear(x: torch.Tensor, packed: PackedTensor) -> torch.Tensor:
         raise MoeCompressError(f"packed_linear: x must be (batch, {K}) for a ({N}, {K}) weight, got {tuple(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise MoeCompressError(f"packed_linear: x must be float16, bfloat16 or float32, got {x.dtype}")
-    wdev = next(iter(packed.tensors.values())).device
+    wdev = packed.device
     if wdev != x.device:
         raise MoeCompressError(f"packed_linear: x is on {x.device} but the packed weight is on {wdev}; move one of them")
     if backend(x.device) == "torch":

@@ -237,7 +237,8 @@ def int_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tenso
         USE_DOT=cfg.USE_DOT, DOT_NATIVE=cfg.DOT_NATIVE, FACTORED=cfg.FACTORED)
     if cfg.SPLIT_K > 1:
         if gather:  # rows of blocks this launch skipped (other groups, padding) keep out's values
-            keep = ((block_expert >= 0).repeat_interleave(cfg.BLOCK_M) & (rows >= 0)).unsqueeze(1)  # (P, 1)
+            used = (block_expert >= 0).view(-1, 1).expand(-1, cfg.BLOCK_M).reshape(-1)  # (nblocks,) -> (P,)
+            keep = (used & (rows >= 0)).unsqueeze(1)  # (P, 1)
             out[:, col_off:col_off + N] = torch.where(keep, part.sum(0).to(out.dtype), out[:, col_off:col_off + N])
         else:
             out[:, col_off:col_off + N] = part.sum(0).to(out.dtype)

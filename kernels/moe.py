@@ -7,7 +7,12 @@ hidden: (T, H), top_k_index / top_k_weights: (T, k), experts[e] = {"gate": (I, H
 
 Routing (device-side, no host sync): the T*k (token, slot) pairs are sorted by expert and each
 expert's run is padded to a multiple of the block size BM (vLLM `moe_align_block_size`). Every block
-then belongs to one expert. Experts are grouped by (codec, bit width, group size, shape): each group's
+then belongs to one expert. The padded length is bounded from shapes alone (ceil(T k / BM) + E
+blocks), counts come from a scatter-add (CUDA's bincount reads its maximum on the host), the expert
+ids are range-checked with a device-side assertion, and each group's global -> local expert table is
+made once per device and kept on the group: with prepared experts on the Triton path the forward
+launches kernels and never waits for the GPU (tests/test_cuda.py checks it with
+`torch.cuda.set_sync_debug_mode("error")`; the codecs were checked when the experts were prepared). Experts are grouped by (codec, bit width, group size, shape): each group's
 weights are stacked into (E_g, N, .) tensors once (`prepare_experts`) and a single grouped launch
 covers all blocks of the group's experts, so a mixed-precision layer costs one launch per format and
 stage. Gate and up share one launch when their formats match (their packed rows are concatenated
@@ -51,6 +56,7 @@ class ExpertGroup:
     experts: list[int]  # global expert ids, in stacking order
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (E_g, ...) stacked
     members: list[PackedTensor] = field(default_factory=list)  # per-expert packed (loop fallback)
+    device_cache: dict = field(default_factory=dict, repr=False, compare=False)  # _local_ids: made once per device
 
 
 class PreparedExperts(NamedTuple):
@@ -183,7 +189,7 @@ def route(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> Routing:
     flat = top_k_index.reshape(-1).long()  # (T, k) -> (M,)
     M = flat.numel()
     dev = flat.device
-    counts = torch.bincount(flat, minlength=E)  # (E,)
+    counts = torch.zeros(E, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))  # (E,)
     padded = (counts + BM - 1) // BM * BM
     pend = torch.cumsum(padded, 0)
     order = torch.argsort(flat, stable=True)
@@ -198,7 +204,8 @@ def route(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> Routing:
     rows1 = torch.where(valid, slot // k, -1).to(torch.int32)
     rows2 = torch.where(valid, torch.arange(P, device=dev), -1).to(torch.int32)
     block_expert = torch.searchsorted(pend, torch.arange(nblocks, device=dev) * BM, right=True)  # E past the end
-    return Routing(BM, order, pos, rows1, rows2, block_expert, block_expert.repeat_interleave(BM))
+    row_expert = block_expert.view(-1, 1).expand(-1, BM).reshape(-1)  # (nblocks,) -> (P,)
+    return Routing(BM, order, pos, rows1, rows2, block_expert, row_expert)
 
 
 def _block_m(M: int, E: int, on_gpu: bool) -> int:
@@ -209,6 +216,18 @@ def _block_m(M: int, E: int, on_gpu: bool) -> int:
     return min(bm, 64 if on_gpu else 16)
 
 
+def _local_ids(g: ExpertGroup, num_experts: int, device: torch.device) -> torch.Tensor:
+    """(E + 1,) int32 global expert -> its index in the group, -1 for the others and for E (no expert);
+    built on the host and copied once per device (kept in g.device_cache), never per call."""
+    key = ("local_ids", num_experts, str(device))
+    lut = g.device_cache.get(key)
+    if lut is None:
+        host = torch.full((num_experts + 1,), -1, dtype=torch.int32)
+        host[torch.tensor(g.experts, dtype=torch.long)] = torch.arange(len(g.experts), dtype=torch.int32)
+        lut = g.device_cache[key] = host.to(device)
+    return lut
+
+
 def _run_stage(groups: list[ExpertGroup], x: torch.Tensor, rows: torch.Tensor, r: Routing, out: torch.Tensor,
                num_experts: int) -> None:
     from .intq_triton import int_matmul
@@ -216,9 +235,7 @@ def _run_stage(groups: list[ExpertGroup], x: torch.Tensor, rows: torch.Tensor, r
     from .ternary_triton import ternary_matmul
     for g in groups:
         N, K = g.shape
-        lut = torch.full((num_experts + 1,), -1, dtype=torch.int32, device=x.device)  # global -> local, E -> -1
-        lut[torch.tensor(g.experts, device=x.device)] = torch.arange(len(g.experts), dtype=torch.int32, device=x.device)
-        blk = lut[r.block_expert]  # (nblocks,) local expert or -1
+        blk = _local_ids(g, num_experts, x.device)[r.block_expert]  # (nblocks,) local expert or -1
         t, gs = g.tensors, g.attrs.get("group_size")
         grouped = dict(out=out, col_off=g.col_off, rows=rows, block_expert=blk, block_m=r.block_m)
         if g.codec == "int":
@@ -229,7 +246,7 @@ def _run_stage(groups: list[ExpertGroup], x: torch.Tensor, rows: torch.Tensor, r
             sub1_matmul(x, t["codewords"], t["starts"], t["skips"], t["dictionary"], g.attrs["dictionary_id"], t["lo"], t["hi"],
                         N, K, gs, g.attrs["codeword_bits"], **grouped)
         else:  # per-expert loop (one host sync per expert) for codecs without a grouped kernel yet
-            row_blk = blk.repeat_interleave(r.block_m)
+            row_blk = blk.view(-1, 1).expand(-1, r.block_m).reshape(-1)
             for j, p in enumerate(g.members):
                 sel = torch.nonzero((row_blk == j) & (rows >= 0)).flatten()
                 if sel.numel():
@@ -272,12 +289,18 @@ def moe_experts_forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_w
 
 
 def _check_moe_inputs(hidden, idx, w, experts) -> None:
+    """Shapes on the host; the expert ids' range on the device (torch._assert_async): the CPU raises at
+    once, CUDA reports a device-side assertion at the next sync instead of the forward waiting for it."""
     if hidden.dim() != 2 or idx.dim() != 2 or idx.shape != w.shape or idx.shape[0] != hidden.shape[0]:
         raise MoeCompressError(f"moe_experts_forward: want hidden (T, H), top_k_index and top_k_weights (T, k); got "
                                f"{tuple(hidden.shape)}, {tuple(idx.shape)}, {tuple(w.shape)}")
     E = experts.num_experts if isinstance(experts, PreparedExperts) else len(experts)
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= E):
-        raise MoeCompressError(f"top_k_index has expert ids outside [0, {E}); the router and the expert list disagree")
+    if idx.numel():
+        msg = f"top_k_index has expert ids outside [0, {E}); the router and the expert list disagree"
+        try:
+            torch._assert_async(((idx >= 0) & (idx < E)).all(), msg)
+        except RuntimeError:
+            raise MoeCompressError(msg) from None
 
 
 def moe_reference(hidden, top_k_index, top_k_weights, experts, glu: Glu | None = None, biases=None) -> torch.Tensor:

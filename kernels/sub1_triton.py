@@ -130,22 +130,13 @@ def _kernel():
     return _jit(interpreting())
 
 
-_TABLES: dict = {}
-
-
 def device_tables(dictionary: torch.Tensor, dictionary_id: str, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(flat expansion table uint8 (D * LMAX,), lengths int32 (D,), LMAX) on `device`, cached by the
-    dictionary's content hash (attrs["dictionary_id"], checked against the tensor by the codec's check):
-    the matmul is on the hot path, so the dictionary is neither hashed nor copied to the host per call."""
-    key = (dictionary_id, str(device))
-    got = _TABLES.get(key)
-    if got is None:
-        table, lengths = st.tables_for(dictionary.cpu())
-        got = (table.reshape(-1).contiguous().to(device), lengths.to(torch.int32).to(device), table.shape[1])
-        if len(_TABLES) > 16:
-            _TABLES.clear()
-        _TABLES[key] = got
-    return got
+    """(flat expansion table uint8 (D * LMAX,), lengths int32 (D,), LMAX) on `device`, cached per device by
+    the dictionary's content hash (attrs["dictionary_id"], checked against the tensor by the codec's check,
+    which dispatch and prepare_experts make sure ran): the matmul is on the hot path, so the dictionary is
+    neither hashed nor copied to the host per call (`sub1_trie.device_tables`)."""
+    table, lengths = st.device_tables(dictionary, device, key=dictionary_id)
+    return table.view(-1), lengths, table.shape[1]
 
 
 def row_starts(row_counts: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,21 @@ unpickled or imported by name from a file. `nbytes(shape, spec)` works from shap
 allocator prices every option in real bytes (scales, zeros and dictionaries included).
 
 Convention: weights are (N, K) = (out_features, in_features), as in `nn.Linear`; groups run along K.
+
+Devices: every `decode` runs in torch ops on the packed tensors' own device (CPU, CUDA, or "meta" for
+shapes alone), with no host synchronisation; tables a codec needs (sub1's expansion table) are built
+once from the stored bytes and cached per device. `encode` takes tensors on any device.
+
+Checked once: `Codec.check` validates a PackedTensor against its claimed shape and attributes (data
+included: offsets, codeword indices), which can cost a host sync. A successful check records the
+tensor's metadata signature in `packed.checked` (`register_codec` wraps every codec's `check` so), and
+`ensure_checked` re-runs the check only when the signature changed (tensors swapped for others of
+another shape or dtype, attributes edited): the loader checks at load, kernels trust what it checked.
+Moving a checked tensor to another device keeps it checked; casting its scales does not.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -63,10 +75,15 @@ class PackedTensor:
     shape: tuple[int, int]
     tensors: dict[str, torch.Tensor]
     attrs: dict = field(default_factory=dict)
+    checked: tuple | None = field(default=None, repr=False, compare=False)  # signature() when check() passed
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
 
 
 class Codec(Protocol):
@@ -84,8 +101,30 @@ class Codec(Protocol):
 CODECS: dict[str, Codec] = {}
 
 
+def signature(packed: PackedTensor) -> tuple:
+    """What a check depends on besides the data: codec, shape, attributes, every tensor's name, shape and
+    dtype (host metadata only: no device work). The device is left out: moving keeps the data."""
+    return (packed.codec, tuple(packed.shape), repr(sorted(packed.attrs.items())),
+            tuple(sorted((k, tuple(t.shape), t.dtype) for k, t in packed.tensors.items())))
+
+
+def is_checked(packed: PackedTensor) -> bool:
+    """True when `check` passed on this tensor and nothing it depends on changed since."""
+    return packed.checked is not None and packed.checked == signature(packed)
+
+
+def _marking(check):
+    @functools.wraps(check)
+    def checked(self, packed: PackedTensor) -> None:
+        packed.checked = None
+        check(self, packed)
+        packed.checked = signature(packed)
+    return checked
+
+
 def register_codec(cls):
-    """Class decorator: instantiate and register a codec under `cls.name`."""
+    """Class decorator: instantiate and register a codec under `cls.name`; its `check` marks what passed."""
+    cls.check = _marking(cls.check)
     CODECS[cls.name] = cls()
     return cls
 
@@ -105,6 +144,15 @@ def get_codec(name: str) -> Codec:
     if name not in CODECS:
         raise PackedFormatError(f"unknown codec {name!r} (known: {', '.join(sorted(CODECS))})")
     return CODECS[name]
+
+
+def ensure_checked(packed: PackedTensor) -> PackedTensor:
+    """Run the codec's check unless it already passed on this tensor (see the module docstring)."""
+    if not isinstance(packed, PackedTensor):
+        raise MoeCompressError(f"expected a PackedTensor, got {type(packed).__name__}; pack the weight with a codec first")
+    if not is_checked(packed):
+        get_codec(packed.codec).check(packed)
+    return packed
 
 
 def decode(packed: PackedTensor) -> torch.Tensor:

@@ -18,9 +18,10 @@ rows are 96-192 pairs long).
 The dictionary itself (Tunstall's trie, its one-bit-per-node storage and the tables built from it)
 is in sub1_trie.py.
 
-Parsing is vectorised over rows (one trie step per column for all rows at once); rows that start
-inside the previous row's last codeword are walked again from that trie node (parse_rows). Decode is
-a gather: codeword -> (length, expansion) tables, output positions from a cumsum of lengths.
+Parsing (encode) is vectorised over rows (one trie step per column for all rows at once) and runs on
+the host; rows that start inside the previous row's last codeword are walked again from that trie node
+(parse_rows). Decode is a gather on the codewords' device: codeword -> (length, expansion) tables,
+each symbol's codeword found by a searchsorted in the cumulative lengths (no host sync).
 
 The empirical order-0 entropy of the pair stream, H = -sum_s p_s log2 p_s bits per pair, is the bound
 an order-0 coder cannot beat (benchmarks/sub1bit.py reports the codeword bits against it).
@@ -32,8 +33,9 @@ from typing import NamedTuple
 
 import torch
 
-from .sub1_trie import (MAX_ENTRIES, MAX_LEN, NSYM, Trie, Walker, leaves, tables_for, to_tensor, tunstall_sizes,
-                        walker, walker_for)
+from ..errors import PackedFormatError
+from .sub1_trie import (MAX_ENTRIES, MAX_LEN, NSYM, Trie, Walker, device_tables, leaves, tables_for, to_tensor,
+                        tunstall_sizes, walker, walker_for)
 
 ZERO_TRIT = 1
 ZERO_PAIR = 3 * ZERO_TRIT + ZERO_TRIT  # 4
@@ -142,8 +144,9 @@ def row_layout(starts: torch.Tensor, R: int, L: int) -> tuple[torch.Tensor, torc
 
 
 def encode_rows(codes: torch.Tensor, dictionary: torch.Tensor) -> Parse:
-    """codes: (N, K) ternary -> Parse of its row-major pair stream against the stored dictionary."""
-    S = pair_symbols(codes)  # (N, K2)
+    """codes: (N, K) ternary on any device -> Parse (host tensors) of its row-major pair stream against the
+    stored dictionary. The greedy parse is sequential along a row: it runs on the host."""
+    S = pair_symbols(codes.detach().cpu())  # (N, K2)
     cw, starts = parse_rows(walker_for(dictionary), S)
     return Parse(cw, *row_layout(starts, *S.shape))
 
@@ -203,18 +206,28 @@ def build_dictionary(code_streams, max_entries: int = MAX_ENTRIES, max_len: int 
     return to_tensor(tries[best])
 
 
-PAIR_TRITS = torch.tensor([[s // 3, s % 3] for s in range(NSYM)], dtype=torch.int32)  # (9, 2)
+def decode_rows(codewords: torch.Tensor, dictionary: torch.Tensor, N: int, K: int,
+                key: str | None = None) -> torch.Tensor:
+    """codewords: (M,) -> (N, K) int32 ternary codes, on the codewords' device, with no host sync.
 
-
-def decode_rows(codewords: torch.Tensor, dictionary: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """codewords: (M,) -> (N, K) int32 ternary codes. Every codeword's expansion is gathered as a row of
-    the (D, Lmax) table, the first lengths[c] symbols of each kept in order (a mask), and the stream is
-    cut at N * ceil(K/2) symbols (the last codeword may be padded; the codec checks the layout)."""
-    table, lengths = tables_for(dictionary)
-    cw = codewords.to(torch.int64)
-    mask = torch.arange(table.shape[1]) < lengths[cw][:, None]  # (M, Lmax)
-    sym = table[cw][mask][:N * ((K + 1) // 2)]  # (N*K2,) pair symbols in stream order
-    return PAIR_TRITS[sym.to(torch.int64)].view(N, -1)[:, :K].contiguous()
+    Pair symbol p of the row-major stream (p < N * ceil(K/2)) lies in the codeword whose expansion ends
+    first after p: a searchsorted of p in the cumulative lengths, then a gather from the (D, Lmax)
+    expansion table at p's offset in that codeword. Codewords past the stream's end (padding, or extra
+    zero codewords read from a stream's last byte) and any index past the dictionary are clamped: for a
+    checked tensor they change nothing. key: the dictionary's checked id (sub1_trie.device_tables)."""
+    table, lengths = device_tables(dictionary, codewords.device, key)  # (D, Lmax) uint8, (D,) int32
+    D, L = table.shape
+    M, P = codewords.numel(), N * ((K + 1) // 2)
+    if M == 0:
+        raise PackedFormatError(f"sub1 codec: no codewords for {N} rows of {K} weights")
+    cw = codewords.to(torch.int64).clamp(0, D - 1)
+    ends = torch.cumsum(lengths[cw].to(torch.int64), 0)  # (M,) stream position after each codeword
+    pos = torch.arange(P, dtype=torch.int64, device=cw.device)
+    i = torch.searchsorted(ends, pos, right=True).clamp_(max=M - 1)  # (P,) codeword holding each symbol
+    off = (pos - ends[i] + lengths[cw[i]]).clamp_(0, L - 1)  # (P,) position inside that codeword
+    sym = table[cw[i], off].to(torch.int32)  # (P,) pair symbols s = 3 t0 + t1
+    trits = torch.stack((sym // 3, sym % 3), dim=-1)  # (P, 2)
+    return trits.view(N, -1)[:, :K].contiguous()  # (N, 2 ceil(K/2)) -> (N, K)
 
 
 def stream_layout(codewords: torch.Tensor, dictionary: torch.Tensor, N: int, K: int):

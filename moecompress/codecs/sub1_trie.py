@@ -17,12 +17,17 @@ Nodes are numbered breadth first: 0..8 are the single symbols, and the children 
 node are 9 + 9j .. 9 + 9j + 8 (one per symbol); codeword c is the c-th leaf in that order. So the whole
 dictionary is one bit per node, "is this node expanded": a uint8 bitmap of ceil(9 (k + 1) / 8) bytes,
 LSB-first (8 KB at 2^16 codewords, against 196 KB for 2^16 explicit (parent, symbol) entries).
+
+Devices: the trie is built and walked on the host (the tables come from a sequential walk of a few KB
+of bits); `device_tables` builds the decode tables once per dictionary and keeps a copy on each device
+that decodes with it (at most MAX_CACHED entries), so decoding on CUDA never copies to or from the host.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import heapq
+from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
@@ -71,9 +76,10 @@ def _expanded_of(t: torch.Tensor) -> torch.Tensor:
 
 
 def from_tensor(t: torch.Tensor) -> Trie:
-    """Stored bitmap -> Trie, validated (raises PackedFormatError)."""
+    """Stored bitmap (any device) -> Trie on the host, validated (raises PackedFormatError)."""
     if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() == 0:
         raise PackedFormatError(f"sub1 dictionary must be a 1-D uint8 bitmap, found {tuple(t.shape)} {t.dtype}")
+    t = t.detach().cpu()
     expanded = _expanded_of(t)
     k = expanded.numel()
     T, D = NSYM * (k + 1), NSYM + (NSYM - 1) * k
@@ -90,12 +96,16 @@ def from_tensor(t: torch.Tensor) -> Trie:
 
 def num_codewords(t: torch.Tensor) -> int:
     """Codewords D of a stored dictionary: its leaves, 9 + 8 * (expanded nodes)."""
-    return NSYM + (NSYM - 1) * int(_expanded_of(t).numel())
+    return NSYM + (NSYM - 1) * int(_expanded_of(t.detach().cpu()).numel())
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().cpu().numpy().tobytes()
 
 
 def dictionary_id(t: torch.Tensor) -> str:
-    """Content hash of a stored dictionary: how PackedTensors name the one they share."""
-    return hashlib.sha1(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+    """Content hash of a stored dictionary (any device: a host copy): how PackedTensors name the one they share."""
+    return hashlib.sha1(_bytes(t)).hexdigest()[:16]
 
 
 def child_table(trie: Trie) -> torch.Tensor:
@@ -158,13 +168,41 @@ def _cached(kind: str, key: str, raw: bytes):
 
 
 def _for(kind: str, t: torch.Tensor):
-    raw = t.contiguous().numpy().tobytes()
+    raw = _bytes(t)
     return _cached(kind, hashlib.sha1(raw).hexdigest(), raw)
 
 
 def tables_for(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codeword expansion tables of a stored dictionary, cached by content (decoding reuses one per model)."""
+    """Host codeword expansion tables of a stored dictionary (table (D, Lmax) uint8, lengths (D,) int64),
+    cached by content (decoding reuses one per model)."""
     return _for("tables", t)
+
+
+MAX_CACHED = 16  # (dictionary, device) pairs whose decode tables are kept
+_DEVICE_TABLES: OrderedDict = OrderedDict()
+
+
+def device_tables(t: torch.Tensor, device=None, key: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode tables of dictionary t on `device` (default: t's): (table (D, Lmax) uint8, lengths (D,) int32).
+
+    Cached per (key, device). key names the dictionary's content: pass attrs["dictionary_id"] only for a
+    checked tensor (the codec's check ties the id to the bytes); without it the bytes are hashed, which
+    copies them to the host. So a decode of a checked tensor on CUDA finds its tables there, and the
+    first one per device builds them (on the host) and copies them over once."""
+    device = torch.device(device) if device is not None else t.device
+    if key is None:
+        key = "sha1:" + hashlib.sha1(_bytes(t)).hexdigest()
+    ck = (key, str(device))
+    got = _DEVICE_TABLES.get(ck)
+    if got is None:
+        table, lengths = tables_for(t)
+        got = (table.to(device), lengths.to(torch.int32).to(device))
+        _DEVICE_TABLES[ck] = got
+        while len(_DEVICE_TABLES) > MAX_CACHED:
+            _DEVICE_TABLES.popitem(last=False)
+    else:
+        _DEVICE_TABLES.move_to_end(ck)
+    return got
 
 
 def walker_for(t: torch.Tensor) -> Walker:

@@ -43,11 +43,10 @@ import torch
 
 from ..errors import MoeCompressError, PackedFormatError
 from ..quant.ternary import ZERO_CODE
-from . import PackedTensor, QuantSpec, register_codec
+from . import PackedTensor, QuantSpec, is_checked, register_codec
 from . import sub1_dict as sd
 from . import sub1_trie as st
 
-POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
 OPTIONS = {"zero_fraction": float, "threshold": float, "fit": str, "target_bits": float, "percdamp": float}
 CODER_OVERHEAD = 1.15  # codeword bits / order-0 entropy, Tunstall 2^16, fixture experts at 89% zeros (benchmarks/sub1bit.py)
 SHARED = ("dictionary",)
@@ -100,17 +99,28 @@ def _values(codes: torch.Tensor, packed: PackedTensor) -> torch.Tensor:
 
 # ---- dense: 5 trits per byte ----------------------------------------------------------------------
 
+_POW3: dict[str, torch.Tensor] = {}
+
+
+def pow3(device) -> torch.Tensor:
+    """(5,) int32 [1, 3, 9, 27, 81] on `device`, made once per device."""
+    key = str(device)
+    if key not in _POW3:
+        _POW3[key] = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32).to(device)
+    return _POW3[key]
+
+
 def pack_trits(t: torch.Tensor) -> torch.Tensor:
-    """t: (N, K) in {0,1,2} -> (N, ceil(K/5)) uint8, 5 trits per byte, little-endian base 3."""
+    """t: (N, K) in {0,1,2} -> (N, ceil(K/5)) uint8, 5 trits per byte, little-endian base 3 (t's device)."""
     N, K = t.shape
     t = torch.nn.functional.pad(t.to(torch.int32), (0, (-K) % 5), value=ZERO_CODE).view(N, -1, 5)  # (N, K/5, 5)
-    return (t * POW3).sum(-1).to(torch.uint8)
+    return (t * pow3(t.device)).sum(-1).to(torch.uint8)
 
 
 def unpack_trits(b: torch.Tensor, K: int) -> torch.Tensor:
-    """(N, ceil(K/5)) uint8 -> (N, K) int32 trits; inverse of pack_trits."""
+    """(N, ceil(K/5)) uint8 -> (N, K) int32 trits on b's device; inverse of pack_trits."""
     N = b.shape[0]
-    t = (b.to(torch.int32).unsqueeze(-1) // POW3) % 3  # (N, K/5, 5)
+    t = (b.to(torch.int32).unsqueeze(-1) // pow3(b.device)) % 3  # (N, K/5, 5)
     return t.view(N, -1)[:, :K]
 
 
@@ -191,40 +201,52 @@ class Sub1Codec:
 
     def encode(self, codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dictionary: torch.Tensor,
                group_size: int = 0) -> PackedTensor:
-        """codes: (N, K) in {0,1,2}; lo, hi: (N, K//g); dictionary: the stored bitmap."""
+        """codes: (N, K) in {0,1,2}; lo, hi: (N, K//g); dictionary: the stored bitmap. Any device: the
+        parse runs on the host, the result lies on codes' device."""
         N, K = codes.shape
         g = _group(K, group_size)
         _check_inputs(codes, lo, hi, g)
         parse = sd.encode_rows(codes, dictionary)
         bits = sd.codeword_bits(st.num_codewords(dictionary))
+        dev = codes.device
         return PackedTensor("sub1", (N, K), {
-            "codewords": sd.pack_codewords(parse.codewords, bits),
-            "row_counts": parse.row_counts.to(count_dtype(K)),
-            "row_skip": parse.row_skip.to(torch.uint8),
-            "lo": lo.to(torch.float16).contiguous(),
-            "hi": hi.to(torch.float16).contiguous(),
-            "dictionary": dictionary,
+            "codewords": sd.pack_codewords(parse.codewords, bits).to(dev),
+            "row_counts": parse.row_counts.to(count_dtype(K)).to(dev),
+            "row_skip": parse.row_skip.to(torch.uint8).to(dev),
+            "lo": lo.to(device=dev, dtype=torch.float16).contiguous(),
+            "hi": hi.to(device=dev, dtype=torch.float16).contiguous(),
+            "dictionary": dictionary.to(dev),
         }, {"group_size": g, "dictionary_id": st.dictionary_id(dictionary), "codeword_bits": bits})
 
     @staticmethod
     def codewords(packed: PackedTensor) -> torch.Tensor:
-        """(M,) int64 codeword indices, in stream order."""
+        """(M,) int64 codeword indices, in stream order (M = sum(row_counts): a host sync off the CPU)."""
         M = int(packed.tensors["row_counts"].to(torch.int64).sum())
         return sd.unpack_codewords(packed.tensors["codewords"], M, packed.attrs["codeword_bits"])
 
     def codes(self, packed: PackedTensor) -> torch.Tensor:
+        """(N, K) int32 codes on the packed tensors' device, without a host sync: every whole codeword the
+        stream's bytes hold is unpacked (the last byte may hold a zero codeword past the real ones, which
+        decode_rows never reaches); a checked tensor's decode tables are found by its dictionary id."""
         N, K = packed.shape
-        return sd.decode_rows(self.codewords(packed), packed.tensors["dictionary"], N, K)
+        stream, bits = packed.tensors["codewords"], packed.attrs["codeword_bits"]
+        if stream.device.type == "meta":  # shapes only: the dictionary's bits are not there to build tables
+            return torch.empty((N, K), dtype=torch.int32, device="meta")
+        cw = sd.unpack_codewords(stream, stream.numel() * 8 // bits, bits)
+        key = packed.attrs["dictionary_id"] if is_checked(packed) else None
+        return sd.decode_rows(cw, packed.tensors["dictionary"], N, K, key=key)
 
     def decode(self, packed: PackedTensor) -> torch.Tensor:
         return _values(self.codes(packed), packed)
 
     def check(self, packed: PackedTensor) -> None:
+        """Layout checks on host copies of the codeword stream, counts, skips and dictionary (once, at load)."""
         N, K = packed.shape
         _check_levels(packed, "sub1")
         d = packed.tensors.get("dictionary")
         if d is None:
             raise PackedFormatError("sub1 codec: the shared 'dictionary' tensor is missing (attach_shared it)")
+        d = d.detach().cpu()
         D = st.leaves(st.from_tensor(d)).numel()
         if packed.attrs.get("dictionary_id") != st.dictionary_id(d):
             raise PackedFormatError("sub1 codec: the attached dictionary does not match attrs['dictionary_id']")
@@ -232,7 +254,8 @@ class Sub1Codec:
         if bits != sd.codeword_bits(D):
             raise PackedFormatError(f"sub1 codec: codeword_bits {bits!r} should be {sd.codeword_bits(D)} "
                                     f"for a {D}-entry dictionary")
-        stream, rc, skip = (packed.tensors.get(k) for k in ("codewords", "row_counts", "row_skip"))
+        stream, rc, skip = (None if packed.tensors.get(k) is None else packed.tensors[k].detach().cpu()
+                            for k in ("codewords", "row_counts", "row_skip"))
         if rc is None or tuple(rc.shape) != (N,) or rc.dtype != count_dtype(K):
             raise PackedFormatError(f"sub1 codec: tensor 'row_counts' should be ({N},) {count_dtype(K)}")
         if skip is None or tuple(skip.shape) != (N,) or skip.dtype != torch.uint8:
