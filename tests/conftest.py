@@ -1,8 +1,14 @@
-"""Shared fixtures: tiny random MoE checkpoints of every family (both on-disk layouts), the trained fixture."""
+"""Shared fixtures: tiny random MoE checkpoints of every family (both on-disk layouts), the trained model.
+
+Everything a test reads ships with the project, so a fresh clone runs every test: the trained demo model
+and its calibration/evaluation mixes are package data (moecompress/data), the per-domain texts a few tests
+need are in tests/data/text (see tests/data/README.md).
+"""
 from __future__ import annotations
 
 import os
 import shutil
+from importlib import resources
 
 import pytest
 import torch
@@ -10,9 +16,10 @@ import torch
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: -n 2 on 2 cores
     torch.set_num_threads(1)
 
-SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures"))
-TRAINED = os.path.join(SHARED, "mixtral-wiki4")
-TEXT = os.path.join(SHARED, "text")
+_DATA = str(resources.files("moecompress.data"))
+TRAINED = os.path.join(_DATA, "demo-model")  # the trained Mixtral demo model (9 M parameters, 8 experts, top-2)
+TEXT = os.path.join(_DATA, "text")  # calib_mix.txt, eval_mix.txt: four domains mixed
+DOMAINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "text")  # calib_prose, prose_test, c_test
 
 V = 4096
 BASE = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -51,9 +58,8 @@ def write_tiny(path: str, family: str, layout: str = "native", seed: int = 0, la
             if n.endswith(("mlp.gate.weight", "mlp.router.weight")):
                 p.mul_(30)
     m.save_pretrained(path)
-    if os.path.isdir(TRAINED):
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(os.path.join(TRAINED, f), path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):  # the demo model's tokenizer (vocabulary 4096 = V)
+        shutil.copy(os.path.join(TRAINED, f), path)
     if layout == "fused" and family != "GptOss":
         f = os.path.join(path, "model.safetensors")
         d = load_file(f)
@@ -80,15 +86,6 @@ def tiny_dir(tmp_path_factory):
             cache[key] = p
         return cache[key]
     return make
-
-
-# tests that calibrate a tiny model: its tokenizer is the trained fixture's, its text the shared text
-needs_shared = pytest.mark.skipif(not (os.path.isdir(TRAINED) and os.path.isdir(TEXT)),
-                                  reason="needs ../shared/fixtures (tokenizer and calibration text) beside the project")
-
-
-def needs_trained():
-    return pytest.mark.skipif(not os.path.isdir(TRAINED), reason=f"trained fixture not found at {TRAINED}")
 
 
 def digest(d: str) -> dict[str, str]:

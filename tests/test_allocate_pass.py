@@ -11,8 +11,6 @@ import torch
 from conftest import TEXT
 from moecompress.errors import MoeCompressError
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(TEXT), reason="needs the shared fixture text")
-
 
 def _cfg(**kw):
     from moecompress.config import CalibConfig, QuantizeConfig

@@ -8,7 +8,7 @@ from moecompress.arch import PROJS, ExpertKey
 from moecompress.checkpoint import CheckpointReader
 from moecompress.layerwise import LayerStreamer
 
-from conftest import FAMILIES, TEXT, needs_shared
+from conftest import FAMILIES, TEXT
 
 LAYOUTS = [(f, "native") for f in FAMILIES] + [(f, "fused") for f in FAMILIES if f != "GptOss"]
 
@@ -49,7 +49,6 @@ def test_reader_matches_transformers(tiny_dir, family, layout):
     assert err < 1e-4, err
 
 
-@needs_shared
 @pytest.mark.parametrize("family,layout", [("Mixtral", "fused"), ("Qwen2Moe", "native"), ("DeepseekV3", "native"),
                                            ("GptOss", "native"), ("Phimoe", "native")])
 def test_quantize_8bit_round_trip(tiny_dir, tmp_path, family, layout):
@@ -85,7 +84,6 @@ def test_dense_and_unknown_models_are_refused(tmp_path):
         CheckpointReader(str(d))
 
 
-@needs_shared
 @pytest.mark.parametrize("bits,codec", [(1, "sub1"), (1.6, "ternary")])
 def test_ternary_pipeline_decodes_exactly(tiny_dir, tmp_path, bits, codec):
     import json

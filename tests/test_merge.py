@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import FAMILIES, needs_shared, write_tiny
+from conftest import FAMILIES, write_tiny
 from moecompress.config import CalibConfig
 from moecompress.errors import MoeCompressError
 from moecompress.merge import compute_layer_stats, reduce_layer
@@ -227,7 +227,6 @@ def test_routing_floor():
     assert routing_floor({"n_group": 8, "topk_group": 3, "topk_method": "greedy"}, 6) == (6, 1)  # V2-Lite
 
 
-@needs_shared
 def test_grouped_routing_merge_keeps_whole_groups(tmp_path, monkeypatch):
     """DeepSeek-V3 with 2 expert groups: every --ratio count is a multiple of 2, so the router's
     (tokens, groups, experts per group) view keeps each token's scores together (an odd count used to mix
@@ -250,7 +249,6 @@ def test_grouped_routing_merge_keeps_whole_groups(tmp_path, monkeypatch):
 
 # -- the pipeline on tiny random checkpoints ---------------------------------------------------
 # one per layout (per-expert Mixtral, fused Qwen3-MoE) and both shared-expert families (DeepSeek-V3, Qwen2-MoE)
-@needs_shared
 @pytest.mark.parametrize("family,layout,method", [("Mixtral", "native", "msmoe"), ("Qwen3Moe", "fused", "reap"),
                                                   ("DeepseekV3", "native", "hcsmoe"), ("Qwen2Moe", "native", "frequency")])
 def test_run_merge_writes_a_checkpoint_plain_transformers_loads(tiny_dir, tmp_path, family, layout, method):
@@ -279,7 +277,6 @@ def test_run_merge_writes_a_checkpoint_plain_transformers_loads(tiny_dir, tmp_pa
     assert (cfg["sampler"], cfg["nsamples"], cfg["seqlen"], cfg["seed"]) == ("random", 4, 32, 0)
 
 
-@needs_shared
 @pytest.mark.parametrize("count", [{"experts": 4}, {"ratio": 7 / 16}])
 def test_merge_then_quantize_then_load(tiny_dir, tmp_path, count):
     """Composition: a merged checkpoint (uniform K: plain HF; --ratio: per-layer counts through validation,
@@ -322,7 +319,6 @@ def test_merge_then_quantize_then_load(tiny_dir, tmp_path, count):
     assert on_disk(packed) < on_disk(merged)
 
 
-@needs_shared
 def test_ratio_counts_are_checked_before_work(tiny_dir, tmp_path):
     """The per-layer counts of a --ratio output are checked against the tensors by validate (before a
     quantize starts) and against the packed tensors by runtime.load, with messages that say the fix."""
@@ -393,7 +389,6 @@ def test_run_merge_rejects_bad_counts(tiny_dir, tmp_path):
         run_merge(src, str(tmp_path / "x"), experts=1, method="reap")
 
 
-@needs_shared
 def test_layer_streamer_builds_per_layer_routers(tiny_dir, tmp_path):
     """A --ratio output (7 of 16 experts: the layers differ) streams layer by layer, as quantize does."""
     from moecompress.checkpoint import CheckpointReader

@@ -5,9 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import TEXT, TRAINED, needs_trained
-
-pytestmark = needs_trained()
+from conftest import DOMAINS, TEXT, TRAINED
 
 
 def _quantize(out, bits, method, nsamples=32):
@@ -71,7 +69,7 @@ def test_load_equals_dequantized_model(packed):
 
 def test_quality_gptq_beats_rtn_and_4bit_is_close(packed):
     from moecompress.api import evaluate
-    text = os.path.join(TEXT, "c_test.txt")
+    text = os.path.join(DOMAINS, "c_test.txt")
     ppl = {k: evaluate(v, [text], max_tokens=8192, progress=False)[text]["perplexity"] for k, v in packed.items()}
     base = evaluate(TRAINED, [text], max_tokens=8192, progress=False)[text]["perplexity"]
     assert ppl[(4, "gptq")] < base * 1.015, (ppl, base)

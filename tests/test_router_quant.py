@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import TEXT, TRAINED, needs_shared
+from conftest import DOMAINS, TEXT, TRAINED
 from moecompress.config import CalibConfig, QuantizeConfig
 from moecompress.errors import MoeCompressError
 
@@ -20,7 +20,6 @@ def _router(path, key):
     raise KeyError(key)
 
 
-@needs_shared
 @pytest.mark.parametrize("family", ["Mixtral", "Qwen3Moe"])
 def test_router_on_grid_and_recorded(tiny_dir, tmp_path, family):
     import moecompress
@@ -49,12 +48,11 @@ def test_router_bits_validated():
         QuantizeConfig(router_bits=5)
 
 
-@pytest.mark.skipif(not os.path.isdir(TRAINED), reason="trained fixture not present")
 def test_router_8bit_costs_little_on_the_fixture(tmp_path):
     # 8-bit router on top of 4-bit experts changes perplexity by well under 1% (measured +0.0x%)
     from moecompress.api import evaluate, quantize
     calib = CalibConfig((os.path.join(TEXT, "calib_mix.txt"),), nsamples=16, seqlen=128)
-    c = os.path.join(TEXT, "c_test.txt")
+    c = os.path.join(DOMAINS, "c_test.txt")
     ppl = {}
     for rb in (None, 8):
         out = str(tmp_path / f"r{rb}")

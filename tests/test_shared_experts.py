@@ -9,7 +9,7 @@ import torch
 from moecompress.checkpoint import CheckpointReader
 from moecompress.layerwise import LayerStreamer
 
-from conftest import TEXT, digest, interrupt_at, needs_shared
+from conftest import TEXT, digest, interrupt_at
 
 
 def _calib(n=4, L=32):
@@ -17,7 +17,6 @@ def _calib(n=4, L=32):
     return CalibConfig((os.path.join(TEXT, "calib_mix.txt"),), nsamples=n, seqlen=L)
 
 
-@needs_shared
 def test_affinity_weights_the_shared_expert_by_its_sigmoid_gate(tiny_dir):
     """H = sum_t sigmoid(shared_expert_gate(x_t)) x_t x_t^T with --affinity, the plain sum without."""
     from moecompress.passes.shared import _hessian, shared_experts
@@ -43,7 +42,6 @@ def test_affinity_weights_the_shared_expert_by_its_sigmoid_gate(tiny_dir):
     torch.testing.assert_close(H1, x.T @ x, rtol=1e-4, atol=1e-4)
 
 
-@needs_shared
 @pytest.mark.parametrize("family", ["Qwen2Moe", "DeepseekV3"])
 def test_shared_experts_are_packed_and_load_back(tiny_dir, tmp_path, family):
     import moecompress
@@ -81,7 +79,6 @@ def test_shared_experts_are_packed_and_load_back(tiny_dir, tmp_path, family):
     assert sizes.total == pytest.approx(summary["packed_bytes"], rel=0.05)
 
 
-@needs_shared
 def test_shared_bits_zero_keeps_them_dense(tiny_dir, tmp_path):
     from moecompress.api import quantize
     from moecompress.config import QuantizeConfig
@@ -95,7 +92,6 @@ def test_shared_bits_zero_keeps_them_dense(tiny_dir, tmp_path):
         QuantizeConfig(shared_bits=5)
 
 
-@needs_shared
 @pytest.mark.parametrize("module,match", [("self_attn", "not a Linear"), ("mlp.shared_expert.up_proj", "twice"),
                                           ("mlp.shared_expert.gate_proj.__class__", "not a Linear"),
                                           ("mlp..x", "bad layer/module")])
@@ -115,7 +111,6 @@ def test_damaged_module_entries_are_refused(tiny_dir, tmp_path, module, match):
         moecompress.load(out)
 
 
-@needs_shared
 def test_interrupted_run_with_shared_experts_resumes_to_the_same_bytes(tiny_dir, tmp_path, monkeypatch):
     """Ctrl-C after the first MoE layer, then --resume: shards, manifest and the size summary (which adds
     the shared experts' bytes from the finished layers' records) equal an uninterrupted run's."""

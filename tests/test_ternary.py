@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from conftest import DOMAINS, TEXT, TRAINED
 from moecompress.codecs import QuantSpec, decode, nbytes
 from moecompress.codecs import sub1_dict as sd
 from moecompress.codecs import sub1_trie as tr
@@ -15,7 +16,7 @@ from moecompress.errors import MoeCompressError, PackedFormatError
 from moecompress.quant.gptq import GPTQConfig, gptq, rtn
 from moecompress.quant.ternary import TernaryGrid, ternary_values, zero_fraction
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/mixtral-wiki4/model.safetensors"
+FIXTURE = Path(TRAINED) / "model.safetensors"  # the trained demo model shipped in the package
 
 
 def random_codes(N, K, zeros, seed):
@@ -212,7 +213,6 @@ def test_check_rejects_damage_and_shared_dictionary_roundtrip():
         TernaryCodec().check(dense)
 
 
-@pytest.mark.skipif(not FIXTURE.exists(), reason="trained fixture not present")
 def test_fixture_experts_under_one_bit():
     from safetensors import safe_open
     with safe_open(str(FIXTURE), "pt") as f:
@@ -244,7 +244,6 @@ def test_threshold_search_finds_smallest_fitting_threshold():
     assert not s.fits and s.threshold == T_MAX
 
 
-@pytest.mark.skipif(not FIXTURE.exists(), reason="trained fixture not present")
 def test_fixture_sub1_fits_one_bit_with_usable_perplexity(tmp_path):
     # --method ternary --bits 1 end to end: every byte on disk counted, under 1 bit per expert weight, and the
     # perplexity well within the acceptance bar (6x the original); benchmarks/sub1bit.py --pipeline: 0.985
@@ -256,7 +255,7 @@ def test_fixture_sub1_fits_one_bit_with_usable_perplexity(tmp_path):
     from moecompress.config import CalibConfig, QuantizeConfig
     from safetensors import safe_open
     fix = FIXTURE.parent
-    text = fix.parent / "text"
+    text = Path(TEXT)
     out = str(tmp_path / "s1")
     cfg = QuantizeConfig(bits=1, method="ternary", calib=CalibConfig((str(text / "calib_mix.txt"),), nsamples=128, seqlen=256))
     summary = quantize(str(fix), out, cfg, progress=False)
@@ -275,6 +274,6 @@ def test_fixture_sub1_fits_one_bit_with_usable_perplexity(tmp_path):
     params = sum(math.prod(t["shape"]) for t in m["tensors"])
     assert stored * 8 / params < 1.0
     assert {t["codec"] for t in m["tensors"]} == {"sub1"}
-    c = str(text / "c_test.txt")
+    c = str(Path(DOMAINS) / "c_test.txt")
     p_q, p_0 = (evaluate(m, [c], max_tokens=2048, progress=False)[c]["perplexity"] for m in (out, str(fix)))
     assert p_q < 4.5 * p_0, (p_q, p_0)
