@@ -57,6 +57,18 @@ class ExpertGroup:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (E_g, ...) stacked
     members: list[PackedTensor] = field(default_factory=list)  # per-expert packed (loop fallback)
     device_cache: dict = field(default_factory=dict, repr=False, compare=False)  # _local_ids: made once per device
+    parts: list[tuple] = field(default_factory=list)  # per member: ((proj, first row, rows), ...) it is made of
+
+    def views(self):
+        """(expert, proj, {field: view}) of every matrix in the group as views into the stacked tensors,
+        for the fields whose rows are the matrix's rows (all of int and ternary; sub1's per-row fields):
+        the owner re-points its per-expert buffers at them, so the packed bytes are resident once."""
+        rowwise = [k for k in self.tensors if k not in ("codewords", "starts", "dictionary")]
+        if self.codec == "sub1":
+            rowwise = [k for k in rowwise if k in ("lo", "hi")] + (["row_skip"] if "skips" in self.tensors else [])
+        for j, (e, parts) in enumerate(zip(self.experts, self.parts)):
+            for proj, r0, n in parts:
+                yield e, proj, {k: self.tensors["skips" if k == "row_skip" else k][j, r0:r0 + n] for k in rowwise}
 
 
 class PreparedExperts(NamedTuple):
@@ -99,18 +111,26 @@ def _stack(codec: str, members: list[PackedTensor]) -> dict[str, torch.Tensor]:
             "dictionary": first["dictionary"]}
 
 
-def _group(items: list[tuple[int, int, PackedTensor]]) -> list[ExpertGroup]:
+def _group(items: list[tuple]) -> list[ExpertGroup]:
+    """items: (expert, column offset, PackedTensor, parts). Stacks each group, then rebuilds its members as
+    views into the stacked tensors (the concatenated gate/up members and the originals are not kept)."""
     groups: dict[tuple, ExpertGroup] = {}
-    for e, off, p in items:
+    for e, off, p, parts in items:
         key = (_fmt(p), tuple(p.shape), off)
         g = groups.get(key)
         if g is None:
             g = groups[key] = ExpertGroup(p.codec, dict(p.attrs), tuple(p.shape), off, [])
         g.experts.append(e)
         g.members.append(p)
+        g.parts.append(parts)
     for g in groups.values():
         if g.codec in GROUPED_CODECS:
             g.tensors = _stack(g.codec, g.members)
+            if g.codec != "sub1":  # every field row-wise: member j is row block j of the stack
+                g.members = [PackedTensor(m.codec, m.shape, {k: g.tensors[k][j] for k in m.tensors}, m.attrs)
+                             for j, m in enumerate(g.members)]
+            else:  # the grouped launch needs only the stack; joined copies of the members are not kept
+                g.members = []
     return list(groups.values())
 
 
@@ -158,10 +178,10 @@ def prepare_experts(experts: list, biases: list | None = None) -> PreparedExpert
                 raise MoeCompressError(f"expert {e} {name} is {tuple(p.shape)}, expected {shape}: all experts of a "
                                        f"layer must share hidden {H} and expert width {I}")
         if _fmt(ex["gate"]) == _fmt(ex["up"]):
-            stage1.append((e, 0, _cat_rows(ex["gate"], ex["up"])))
+            stage1.append((e, 0, _cat_rows(ex["gate"], ex["up"]), (("gate", 0, I), ("up", I, I))))
         else:
-            stage1 += [(e, 0, ex["gate"]), (e, I, ex["up"])]
-        stage2.append((e, 0, ex["down"]))
+            stage1 += [(e, 0, ex["gate"], (("gate", 0, I),)), (e, I, ex["up"], (("up", 0, I),))]
+        stage2.append((e, 0, ex["down"], (("down", 0, H),)))
     if biases is not None and len(biases) != E:
         raise MoeCompressError(f"got {len(biases)} bias entries for {E} experts; give one (or None) per expert")
     live_ids = {e for e, _ in live}

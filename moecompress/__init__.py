@@ -3,14 +3,18 @@
     import moecompress
     model = moecompress.load("./mixtral-w4")       # a transformers causal LM with packed experts
     moecompress.quantize("./Mixtral-8x7B", "./mixtral-w4", moecompress.QuantizeConfig(bits=4))
+
+`import moecompress` also registers quant_method "moecompress" with transformers (when transformers is
+imported, not before), so `AutoModelForCausalLM.from_pretrained("./mixtral-w4")` builds the same model.
 """
 __version__ = "0.1.0"
 
 
-def load(path, device="cpu", dtype=None):
-    """Load a packed checkpoint as a transformers causal LM whose experts stay packed."""
+def load(path, device="cpu", dtype=None, verify=True):
+    """Load a packed checkpoint as a transformers causal LM whose experts stay packed (a shortcut to
+    `from_pretrained` through the moecompress quantizer, after full validation; verify: shard checksums)."""
     from .runtime import load as _load
-    return _load(path, device=device, dtype=dtype)
+    return _load(path, device=device, dtype=dtype, verify=verify)
 
 
 def __getattr__(name):  # lazy: `import moecompress` does no work and needs neither triton nor CUDA
@@ -21,3 +25,9 @@ def __getattr__(name):  # lazy: `import moecompress` does no work and needs neit
         from . import config
         return getattr(config, name)
     raise AttributeError(name)
+
+
+from .hf_quantizer import install_import_hook as _hook  # noqa: E402  (imports nothing from transformers)
+
+_hook()
+del _hook

@@ -59,10 +59,66 @@ def _linear(x: torch.Tensor, w, bias=None) -> torch.Tensor:
     return y if bias is None else y + bias.to(y.dtype)
 
 
-class MoEExperts(nn.Module):
-    """weights[e] is {"gate", "up", "down"} -> Tensor | PackedTensor, or None for an expert that is gone."""
+class PackedWeight(nn.Module):
+    """One packed matrix as module state: its stored fields are persistent buffers named as in the packed
+    checkpoint (`<module path>.<field>`), so `state_dict`, `save_pretrained` and transformers' loader see
+    the packed tensors themselves. `.to(device)` moves them; a dtype change (`.to(dtype)`, `.half()`,
+    `.bfloat16()`) never touches them: codes, scales, zeros and levels keep their stored dtypes bit for bit.
+    Shared tables (sub1's dictionary) are not fields: the owner attaches them (`packed(shared)`)."""
 
-    def __init__(self, weights: list[dict | None], glu: Callable, biases: list[dict] | None = None):
+    def __init__(self, packed: PackedTensor):
+        super().__init__()
+        self.codec, self.shape, self.attrs = packed.codec, tuple(packed.shape), dict(packed.attrs)
+        self.fields = [k for k in packed.tensors if k not in SHARED_FIELDS]
+        for k in self.fields:
+            self.register_buffer(k, packed.tensors[k])
+
+    def packed(self, shared: dict | None = None) -> PackedTensor:
+        t = {k: self._buffers[k] for k in self.fields}
+        if self.codec == "sub1" and shared is not None:
+            t["dictionary"] = shared[self.attrs.get("dictionary_id")]
+        return PackedTensor(self.codec, self.shape, t, self.attrs)
+
+    def _apply(self, fn, recurse=True):
+        return _apply_keep_dtype(self, fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"{self.codec}{self.attrs.get('bits', '')} {list(self.shape)}"
+
+
+SHARED_FIELDS = ("dictionary",)  # stored once per checkpoint, not per tensor (codecs/ternary.py)
+
+
+def _apply_keep_dtype(module: nn.Module, fn, recurse=True) -> nn.Module:
+    """Module._apply for packed state: each buffer follows fn's device, never its dtype."""
+    if recurse:
+        for child in module.children():
+            child._apply(fn)
+    for k, t in module._buffers.items():
+        if t is None:
+            continue
+        new = fn(t)
+        if new.dtype != t.dtype:
+            new = t.to(device=new.device)
+        module._buffers[k] = new
+    for k, p in module._parameters.items():  # dense (floating) parameters, e.g. a bias: the compute dtype
+        if p is not None:
+            module._parameters[k] = nn.Parameter(fn(p.data), requires_grad=False)
+    return module
+
+
+class MoEExperts(nn.Module):
+    """weights[e] is {"gate", "up", "down"} -> Tensor | PackedTensor, or None for an expert that is gone.
+
+    Packed weights are module state: child modules `<e>.<proj>` (`PackedWeight`) whose buffers carry the
+    checkpoint's names, so the experts module at `model.layers.<i>.mlp.experts` holds
+    `model.layers.<i>.mlp.experts.<e>.<proj>.<field>`. Shared sub1 dictionaries are non-persistent buffers
+    `sub1_dictionary_<id>`. Dense weights (calibration) are non-persistent buffers `e<e>_<proj>`.
+    `fused_biases` (GPT-OSS: gate_up_proj_bias (E, 2I) interleaved, down_proj_bias (E, H)) are persistent
+    buffers under their checkpoint names, split per expert on use."""
+
+    def __init__(self, weights: list[dict | None], glu: Callable, biases: list[dict] | None = None,
+                 fused_biases: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.num_experts = len(weights)
         self.weights = weights
@@ -70,33 +126,88 @@ class MoEExperts(nn.Module):
         self.glu = glu
         self.observer: Observer | None = None
         self._register()
+        for k, t in (fused_biases or {}).items():
+            self.register_buffer(k, t)
+        self._sync()
 
     def _register(self):
-        # Register every tensor as a non-persistent buffer so .to(device) moves packed data too.
+        # Packed weights become child modules (persistent, checkpoint-named); dense ones non-persistent buffers.
         for e, w in enumerate(self.weights):
             if w is None:
                 continue
             for p in PROJS:
                 v = w[p]
                 if isinstance(v, PackedTensor):
-                    for k, t in v.tensors.items():
-                        self.register_buffer(f"e{e}_{p}_{k}", t, persistent=False)
+                    if str(e) not in self._modules:
+                        self.add_module(str(e), nn.Module())
+                    self._modules[str(e)].add_module(p, PackedWeight(v))
+                    d = v.tensors.get("dictionary")
+                    if d is not None:
+                        self.register_buffer(f"sub1_dictionary_{v.attrs['dictionary_id']}", d, persistent=False)
                 else:
                     self.register_buffer(f"e{e}_{p}", v, persistent=False)
 
+    def packed_modules(self):
+        """(expert, proj, PackedWeight) of every packed matrix."""
+        for e, w in enumerate(self.weights):
+            if w is not None and str(e) in self._modules:
+                for p in PROJS:
+                    m = self._modules[str(e)]._modules.get(p)
+                    if m is not None:
+                        yield e, p, m
+
+    def shared_tables(self) -> dict[str, torch.Tensor]:
+        pre = "sub1_dictionary_"
+        return {k[len(pre):]: t for k, t in self._buffers.items() if k.startswith(pre)}
+
+    def _sync(self) -> None:
+        """Point `weights` (and the per-expert biases) at the current buffers: after `.to()`, after
+        transformers' loader or an offload hook replaced them."""
+        shared = self.shared_tables()
+        key = []
+        for e, p, m in self.packed_modules():
+            self.weights[e][p] = m.packed(shared)
+            key.extend(id(t) for t in m._buffers.values())
+        for e, w in enumerate(self.weights):
+            if w is not None:
+                for p in PROJS:
+                    if f"e{e}_{p}" in self._buffers:
+                        w[p] = self._buffers[f"e{e}_{p}"]
+        gub, db = self._buffers.get("gate_up_proj_bias"), self._buffers.get("down_proj_bias")
+        if gub is not None and db is not None:
+            self.biases = [{"gate": gub[e, 0::2], "up": gub[e, 1::2], "down": db[e]} for e in range(self.num_experts)]
+            key += [id(gub), id(db)]
+        key = tuple(key)
+        if key != getattr(self, "_state_key", None):
+            self._state_key, self._prepared = key, None  # stacked kernel operands follow the buffers
+
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self._prepared = None  # stacked kernel operands follow the buffers
-        for e, w in enumerate(self.weights):  # re-point the dicts at the moved buffers
-            if w is None:
+        for m in self.children():
+            m._apply(fn)
+        for k, t in list(self._buffers.items()):
+            if t is None:
                 continue
-            for p in PROJS:
-                v = w[p]
-                if isinstance(v, PackedTensor):
-                    v.tensors = {k: getattr(self, f"e{e}_{p}_{k}") for k in v.tensors}
-                else:
-                    w[p] = getattr(self, f"e{e}_{p}")
+            new = fn(t)
+            if k.startswith("sub1_dictionary_") and new.dtype != t.dtype:
+                new = t.to(device=new.device)  # a decode table, not a compute tensor
+            self._buffers[k] = new
+        self._sync()
         return self
+
+    def _adopt(self, prepared) -> None:
+        """Resident once: re-point the per-expert buffers at views into the prepared (stacked) tensors, so
+        the originals are freed and state_dict still sees every checkpoint-named tensor."""
+        mods = {(e, p): m for e, p, m in self.packed_modules()}
+        for g in prepared.stage1 + prepared.stage2:
+            for e, p, views in g.views():
+                m = mods[(e, p)]
+                for k, v in views.items():
+                    if k in m._buffers and m._buffers[k].shape == v.shape and m._buffers[k].dtype == v.dtype:
+                        m._buffers[k] = v
+        self._state_key = None
+        prep = self._prepared
+        self._sync()
+        self._prepared = prep
 
     def set_dense(self, e: int, proj: str, weight: torch.Tensor) -> None:
         self.weights[e][proj] = weight
@@ -113,10 +224,16 @@ class MoEExperts(nn.Module):
         return all(w is None or all(isinstance(w[p], PackedTensor) for p in PROJS) for w in self.weights)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        capture = getattr(self, "capture", None)
+        if capture is not None:  # calibration records the block's input and routing (passes/moe_cache.py)
+            capture(hidden_states, top_k_index, top_k_weights)
+            return hidden_states.new_zeros(hidden_states.shape)
+        self._sync()
         if self.observer is None and self._packed_only() and use_triton(hidden_states):
             from .kernels import moe_experts_forward, prepare_experts  # grouped launches per format
             if getattr(self, "_prepared", None) is None:
                 self._prepared = prepare_experts(self.weights, self.biases)
+                self._adopt(self._prepared)
             return moe_experts_forward(hidden_states, top_k_index, top_k_weights, self._prepared, self.glu, self.biases)
         T, k = top_k_index.shape
         flat = top_k_index.reshape(-1)
@@ -142,27 +259,23 @@ class MoEExperts(nn.Module):
         return Y.view(T, k, -1).sum(1)
 
 
-class PackedLinear(nn.Module):
-    """A Linear whose weight stays packed (a `PackedTensor`, decoded on the fly like an expert's): how
-    `moecompress.load` runs quantized shared experts."""
+class PackedLinear(PackedWeight):
+    """A Linear whose weight stays packed (decoded on the fly like an expert's): how packed shared experts
+    run. Its fields are persistent buffers under the checkpoint's names (`<module path>.<field>`); the
+    bias is a dense parameter that follows the compute dtype."""
 
     def __init__(self, weight: PackedTensor, bias: torch.Tensor | None = None):
-        super().__init__()
+        super().__init__(weight)
         self.out_features, self.in_features = weight.shape
-        self.weight_packed = weight
-        for k, t in weight.tensors.items():
-            self.register_buffer(f"w_{k}", t, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self.weight_packed.tensors = {k: getattr(self, f"w_{k}") for k in self.weight_packed.tensors}
-        return self
+    @property
+    def weight_packed(self) -> PackedTensor:
+        return self.packed()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _linear(x.reshape(-1, self.in_features), self.weight_packed, self.bias)  # the kernels take (rows, K)
+        y = _linear(x.reshape(-1, self.in_features), self.packed(), self.bias)  # the kernels take (rows, K)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        codec = f"{self.weight_packed.codec}{self.weight_packed.attrs.get('bits', '')}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {codec}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {super().extra_repr()}"

@@ -8,6 +8,9 @@ Layout of a packed directory:
     model.safetensors.index.json
     moecompress.json            the manifest: format_version, source fingerprint, every packed tensor's codec,
                                 shape and attributes, shard checksums, size figures
+    moecompress-guard.safetensors  1-element placeholders under each MoE layer's dense expert names, so
+                                that plain transformers (without `import moecompress`) refuses with a size
+                                mismatch instead of building random experts (`guard_tensors`)
     tokenizer files, run/       (run_config.json, plan.json, metrics.json, calibration.json)
 
 Everything is written into `.<name>.partial` beside the target and renamed into place at the end, so a
@@ -222,6 +225,9 @@ class PackedWriter:
         self.entries.extend(entries)
 
     def finish(self, config: dict, manifest: dict, extra_files: dict[str, object] = None) -> None:
+        guard = guard_tensors(self.entries)
+        if guard:
+            self.write_shard(GUARD_SHARD, guard)
         dump_json(os.path.join(self.tmp, "config.json"), config)
         dump_json(os.path.join(self.tmp, "model.safetensors.index.json"),
                   {"metadata": {"format": "moecompress"}, "weight_map": dict(sorted(self.weight_map.items()))})
@@ -234,11 +240,35 @@ class PackedWriter:
         manifest["files"] = {s: {"bytes": os.path.getsize(os.path.join(self.tmp, s)),
                                  "sha256": sha256_file(os.path.join(self.tmp, s))} for s in shards}
         manifest["tensors"] = sorted(self.entries, key=lambda e: e["name"])
+        if guard:
+            manifest["guard"] = sorted(guard)
         for f in os.listdir(self.tmp):  # resume bookkeeping never reaches the output
             if f == PROGRESS or (f.startswith("hidden-") and f.endswith(".safetensors")) or f.endswith(".tmp"):
                 os.remove(os.path.join(self.tmp, f))
         dump_json(os.path.join(self.tmp, MANIFEST), manifest, compact=True)  # last: its presence means complete
         os.replace(self.tmp, self.out)
+
+
+GUARD_SHARD = "moecompress-guard.safetensors"
+GUARD_PARAMS = ("gate_up_proj", "down_proj")
+
+
+def guard_tensors(entries) -> dict[str, torch.Tensor]:
+    """Refusal by plain transformers: a 1-element placeholder under each MoE layer's dense fused expert
+    parameters (`<experts path>.gate_up_proj`, `.down_proj`, the names transformers' own module holds).
+    Without the moecompress quantizer, transformers loads them into the (E, 2I, H) / (E, H, I) parameters
+    and raises a size mismatch, for every codec (8-bit codes alone would fit the dense shape); with it, the
+    experts module is packed and the placeholders are skipped. Listed in the manifest under "guard"."""
+    paths = sorted({e["name"].rsplit(".", 2)[0] for e in entries
+                    if isinstance(e, dict) and "expert" in e and "module" not in e and isinstance(e.get("name"), str)})
+    return {f"{p}.{n}": torch.zeros(1, dtype=torch.uint8) for p in paths for n in GUARD_PARAMS}
+
+
+def guard_names(manifest: dict) -> set[str]:
+    g = manifest.get("guard", [])
+    if not isinstance(g, list) or not all(isinstance(n, str) and n.rsplit(".", 1)[-1] in GUARD_PARAMS for n in g):
+        raise PackedFormatError(f"{MANIFEST}: malformed 'guard' (names of refusal placeholders)")
+    return set(g)
 
 
 def packed_entry(name: str, packed: PackedTensor, **where) -> dict:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -22,9 +24,10 @@ from safetensors import safe_open
 from .arch import PROJS, arch_for
 from .checkpoint import merged_counts, read_safetensors_header
 from .errors import CheckpointError, PackedFormatError
+from .codecs import PackedTensor
 from .experts import MoEExperts, PackedLinear
-from .layerwise import fresh_rotary, find_experts, hf_config, meta_model, set_submodule
-from .packed import check_file_entries, read_manifest, rebuild, verify_files
+from .layerwise import find_experts, hf_config, meta_model, set_submodule
+from .packed import check_file_entries, guard_names, read_manifest, rebuild, verify_files
 
 
 def _read_shards(path: str, manifest: dict) -> dict[str, torch.Tensor]:
@@ -184,34 +187,30 @@ def _manifest_modules(manifest: dict, tensors: dict, layers) -> tuple[dict, set]
     return out, consumed
 
 
-class _LinearSlot(torch.nn.Module):
-    """Holds a packed Linear's place (and its bias, which is stored dense) until the model is built."""
+class Validated(NamedTuple):
+    """A packed checkpoint, checked: what `install` needs to build its packed modules on a skeleton."""
 
-    def __init__(self, lin: torch.nn.Linear):
-        super().__init__()
-        self.bias = None if lin.bias is None else torch.nn.Parameter(torch.empty_like(lin.bias))
+    path: str
+    manifest: dict
+    tensors: dict[str, torch.Tensor]  # every stored tensor, under its stored name
+    arch: object
+    config: object  # transformers config (compute dtype set)
+    counts: dict[int, int]  # merge --ratio: {layer: K_l}
+    by_layer: dict  # {layer: {expert: {proj: PackedTensor}}}
+    modules: dict  # {(layer, module path): PackedTensor}
+    skip: set  # stored names transformers must not look for in the model (guard, shared dictionaries)
 
 
-def load(path: str, device: str = "cpu", dtype: torch.dtype | None = None, verify: bool = True):
-    """Load packed checkpoint `path`; experts stay packed. dtype defaults to float32 on CPU.
-
-    A damaged or hostile directory raises PackedFormatError before anything is allocated beyond the
-    stored tensors themselves (whose sizes are bounded by the files)."""
-    from .packed import MANIFEST
-    if not os.path.isfile(os.path.join(path, MANIFEST)):
-        from .merge.loader import is_merged, load_merged
-        cfg_path = os.path.join(path, "config.json")
-        if os.path.isfile(cfg_path):
-            with open(cfg_path) as f:
-                if is_merged(json.load(f)):  # a `merge --ratio` output: per-layer expert counts
-                    return load_merged(path, dtype or torch.float32).to(device)
+def validate(path: str, verify: bool = True, dtype: torch.dtype = torch.float32) -> Validated:
+    """Check packed checkpoint `path` completely (manifest, shard sizes and, with verify, checksums; config
+    against the stored tensors; every entry by its codec; every tensor's shape on the meta device) before
+    anything is allocated beyond the stored tensors themselves. Raises PackedFormatError."""
     manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)
     else:
         check_file_entries(path, manifest)
-    if dtype is None:
-        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    guard = guard_names(manifest)
     tensors = _read_shards(path, manifest)
     arch, config, counts = _read_config(path, tensors, dtype)
     try:
@@ -228,49 +227,121 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype | None = None, verif
     by_layer, consumed = _manifest_experts(manifest, tensors, config.num_hidden_layers, num_experts, counts)
     modules, consumed_m = _manifest_modules(manifest, tensors, layers)
     consumed |= consumed_m
-    for (i, mod) in modules:
-        set_submodule(layers[i], mod, _LinearSlot(layers[i].get_submodule(mod)))
-    from .experts import make_glu
-    glu = make_glu(arch.glu, config)
-    expert_paths = {}
     for i, experts in sorted(by_layer.items()):
-        found = find_experts(layers[i])
-        if found is None:
+        if find_experts(layers[i]) is None:
             raise PackedFormatError(f"manifest has experts for layer {i}, which has no MoE block in this config")
         _check_expert_shapes(i, experts, config.hidden_size)
-        expert_paths[i] = found[0]
-        set_submodule(layers[i], found[0], torch.nn.Module())  # placeholder while the rest materializes
-
-    prefix = "model.layers"
-    state = {arch.to_mem(k): t for k, t in tensors.items() if k not in consumed and not k.startswith("moecompress.")}
-    biases = {}
-    for i in by_layer:  # GPT-OSS expert biases, stored as the fused tensors they came from
-        bk = f"{prefix}.{i}.mlp.experts"
-        if f"{bk}.gate_up_proj_bias" in state or f"{bk}.down_proj_bias" in state:
-            gub, db = state.pop(f"{bk}.gate_up_proj_bias", None), state.pop(f"{bk}.down_proj_bias", None)
-            e_max = max(by_layer[i]) + 1
-            if (gub is None or db is None or gub.dim() != 2 or db.dim() != 2 or gub.shape[0] < e_max
-                    or db.shape[0] != gub.shape[0] or db.shape[1] != config.hidden_size or gub.shape[1] % 2):
-                raise PackedFormatError(f"layer {i}: expert biases have inconsistent shapes")
-            gub, db = gub.to(dtype), db.to(dtype)
-            biases[i] = [{"gate": gub[e, 0::2], "up": gub[e, 1::2], "down": db[e]} for e in range(gub.shape[0])]
     _resize_routers(layers, arch, counts, set(by_layer), num_experts, top_k)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    _check_shapes(model, state, tied)  # on meta: nothing allocated for a config that lies about sizes
-    model.to_empty(device="cpu")
-    model.load_state_dict(state, strict=False)
-    if tied:
-        model.tie_weights()
-    fresh_rotary(model)
-    model = model.to(dtype)
-    for (i, mod), pt in modules.items():
-        set_submodule(layers[i], mod, PackedLinear(pt, layers[i].get_submodule(mod).bias))
-    for i, experts in by_layer.items():
-        weights = [experts.get(e) for e in range(max(experts) + 1)]
-        set_submodule(layers[i], expert_paths[i], MoEExperts(weights, glu, biases.get(i)))
-    model.eval()
-    model.moecompress_manifest = manifest
-    return model.to(device)
+    skip = guard | {k for k in tensors if k.startswith("moecompress.")}
+    v = Validated(path, manifest, tensors, arch, config, counts, dict(by_layer), modules, skip)
+    _check_biases(v)
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        qcfg = json.load(f).get("quantization_config")
+    config.quantization_config = dict(qcfg) if isinstance(qcfg, dict) and qcfg.get("quant_method") == QUANT_METHOD \
+        else {"quant_method": QUANT_METHOD}
+    install(model, v, meta=True)
+    state = {arch.to_mem(k): t for k, t in tensors.items() if k not in skip}
+    _check_shapes(model, state, bool(getattr(config, "tie_word_embeddings", False)))
+    return v
+
+
+def _check_biases(v: Validated) -> None:
+    """GPT-OSS expert biases, stored as the fused tensors they came from: shapes fit the experts."""
+    for i, experts in v.by_layer.items():
+        bk = f"model.layers.{i}.mlp.experts"
+        gub, db = v.tensors.get(f"{bk}.gate_up_proj_bias"), v.tensors.get(f"{bk}.down_proj_bias")
+        if gub is None and db is None:
+            continue
+        if (gub is None or db is None or gub.dim() != 2 or db.dim() != 2 or gub.shape[0] < max(experts) + 1
+                or db.shape[0] != gub.shape[0] or db.shape[1] != v.config.hidden_size or gub.shape[1] % 2):
+            raise PackedFormatError(f"layer {i}: expert biases have inconsistent shapes")
+
+
+def install(model, v: Validated, meta: bool) -> None:
+    """Swap a skeleton's dense experts for `MoEExperts` and its packed Linears for `PackedLinear`s, with the
+    merged router sizes. meta=True: packed buffers on the meta device (a loader fills them, by name);
+    meta=False: the validated tensors themselves. Shared tables (sub1 dictionaries) are always real."""
+    from .experts import make_glu
+    layers = model.model.layers
+    _resize_routers(layers, v.arch, v.counts, set(v.by_layer), _num_experts(layers), getattr(v.config, "num_experts_per_tok", None))
+    glu = make_glu(v.arch.glu, v.config)
+    dtype = v.config.dtype if isinstance(v.config.dtype, torch.dtype) else torch.float32
+
+    def place(t, keep=False):
+        return t if keep or not meta else torch.empty_like(t, device="meta")
+
+    def packed(pt):
+        return PackedTensor(pt.codec, pt.shape, {k: place(t, k == "dictionary") for k, t in pt.tensors.items()}, pt.attrs)
+
+    for (i, mod), pt in v.modules.items():
+        lin = layers[i].get_submodule(mod)
+        bias = None if lin.bias is None else torch.empty(lin.bias.shape, dtype=dtype, device="meta")
+        set_submodule(layers[i], mod, PackedLinear(packed(pt), bias))
+    for i, experts in v.by_layer.items():
+        path, _ = find_experts(layers[i])
+        weights = [None if experts.get(e) is None else {p: packed(t) for p, t in experts[e].items()}
+                   for e in range(max(experts) + 1)]
+        bk = f"model.layers.{i}.mlp.experts"
+        fused = {n: place(v.tensors[f"{bk}.{n}"].to(dtype)) for n in ("gate_up_proj_bias", "down_proj_bias")
+                 if f"{bk}.{n}" in v.tensors}
+        set_submodule(layers[i], path, MoEExperts(weights, glu, fused_biases=fused or None))
+
+
+def _num_experts(layers) -> int:
+    return max([getattr(found[1], "num_experts", 0) for found in map(find_experts, layers) if found] or [0])
+
+
+QUANT_METHOD = "moecompress"
+_PENDING = threading.local()  # load() -> the quantizer, same thread: checked once, read once
+
+
+def default_dtype(device) -> torch.dtype:
+    """The compute dtype when none is given: float32 on the CPU, bfloat16 on an accelerator."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def load(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, verify: bool = True):
+    """Load packed checkpoint `path`; experts stay packed. dtype defaults to float32 on CPU, else bfloat16.
+
+    A shortcut to `AutoModelForCausalLM.from_pretrained(path, dtype=..., device_map={"": device})` through the
+    registered moecompress quantizer, after the full validation of `validate` (checksums with verify): a
+    damaged or hostile directory raises PackedFormatError before anything is allocated beyond the stored
+    tensors themselves (whose sizes are bounded by the files), and the tensors read for the checks are the
+    ones the model holds (nothing is read twice)."""
+    from .packed import MANIFEST
+    if not os.path.isfile(os.path.join(path, MANIFEST)):
+        from .merge.loader import is_merged, load_merged
+        cfg_path = os.path.join(path, "config.json")
+        if os.path.isfile(cfg_path):
+            with open(cfg_path) as f:
+                if is_merged(json.load(f)):  # a `merge --ratio` output: per-layer expert counts
+                    return load_merged(path, dtype or torch.float32).to(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise PackedFormatError(f"unknown device {str(device)[:40]!r}") from None
+    dtype = dtype or default_dtype(device)
+    v = validate(path, verify, dtype)
+    from transformers import AutoModelForCausalLM
+    from .hf_quantizer import register
+    register()
+    _PENDING.validated = v
+    try:
+        cls = AutoModelForCausalLM._model_mapping[type(v.config)]  # the class: no name to resolve, tensors given
+        model, info = cls.from_pretrained(
+            None, config=v.config, dtype=dtype, device_map={"": device}, output_loading_info=True,
+            state_dict={k: t for k, t in v.tensors.items() if k not in v.skip})
+    except PackedFormatError:
+        raise
+    except Exception as e:
+        raise PackedFormatError(f"transformers could not build the packed model: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:160] if str(e) else ''}") from None
+    finally:
+        _PENDING.validated = None
+    bad = {k: sorted(map(str, info.get(k) or ()))[:3] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(bad.values()):
+        raise PackedFormatError(f"packed tensors do not match the model: {bad}")
+    return model
 
 
 def _check_expert_shapes(layer: int, experts: dict, H: int) -> None:
