@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--router-bits", type=int, default=Q.router_bits, choices=(2, 3, 4, 8),
                    help="also GPTQ the router to this width (MoEQuant); the experts are then calibrated on the "
                         "quantized routing (default: router kept as it is)")
+    q.add_argument("--symmetric", action="store_true",
+                   help="symmetric integer grids (zero point at the grid's midpoint, scale from max|w|) for the routed "
+                        "and shared experts: what `moecompress export --format compressed-tensors` needs")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     q.add_argument("--dry-run", action="store_true", help="print the calibration coverage table and stop (nothing is quantized)")
     add_calib_args(q)
@@ -157,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="print a plan (per-expert widths) as a layer x expert table")
     pl.add_argument("path", help="plan.json, or a packed directory with run/plan.json")
+    x = sub.add_parser("export", help="write a packed checkpoint in a serving format (compressed-tensors)")
+    x.add_argument("packed", help="packed directory (uniform symmetric int4/int8 experts: quantize --symmetric)")
+    x.add_argument("--format", required=True, choices=["compressed-tensors"], help="target format")
+    x.add_argument("--out", required=True, help="output directory")
     return ap
 
 
@@ -166,7 +173,7 @@ def cmd_quantize(a) -> int:
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, method=a.method, allocation=a.allocation,
                          percdamp=a.percdamp, act_order=a.act_order, affinity=a.affinity, min_tokens=a.min_tokens,
                          hessian_prior=a.hessian_prior,
-                         router_bits=a.router_bits, shared_bits=a.shared_bits,
+                         router_bits=a.router_bits, shared_bits=a.shared_bits, symmetric=a.symmetric,
                          ternary_threshold=a.ternary_threshold, candidates=a.candidates, budget_scope=a.budget_scope,
                          min_bits=a.min_bits, max_bits=a.max_bits, top_two=a.top_two, alpha=a.alpha, beta=a.beta,
                          calib=calib)
@@ -252,6 +259,15 @@ def cmd_report(a) -> int:
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "calib-stats": cmd_calib_stats}
 COMMANDS["report"] = cmd_report
 COMMANDS["plan"] = cmd_plan
+
+
+def cmd_export(a) -> int:
+    from moecompress import api
+    print(json.dumps(api.export(a.packed, a.out, format=a.format), indent=1))
+    return 0
+
+
+COMMANDS["export"] = cmd_export
 COMMANDS["merge"] = COMMANDS["prune"] = cmd_merge
 
 

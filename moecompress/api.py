@@ -49,7 +49,8 @@ def plan_specs(reader, config: QuantizeConfig) -> dict:
         else:
             spec = QuantSpec("sub1", 1, 0, (("threshold", config.ternary_threshold),))
     else:
-        spec = QuantSpec("int", int(config.bits), gs)
+        from .quant.grids import int_options
+        spec = QuantSpec("int", int(config.bits), gs, int_options(config.symmetric))
     for i in reader.moe_layers:  # shapes first: every option priced before a weight is read
         for p, shape in reader.expert_shapes(i).items():
             nbytes(shape, spec)
@@ -373,6 +374,13 @@ def report(compressed: str, baseline: str, texts: list[str], out: str, *, seqlen
     cfg = ReportConfig(tuple(texts), seqlen, max_tokens, prompts, new_tokens,
                        DEFAULT_TASKS if tasks is None else tuple(tasks), lm_eval_limit)
     return build_report(compressed, baseline, cfg, out, progress=progress)
+
+
+def export(packed: str, out: str, *, format: str = "compressed-tensors") -> dict:
+    """Write packed checkpoint `packed` in a serving format into `out` (compressed-tensors pack-quantized:
+    uniform symmetric int4/int8 experts); what the format cannot represent is refused (moecompress/export/)."""
+    from .export import export_checkpoint
+    return export_checkpoint(packed, out, format)
 
 
 def load(path: str, device: str = "cpu", dtype=None):

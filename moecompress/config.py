@@ -61,6 +61,8 @@ class QuantizeConfig:
     min_tokens: int = 16             # fewer routed tokens than this: round-to-nearest (GPTQ on the prior with hessian_prior)
     hessian_prior: float = 0.0       # a > 0: each expert's Hessian + a * K tokens' worth of its all-token statistics
     router_bits: int | None = None   # MoEQuant: GPTQ the router too (2/3/4/8), routing recomputed with it
+    symmetric: bool = False          # symmetric integer grids (zero at 2^(b-1), scale from max|w|): routed and
+    # shared experts; what compressed-tensors' symmetric pack-quantized stores (`moecompress export`)
     shared_bits: int | None = None   # shared experts' width (2/3/4/8; 0 keeps them dense); None: --bits when
     # that is a uniform integer width, else 4 (passes/shared.py)
     ternary_threshold: float | None = None  # --method ternary: dead zone |w| < t * (hi - lo) codes to 0;
@@ -105,6 +107,9 @@ class QuantizeConfig:
             raise MoeCompressError(f"--hessian-prior must be >= 0, got {self.hessian_prior}")
         if self.min_tokens < 0:
             raise MoeCompressError(f"--min-tokens must be >= 0, got {self.min_tokens}")
+        if self.symmetric and (self.method == "ternary" or self.allocation != "uniform"):
+            raise MoeCompressError("--symmetric applies to uniform integer widths (--method gptq or rtn, --bits 2/3/4/8 "
+                                   "without --allocation lp); drop --symmetric or those options")
         if self.allocation == "lp" and self.method == "ternary":
             raise MoeCompressError("--allocation lp chooses among integer widths: use --method gptq or rtn")
         if self.budget_scope not in ("model", "layer"):

@@ -21,7 +21,7 @@ import torch
 
 from ..codecs import PackedTensor, QuantSpec, get_codec
 from ..quant.gptq import GPTQConfig, GPTQResult, gptq, rtn
-from ..quant.grids import AsymmetricGrid
+from ..quant.grids import int_grid
 from .calibrate import PRIOR_TOKENS, HessianCollector, expert_chunks
 
 log = logging.getLogger("moecompress")
@@ -48,7 +48,7 @@ TERNARY_PERCDAMP = 0.25   # stronger GPTQ damping for ternary: less error feedba
 
 def grid_for(spec: QuantSpec):
     if spec.codec == "int":
-        return AsymmetricGrid(spec.bits)
+        return int_grid(spec)  # AsymmetricGrid, or SymmetricGrid under the option ("sym", 1)
     from ..quant.ternary import TernaryGrid
     return TernaryGrid(threshold=float(spec.option("threshold", DEFAULT_THRESHOLD)),
                        fit_method=spec.option("fit", "minmax"))

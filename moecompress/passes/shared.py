@@ -28,7 +28,7 @@ from torch import nn
 from ..codecs import PackedTensor, QuantSpec, get_codec
 from ..errors import MoeCompressError
 from ..quant.gptq import GPTQConfig, gptq, relative_output_error, rtn
-from ..quant.grids import AsymmetricGrid
+from ..quant.grids import int_grid, int_options
 
 LINEARS = ("gate_proj", "up_proj", "down_proj")
 DEFAULT_BITS = 4  # width when the run's own is not an integer width (--allocation lp, ternary)
@@ -42,7 +42,7 @@ def shared_spec(config, group_size: int) -> QuantSpec:
     if bits is None:
         uniform_int = config.allocation == "uniform" and config.method in ("gptq", "rtn") and config.bits in INT_BITS
         bits = int(config.bits) if uniform_int else DEFAULT_BITS
-    return QuantSpec("int", int(bits), group_size)
+    return QuantSpec("int", int(bits), group_size, int_options(getattr(config, "symmetric", False)))
 
 
 def shared_experts(layer: nn.Module, arch) -> list[tuple[str, nn.Module, nn.Module | None]]:
@@ -114,7 +114,7 @@ def quantize_shared_experts(streamer, layer, hidden, kwargs, *, arch, layer_idx:
         for names in (("gate_proj", "up_proj"), ("down_proj",)):
             lins = [getattr(mod, n) for n in names]
             W = torch.cat([lin.weight for lin in lins]).float()[None]  # (1, N, K)
-            grid = AsymmetricGrid(spec.bits)
+            grid = int_grid(spec)
             H, n, s_mean = _hessian(streamer, layer, hidden, kwargs, mod, gate, lins[0], affinity, batch_size)
             rec["tokens"], rec["mean_gate"] = n, round(s_mean, 6)
             if method == "rtn" or n < min_tokens:
