@@ -56,6 +56,18 @@ def add_calib_args(p):
                         f"of the other domains' gain at a cost of 0-0.2%% on the calibration domain, README)")
 
 
+def add_device_arg(p):
+    p.add_argument("--device", default="auto",
+                   help="where to run: auto (CUDA when available, else CPU), cpu, cuda or cuda:N; under torchrun "
+                        "each process takes its local rank's GPU (default auto)")
+
+
+def check_device(a) -> None:
+    """--device checked before any work: asking for CUDA where there is none is a one-line error."""
+    from moecompress.device import resolve_device
+    resolve_device(a.device)
+
+
 def calib_config(a) -> CalibConfig:
     """The calibration options `add_calib_args` parsed."""
     return CalibConfig(tuple(a.calib or ()), a.nsamples, a.seqlen, a.seed, a.sampler, ebss_tau=a.ebss_tau,
@@ -115,8 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="symmetric integer grids (zero point at the grid's midpoint, scale from max|w|) for the routed "
                         "and shared experts: what `moecompress export --format compressed-tensors` needs")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
-    q.add_argument("--dry-run", action="store_true", help="print the calibration coverage table and stop (nothing is quantized)")
+    q.add_argument("--dry-run", action="store_true",
+                   help="print the calibration coverage table and the run's predicted peak memory and decoder-layer "
+                        "forwards, and stop (nothing is quantized)")
     add_calib_args(q)
+    add_device_arg(q)
 
     cs = sub.add_parser("calib-stats", help="expert coverage of a calibration set (tokens and gate mass per expert)")
     cs.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: the built-in demo model)")
@@ -124,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"flag experts with fewer routed tokens than this (default {Q.min_tokens})")
     cs.add_argument("--json", default=None, help="write the coverage as JSON here")
     add_calib_args(cs)
+    add_device_arg(cs)
 
     e = sub.add_parser("eval", help="perplexity of an original or packed checkpoint")
     e.add_argument("model", help="checkpoint or packed directory")
@@ -131,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", type=int, default=256, help="window length (default 256)")
     e.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens only")
     e.add_argument("--json", default=None, help="write the results as JSON here")
+    add_device_arg(e)
     r = sub.add_parser("report", help="size and accuracy of a compressed checkpoint next to its original (json, md, html, png)")
     r.add_argument("compressed", help="packed (or merged) checkpoint directory")
     r.add_argument("--baseline", required=True, help="the original checkpoint it was made from")
@@ -143,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tasks", nargs="*", default=None,
                    help="lm-eval tasks, run when lm-eval and the task data are installed (default arc_easy hellaswag piqa)")
     r.add_argument("--lm-eval-limit", type=int, default=200, help="examples per lm-eval task (default 200)")
+    add_device_arg(r)
     for name, default, what in (("merge", "msmoe", "merge experts into fewer"), ("prune", "reap", "drop experts")):
         m = sub.add_parser(name, help=f"{what}: a checkpoint with fewer experts per MoE layer")
         m.add_argument("model", help="checkpoint directory")
@@ -169,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_quantize(a) -> int:
     from moecompress import api
+    check_device(a)
     calib = calib_config(a)
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, method=a.method, allocation=a.allocation,
                          percdamp=a.percdamp, act_order=a.act_order, affinity=a.affinity, min_tokens=a.min_tokens,
@@ -179,9 +198,13 @@ def cmd_quantize(a) -> int:
                          calib=calib)
     if a.dry_run:
         a.threshold, a.json = a.min_tokens, None
-        return cmd_calib_stats(a)
+        cmd_calib_stats(a)
+        print(api.predict_run(a.model, cfg, a.device).table())
+        return 0
     out = a.out or f"demo-w{a.bits:g}"
-    s = api.quantize(a.model, out, cfg, plan=a.plan, progress=not a.quiet, resume=a.resume)
+    s = api.quantize(a.model, out, cfg, plan=a.plan, progress=not a.quiet, resume=a.resume, device=a.device)
+    if s is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     print(f"packed {s['out']}: expert bits/param {s['expert_bits_per_param']:.3f}, "
           f"{s['source_bytes'] / 1e6:.1f} MB -> {s['packed_bytes'] / 1e6:.1f} MB ({s['compression']:.2f}x), "
           f"{s['seconds']:.1f} s" + (f", {s['fallback_experts']} experts fell back to round-to-nearest" if s["fallback_experts"] else ""))
@@ -209,8 +232,11 @@ def cmd_quantize(a) -> int:
 
 def cmd_merge(a) -> int:
     from moecompress.merge.pipeline import run_merge
+    check_device(a)
     s = run_merge(a.model, a.out, experts=a.experts, ratio=a.ratio, method=a.method, calib=calib_config(a),
-                  progress=not a.quiet, refit=a.refit)
+                  progress=not a.quiet, refit=a.refit, device=a.device)
+    if s is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     print(json.dumps(s, indent=1, default=str))
     return 0
 
@@ -223,7 +249,9 @@ def cmd_plan(a) -> int:
 
 def cmd_eval(a) -> int:
     from moecompress import api
-    res = api.evaluate(a.model, a.text, seqlen=a.seqlen, max_tokens=a.max_tokens, progress=not a.quiet)
+    check_device(a)
+    res = api.evaluate(a.model, a.text, seqlen=a.seqlen, max_tokens=a.max_tokens, progress=not a.quiet,
+                       device=a.device)
     for t, r in res.items():
         print(f"{t}: perplexity {r['perplexity']:.3f} over {r['tokens']} tokens (windows of {r['seqlen']})")
     if a.json:
@@ -237,8 +265,10 @@ def cmd_eval(a) -> int:
 
 def cmd_calib_stats(a) -> int:
     from moecompress import api
+    check_device(a)
     calib = calib_config(a)
-    cov, seconds = api.calibration_stats(a.model, calib, threshold=a.threshold, progress=not a.quiet)
+    cov, seconds = api.calibration_stats(a.model, calib, threshold=a.threshold, progress=not a.quiet,
+                                         device=a.device)
     print(cov.table())
     print(f"sampler {a.sampler}: {seconds:.1f} s")
     if a.json:
@@ -248,8 +278,10 @@ def cmd_calib_stats(a) -> int:
 
 def cmd_report(a) -> int:
     from moecompress import api
+    check_device(a)
     r = api.report(a.compressed, a.baseline, a.text, a.out, seqlen=a.seqlen, max_tokens=a.max_tokens, prompts=a.prompts,
-                   new_tokens=a.new_tokens, tasks=a.tasks, lm_eval_limit=a.lm_eval_limit, progress=not a.quiet)
+                   new_tokens=a.new_tokens, tasks=a.tasks, lm_eval_limit=a.lm_eval_limit, progress=not a.quiet,
+                   device=a.device)
     print(f"saved: {r['summary']['saved']}")
     print(f"lost: {r['summary']['lost']}")
     print(f"report: {os.path.join(os.path.abspath(a.out), 'report.html')} ({len(r['plots'])} plots)")

@@ -36,9 +36,9 @@ class WindowCounter:
         self.gate_sum = torch.zeros(rows, num_experts, dtype=torch.float64)
 
     def __call__(self, e: int, tok: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
-        row = self.offset + tok // self.seqlen  # (n,) row of each routed pair
+        row = (self.offset + tok // self.seqlen).cpu()  # (n,) row of each routed pair
         self.tokens[:, e].index_add_(0, row, torch.ones_like(row))
-        self.gate_sum[:, e].index_add_(0, row, w.detach().double())
+        self.gate_sum[:, e].index_add_(0, row, w.detach().double().cpu())
 
 
 def num_experts_max(reader) -> int:
@@ -46,12 +46,14 @@ def num_experts_max(reader) -> int:
 
 
 @torch.no_grad()
-def route_windows(model, windows: torch.Tensor, batch_size: int = 8, progress=None) -> Routing:
-    """Per-window routing counts of `windows` (W, L) token ids on checkpoint `model` (path or reader)."""
+def route_windows(model, windows: torch.Tensor, batch_size: int = 8, progress=None, device="cpu") -> Routing:
+    """Per-window routing counts of `windows` (W, L) token ids on checkpoint `model` (path or reader),
+    run on `device` (auto|cpu|cuda|cuda:N)."""
     from ..checkpoint import CheckpointReader
+    from ..device import resolve_device
     from ..layerwise import LayerStreamer, find_experts
     reader = model if isinstance(model, CheckpointReader) else CheckpointReader(model)
-    streamer = LayerStreamer(reader)
+    streamer = LayerStreamer(reader, device=resolve_device(device))
     W, L = windows.shape
     bs = max(1, min(batch_size, W))
     kwargs = streamer.layer_kwargs(bs, L)

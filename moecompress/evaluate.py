@@ -13,20 +13,23 @@ import torch
 from .errors import MoeCompressError
 
 
-def load_any(path: str, dtype=torch.float32):
-    """A packed directory through moecompress.load, an original checkpoint through transformers."""
+def load_any(path: str, dtype=torch.float32, device="cpu"):
+    """A packed directory through moecompress.load, an original checkpoint through transformers, on `device`
+    (auto|cpu|cuda|cuda:N)."""
+    from .device import resolve_device
     from .packed import MANIFEST
+    device = resolve_device(device)
     if os.path.isfile(os.path.join(path, MANIFEST)):
         from .runtime import load
-        return load(path, dtype=dtype)
+        return load(path, device=str(device), dtype=dtype)
     from .checkpoint import CheckpointReader
     from .merge.loader import is_merged, load_merged
     reader = CheckpointReader(path)  # validates (missing shards, truncation, pickles) with a clear error
-    if is_merged(reader.config):  # --ratio output: per-layer expert counts
-        return load_merged(path, dtype)
+    if is_merged(reader.config) or reader.quantized_source:  # --ratio output: per-layer expert counts; FP8 or
+        return load_merged(path, dtype).to(device)  # MXFP4 source: dequantized by the reader (transformers' CPU path fails on both)
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    return model.eval()
+    return model.to(device).eval()
 
 
 @torch.no_grad()
@@ -37,7 +40,7 @@ def perplexity(model, ids: torch.Tensor, seqlen: int = 256, batch_size: int = 8,
     windows = ids[: n * seqlen].view(n, seqlen)  # (tokens,) -> (n, seqlen)
     nll, count = 0.0, 0
     for s in range(0, n, batch_size):
-        x = windows[s:s + batch_size]
+        x = windows[s:s + batch_size].to(model.device)
         logits = model(x).logits.float()
         lp = torch.log_softmax(logits[:, :-1], dim=-1)
         nll -= lp.gather(-1, x[:, 1:, None]).sum().item()

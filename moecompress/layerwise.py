@@ -81,24 +81,28 @@ class _Recorder(nn.Module):
 class LayerStreamer:
     """A checkpoint's model as a sequence of decoder layers materialized on demand."""
 
-    def __init__(self, reader: CheckpointReader, dtype=torch.float32):
+    def __init__(self, reader: CheckpointReader, dtype=torch.float32, device=None):
         self.reader = reader
         self.dtype = dtype
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         self.config = hf_config(reader.config, dtype)
         self.model = meta_model(self.config)
         self.glu = make_glu(reader.arch.glu, self.config)
         fresh_rotary(self.model)
+        rot = getattr(self.model.model, "rotary_emb", None)
+        if rot is not None:
+            rot.to(self.device)
         emb_key = f"{reader.prefix.rsplit('.', 1)[0]}.embed_tokens.weight"
         if emb_key not in reader.tensors:
             raise CheckpointError(f"no embedding table {emb_key!r} in the checkpoint")
-        self.embed_weight = reader.get(emb_key).to(dtype)
+        self.embed_weight = reader.get(emb_key).to(device=self.device, dtype=dtype)
         self.layers = self.model.model.layers
         self.num_layers = len(self.layers)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """(S, L) token ids -> (S, L, H) inputs of layer 0."""
         emb = self.model.model.embed_tokens
-        x = nn.functional.embedding(ids, self.embed_weight)
+        x = nn.functional.embedding(ids.to(self.device), self.embed_weight)
         scale = getattr(emb, "embed_scale", None)  # some families scale embeddings
         return x * scale if isinstance(scale, (int, float)) else x
 
@@ -110,7 +114,7 @@ class LayerStreamer:
         for i in range(self.num_layers):
             self.layers[i] = _Recorder(sink, i, types[i] if types else None)
         try:
-            x = torch.zeros(batch, seqlen, self.config.hidden_size, dtype=self.dtype)
+            x = torch.zeros(batch, seqlen, self.config.hidden_size, dtype=self.dtype, device=self.device)
             base = self.model.model
             norm = base.norm
             base.norm = nn.Identity()
@@ -137,7 +141,7 @@ class LayerStreamer:
         return {r.arch.to_mem(k)[len(p):]: r.get(k) for k in r.layer_keys(i) if not r.is_expert_tensor(k)}
 
     def build_layer(self, i: int, experts: list[dict] | None = None, biases=None) -> nn.Module:
-        """Materialize decoder layer i on the CPU. MoE layers get `MoEExperts` over `experts` (canonical
+        """Materialize decoder layer i on the streamer's device. MoE layers get `MoEExperts` over `experts` (canonical
         per-expert weights; read from the checkpoint when None)."""
         layer = copy.deepcopy(self.layers[i])  # meta: free
         found = find_experts(layer)
@@ -151,7 +155,7 @@ class LayerStreamer:
             pre = f"{r.arch.router_mem}."
             resize_router(layer.get_submodule(r.arch.router_mem),
                           {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}, r.config_num_experts(i))
-        layer.to_empty(device="cpu")
+        layer.to_empty(device=self.device)
         missing, unexpected = layer.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CheckpointError(f"layer {i}: checkpoint tensors do not match the {r.arch.family} module "
@@ -159,9 +163,10 @@ class LayerStreamer:
         layer = layer.to(self.dtype)
         if moe:
             if experts is None:
-                stacked = r.layer_experts(i, self.dtype)
+                stacked = {p: t.to(self.device) for p, t in r.layer_experts(i, self.dtype).items()}
                 experts = [{p: stacked[p][e] for p in PROJS} for e in range(stacked["gate"].shape[0])]
                 b = r.layer_expert_biases(i, self.dtype)
+                b = None if b is None else {p: t.to(self.device) for p, t in b.items()}
                 biases = None if b is None else [{p: b[p][e] for p in PROJS} for e in range(len(experts))]
             set_submodule(layer, found[0], MoEExperts(experts, self.glu, biases))
         return layer.eval()
@@ -171,7 +176,7 @@ class LayerStreamer:
         outs = []
         with torch.no_grad():
             for s in range(0, hidden.shape[0], batch_size):
-                x = hidden[s:s + batch_size]
+                x = hidden[s:s + batch_size].to(self.device, non_blocking=True)
                 kw = _fit_batch(kwargs, x.shape[0])
                 y = layer(x, **kw)
                 outs.append(y[0] if isinstance(y, tuple) else y)

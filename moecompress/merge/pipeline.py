@@ -69,10 +69,18 @@ def _layer_stats(streamer, layer, hidden, kwargs, bs, router, experts, max_route
 
 def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float | None = None,
               method: str = "msmoe", calib: CalibConfig = CalibConfig(nsamples=64), max_router_samples: int = 8192,
-              progress: bool = True, router_mode: str | None = None, refit: bool | None = None) -> dict:
+              progress: bool = True, router_mode: str | None = None, refit: bool | None = None,
+              device: str = "auto") -> dict | None:
     """Reduce every MoE layer of checkpoint `source` to `experts` experts (or `ratio` of all, adaptively).
     router_mode / refit override the method's defaults (merged router rows; least-squares down refit,
-    merge.DEFAULT_REFIT: on for reap, msmoe and hcsmoe); the benchmark measures them."""
+    merge.DEFAULT_REFIT: on for reap, msmoe and hcsmoe); the benchmark measures them. The layers run on
+    `device`. Under torchrun the statistics are not yet split across ranks: rank 0 does the whole merge
+    and the other ranks return None at once."""
+    from ..distributed import from_env
+    dist, dev = from_env(device)
+    if not dist.main:
+        log.warning("merge/prune under torchrun: rank 0 does the whole run (not yet split across ranks)")
+        return None
     from ..api import _progress, calibration_windows
     from ..checkpoint import CheckpointReader
     from ..layerwise import LayerStreamer, copy_tokenizer_files, find_experts
@@ -103,7 +111,7 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
                                    f"and at least {floor}")
     windows = calibration_windows(source, calib)
     batch_size = calib.batch_size
-    streamer = LayerStreamer(reader)
+    streamer = LayerStreamer(reader, device=dev)
     kwargs = streamer.layer_kwargs(min(batch_size, len(windows)), windows.shape[1])
 
     def embed():

@@ -50,9 +50,9 @@ class MergedWriter:
             if red is not None and mem.startswith(router_prefix):
                 leaf = mem[len(router_prefix):]
                 if leaf == "weight":
-                    t = red.router_weight.to(t.dtype)
+                    t = red.router_weight.to(device="cpu", dtype=t.dtype)
                 elif leaf == "bias" and red.router_bias is not None:
-                    t = red.router_bias.to(t.dtype)
+                    t = red.router_bias.to(device="cpu", dtype=t.dtype)
                 elif t.dim() >= 1 and t.shape[0] == len(red.expert_map):
                     t = t[[g[0] for g in red.groups]]  # per-expert router tensor: the representative's
             tensors[k] = t
@@ -65,11 +65,11 @@ class MergedWriter:
                 for k in range(red.num_experts):
                     parts = {"gate": red.gate_up[k, :I], "up": red.gate_up[k, I:], "down": red.down[k]}
                     for p in PROJS:
-                        tensors[arch.per_expert_key(i, k, p, r.prefix)] = parts[p].to(dtype)
+                        tensors[arch.per_expert_key(i, k, p, r.prefix)] = parts[p].to(device="cpu", dtype=dtype)
             else:
                 fk = arch.fused_keys(i, r.prefix)
-                tensors[fk["gate_up"]] = red.gate_up.to(dtype)  # (K, 2I, H)
-                tensors[fk["down"]] = red.down.to(dtype)  # (K, H, I)
+                tensors[fk["gate_up"]] = red.gate_up.to(device="cpu", dtype=dtype)  # (K, 2I, H)
+                tensors[fk["down"]] = red.down.to(device="cpu", dtype=dtype)  # (K, H, I)
         self._save(f"model-layer-{i:05d}.safetensors", tensors)
 
     def write_globals(self) -> None:

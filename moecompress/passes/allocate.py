@@ -44,7 +44,8 @@ from ..codecs import QuantSpec
 from ..config import QuantizeConfig, resolve_group_size
 from ..errors import MoeCompressError
 from .calibrate import HessianCollector, expert_chunks
-from .quantize import HESSIAN_BUDGET, EstimateSizer, _quantize_group
+from .encoder import EstimateSizer
+from .quantize import HESSIAN_BUDGET, _quantize_group
 
 log = logging.getLogger("moecompress")
 SAMPLE_TOKENS = 1024

@@ -18,15 +18,16 @@ PRIOR_TOKENS = 1024  # tokens sampled per collector for the down projections' pr
 
 class HessianCollector:
     def __init__(self, num_experts: int, dim: int, which: str, subset=None, affinity: bool = False,
-                 prior: bool = False, sample_every: int = 1):
+                 prior: bool = False, sample_every: int = 1, device=None):
         assert which in ("x", "h")
+        self.device = device = torch.device("cpu") if device is None else device
         self.which, self.affinity, self.dim = which, affinity, dim
         self.subset = set(range(num_experts)) if subset is None else set(subset)
-        self.H = {e: torch.zeros(dim, dim, dtype=torch.float32) for e in sorted(self.subset)}
+        self.H = {e: torch.zeros(dim, dim, dtype=torch.float32, device=device) for e in sorted(self.subset)}
         self.tokens = torch.zeros(num_experts, dtype=torch.long)
         self.gate_sum = torch.zeros(num_experts, dtype=torch.float64)
         self.prior, self.sample_every = prior, max(1, int(sample_every))
-        self.pool = torch.zeros(dim, dim, dtype=torch.float32) if prior and which == "x" else None
+        self.pool = torch.zeros(dim, dim, dtype=torch.float32, device=device) if prior and which == "x" else None
         self.pool_rows = 0
         self.sample: list[torch.Tensor] = []  # which == "h": sampled routed inputs x
         self._sample_x: torch.Tensor | None = None  # their concatenation, built once after the pass
@@ -65,7 +66,7 @@ class HessianCollector:
         if self.pool is not None:
             return self.pool / max(self.pool_rows, 1)
         if not self.sample:
-            return torch.zeros(self.dim, self.dim)
+            return torch.zeros(self.dim, self.dim, device=self.device)
         if self._sample_x is None:
             self._sample_x = torch.cat(self.sample)
         with torch.no_grad():

@@ -2,7 +2,7 @@
 quantized by GPTQ on the Hessian of its own inputs, and routing is recomputed with it.
 
 The router sees every token (not only the routed ones), so its Hessian is H = 2/n sum_t x_t x_t^T over
-all calibration tokens of the layer, collected by a forward pre-hook while the layer runs once. The
+all calibration tokens of the layer, summed from the layer's MoE cache (passes/moe_cache.py). The
 quantized weight replaces the router's in the materialized layer before the experts are calibrated:
 the experts' Hessians, the affinity weights, the fallback decisions and the activations handed to the
 next layer all come from the quantized routing ("routing recomputed after it"). It is stored dense, in
@@ -30,28 +30,24 @@ def router_module(layer, arch):
 
 
 @torch.no_grad()
-def quantize_router(streamer, layer, hidden, kwargs, arch, bits: int, group_size: int, gcfg: GPTQConfig,
-                    batch_size: int) -> tuple[torch.Tensor, dict]:
-    """GPTQ the router of a materialized layer in place; -> (its new weight, record)."""
+def quantize_router(layer, cache, arch, bits: int, group_size: int, gcfg: GPTQConfig) -> tuple[torch.Tensor, dict]:
+    """GPTQ the router of a materialized layer in place, on the Hessian of its inputs (the MoE block's
+    input, read from the layer's MoE cache); -> (its new weight, record). The caller recaptures the cache,
+    so the experts see the quantized routing."""
     router = router_module(layer, arch)
     E, K = router.weight.shape
-    acc = {"H": torch.zeros(K, K, dtype=torch.float64), "n": 0}
-
-    def hook(mod, args, kwargs_=None):
-        x = (args[0] if args else kwargs_["hidden_states"]).reshape(-1, K).double()  # (tokens, H)
-        acc["H"] += x.T @ x
-        acc["n"] += x.shape[0]
-    h = router.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        streamer.run_layer(layer, hidden, kwargs, batch_size)
-    finally:
-        h.remove()
-    if acc["n"] == 0:
+    H = torch.zeros(K, K, dtype=torch.float64, device=cache.device)
+    n = 0
+    for c in cache.chunks:
+        x = c.x.to(cache.device).reshape(-1, K).double()  # (tokens, H)
+        H += x.T @ x
+        n += x.shape[0]
+    if n == 0:
         raise MoeCompressError("the router saw no calibration tokens; check --nsamples and --seqlen")
-    H = (2 / acc["n"]) * acc["H"]
+    H = (2 / n) * H
     W = router.weight.float()
     res = gptq(W[None], H.float()[None], AsymmetricGrid(bits), group_size, gcfg)
     Q = res.deq[0].to(router.weight.dtype)
     err = relative_output_error(W, Q.float(), H)
     router.weight.copy_(Q)
-    return Q.clone(), {"bits": bits, "group_size": group_size, "tokens": acc["n"], "logit_rel_err": round(err, 8)}
+    return Q.clone(), {"bits": bits, "group_size": group_size, "tokens": n, "logit_rel_err": round(err, 8)}

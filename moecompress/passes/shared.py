@@ -66,19 +66,12 @@ def shared_experts(layer: nn.Module, arch) -> list[tuple[str, nn.Module, nn.Modu
 
 
 @torch.no_grad()
-def _hessian(streamer, layer, hidden, kwargs, mod, gate, target: nn.Linear, affinity: bool,
-             batch_size: int) -> tuple[torch.Tensor, int, float]:
-    """H = sum_t s_t v_t v_t^T over the inputs v_t of `target` (a Linear of `mod`) -> (H, tokens, mean s)."""
+def _hessian(cache, path: str, mod, gate, target: nn.Linear, affinity: bool) -> tuple[torch.Tensor, int, float]:
+    """H = sum_t s_t v_t v_t^T over the inputs v_t of `target` (a Linear of `mod`) -> (H, tokens, mean s),
+    with the shared expert run on its cached inputs, chunk by chunk in window order."""
     K = target.in_features
-    acc = {"H": torch.zeros(K, K, dtype=torch.float32), "n": 0, "s": 0.0}
+    acc = {"H": torch.zeros(K, K, dtype=torch.float32, device=cache.device), "n": 0, "s": 0.0}
     state: dict = {}
-
-    def on_expert(m, args, kw):  # the shared expert's input: its gate weight per token
-        x = args[0] if args else kw["hidden_states"]
-        if affinity and gate is not None:
-            state["s"] = torch.sigmoid(gate(x).float()).reshape(-1)
-        else:
-            state.pop("s", None)
 
     def on_linear(m, args):
         v = args[0].reshape(-1, K).float()
@@ -90,32 +83,41 @@ def _hessian(streamer, layer, hidden, kwargs, mod, gate, target: nn.Linear, affi
             acc["s"] += v.shape[0]
         acc["H"].addmm_(v.t(), v)
         acc["n"] += v.shape[0]
-    hooks = [mod.register_forward_pre_hook(on_expert, with_kwargs=True), target.register_forward_pre_hook(on_linear)]
+    hook = target.register_forward_pre_hook(on_linear)
     try:
-        streamer.run_layer(layer, hidden, kwargs, batch_size)
+        for c in cache.chunks:
+            x = cache.shared_input(c, path)
+            if affinity and gate is not None:  # the shared expert's gate weight per token
+                state["s"] = torch.sigmoid(gate(x).float()).reshape(-1)
+            mod(x)
     finally:
-        for h in hooks:
-            h.remove()
+        hook.remove()
     return acc["H"], acc["n"], acc["s"] / max(acc["n"], 1)
 
 
 @torch.no_grad()
-def quantize_shared_experts(streamer, layer, hidden, kwargs, *, arch, layer_idx: int, prefix: str, spec: QuantSpec,
-                            method: str, gcfg: GPTQConfig, affinity: bool, min_tokens: int,
-                            batch_size: int) -> tuple[dict[str, PackedTensor], list[dict]]:
-    """Quantize the shared experts of a materialized MoE layer in place.
+def quantize_shared_experts(layer, cache, *, arch, layer_idx: int, prefix: str, spec: QuantSpec, method: str,
+                            gcfg: GPTQConfig, affinity: bool, min_tokens: int,
+                            dist=None) -> tuple[dict[str, PackedTensor], list[dict]]:
+    """Quantize the shared experts of a materialized MoE layer in place, from the layer's MoE cache.
 
-    -> ({module name (prefix.layer.path.linear): PackedTensor}, [record per shared expert])."""
+    -> ({module name (prefix.layer.path.linear): PackedTensor}, [record per shared expert]). With several
+    ranks the last rank quantizes them and sends codes, weights and records to the others."""
+    import json
     codec = get_codec("int")
     packed, records = {}, []
-    for path, mod, gate in shared_experts(layer, arch):
+    found = shared_experts(layer, arch)
+    owner = dist.world - 1 if dist is not None and dist.active else None
+    mine = owner is None or dist.rank == owner
+    out: dict[str, torch.Tensor] = {}
+    for path, mod, gate in found if mine else ():
         t0 = time.time()
         rec = {"path": path, "bits": spec.bits, "group_size": spec.group_size, "gated": gate is not None}
         for names in (("gate_proj", "up_proj"), ("down_proj",)):
             lins = [getattr(mod, n) for n in names]
             W = torch.cat([lin.weight for lin in lins]).float()[None]  # (1, N, K)
             grid = int_grid(spec)
-            H, n, s_mean = _hessian(streamer, layer, hidden, kwargs, mod, gate, lins[0], affinity, batch_size)
+            H, n, s_mean = _hessian(cache, path, mod, gate, lins[0], affinity)
             rec["tokens"], rec["mean_gate"] = n, round(s_mean, 6)
             if method == "rtn" or n < min_tokens:
                 res = rtn(W, grid, spec.group_size)
@@ -127,9 +129,25 @@ def quantize_shared_experts(streamer, layer, hidden, kwargs, *, arch, layer_idx:
             for name, lin in zip(names, lins):
                 sl = slice(r0, r0 + lin.out_features)
                 r0 += lin.out_features
-                packed[f"{prefix}.{layer_idx}.{path}.{name}"] = codec.encode(
-                    res.codes[0, sl].clone(), res.scale[0, sl].clone(), res.zero[0, sl].clone(), spec)
+                key = f"{prefix}.{layer_idx}.{path}.{name}"
+                part = {"codes": res.codes[0, sl].clone(), "scale": res.scale[0, sl].clone(),
+                        "zero": res.zero[0, sl].clone()}
+                packed[key] = codec.encode(part["codes"], part["scale"], part["zero"], spec)
                 lin.weight.copy_(res.deq[0, sl].to(lin.weight.dtype))
+                out.update({f"{key}.{f}": t for f, t in part.items()})
+                out[f"{key}.weight"] = lin.weight
         rec["seconds"] = round(time.time() - t0, 3)
         records.append(rec)
+    if owner is not None and found:
+        if mine:
+            out["records"] = torch.frombuffer(bytearray(json.dumps(records).encode()), dtype=torch.uint8)
+        got = dist.broadcast_tensors(out if mine else None, owner)
+        if not mine:
+            records = json.loads(bytes(got.pop("records").numpy()).decode())
+            for path, mod, _ in found:
+                for name in LINEARS:
+                    key = f"{prefix}.{layer_idx}.{path}.{name}"
+                    lin = getattr(mod, name)
+                    packed[key] = codec.encode(got[f"{key}.codes"], got[f"{key}.scale"], got[f"{key}.zero"], spec)
+                    lin.weight.copy_(got[f"{key}.weight"].to(lin.weight.device))
     return packed, records

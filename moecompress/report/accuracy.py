@@ -20,11 +20,11 @@ import torch
 
 
 def perplexities(baseline: str, compressed: str, texts: list[str], seqlen: int, max_tokens: int | None,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, device: str = "auto") -> dict:
     """{text: {"baseline": eval result, "compressed": eval result, "relative_change": float}}."""
     from .. import api
-    base = api.evaluate(baseline, texts, seqlen=seqlen, max_tokens=max_tokens, progress=progress)
-    comp = api.evaluate(compressed, texts, seqlen=seqlen, max_tokens=max_tokens, progress=progress)
+    base = api.evaluate(baseline, texts, seqlen=seqlen, max_tokens=max_tokens, progress=progress, device=device)
+    comp = api.evaluate(compressed, texts, seqlen=seqlen, max_tokens=max_tokens, progress=progress, device=device)
     out = {}
     for t in texts:
         b, c = base[t]["perplexity"], comp[t]["perplexity"]
@@ -65,7 +65,7 @@ def greedy(model, ids: torch.Tensor, new_tokens: int, eos: set[int]) -> list[int
         cache = DynamicCache(config=model.config)
     except TypeError:
         cache = DynamicCache()
-    out, x = [], ids[None]  # (T,) -> (1, T)
+    out, x = [], ids[None].to(model.device)  # (T,) -> (1, T)
     for _ in range(new_tokens):
         res = model(input_ids=x, use_cache=True, **{kw: cache})
         nxt = int(res.logits[0, -1].float().argmax())
@@ -95,7 +95,7 @@ def _eos(model) -> set[int]:
     return set(e) if isinstance(e, (list, tuple)) else ({e} if e is not None else set())
 
 
-def generations(baseline: str, compressed: str, prompts: list[dict], new_tokens: int) -> list[dict]:
+def generations(baseline: str, compressed: str, prompts: list[dict], new_tokens: int, device: str = "auto") -> list[dict]:
     """Each prompt decoded greedily by both models, with the first token where they diverge."""
     from ..calibration.data import load_tokenizer, tokenize
     from ..evaluate import load_any
@@ -105,7 +105,7 @@ def generations(baseline: str, compressed: str, prompts: list[dict], new_tokens:
     ids = [tokenize(tok, p["prompt"]) for p in prompts]
     conts = {}
     for side, path in (("baseline", baseline), ("compressed", compressed)):
-        model = load_any(path)
+        model = load_any(path, device=device)
         conts[side] = [greedy(model, x, new_tokens, _eos(model)) for x in ids]
         del model
     rows = []
@@ -121,7 +121,7 @@ def generations(baseline: str, compressed: str, prompts: list[dict], new_tokens:
     return rows
 
 
-def lm_eval_tasks(baseline: str, compressed: str, tasks: list[str], limit: int | None) -> dict:
+def lm_eval_tasks(baseline: str, compressed: str, tasks: list[str], limit: int | None, device: str = "auto") -> dict:
     """lm-eval tasks on both models when lm-eval is installed and each task's data is on this machine.
 
     Never downloads: the Hugging Face hub and datasets run offline, so a task whose data is not cached
@@ -144,7 +144,7 @@ def lm_eval_tasks(baseline: str, compressed: str, tasks: list[str], limit: int |
     ran, skipped = {}, {}
     tok = load_tokenizer(baseline)
     for side, path in (("baseline", baseline), ("compressed", compressed)):
-        lm = HFLM(pretrained=load_any(path), tokenizer=tok, batch_size=8)
+        lm = HFLM(pretrained=load_any(path, device=device), tokenizer=tok, batch_size=8)
         for t in tasks:
             if t in skipped:
                 continue

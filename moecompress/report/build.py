@@ -30,6 +30,7 @@ class ReportConfig:
     tasks: tuple[str, ...] = DEFAULT_TASKS   # lm-eval tasks, run only when lm-eval and their data are present
     lm_eval_limit: int | None = 200    # examples per lm-eval task
     format_version: int = FORMAT_VERSION
+    device: str = "auto"               # where both models run (auto|cpu|cuda|cuda:N)
 
     def __post_init__(self):
         if not self.texts:
@@ -85,10 +86,10 @@ def build_report(compressed: str, baseline: str, config: ReportConfig, out: str,
         merge_metrics = None
 
     texts = list(config.texts)
-    ppl = accuracy.perplexities(baseline, compressed, texts, config.seqlen, config.max_tokens, progress)
+    ppl = accuracy.perplexities(baseline, compressed, texts, config.seqlen, config.max_tokens, progress, config.device)
     prompts = accuracy.pick_prompts(texts, config.prompts)
-    gens = accuracy.generations(baseline, compressed, prompts, config.new_tokens)
-    lm = accuracy.lm_eval_tasks(baseline, compressed, list(config.tasks), config.lm_eval_limit)
+    gens = accuracy.generations(baseline, compressed, prompts, config.new_tokens, config.device)
+    lm = accuracy.lm_eval_tasks(baseline, compressed, list(config.tasks), config.lm_eval_limit, config.device)
 
     report = {
         "format_version": FORMAT_VERSION,

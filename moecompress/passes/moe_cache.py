@@ -1,0 +1,129 @@
+"""The MoE cache: what a decoder layer's MoE block hands its experts, recorded once per layer.
+
+Calibrating a MoE layer needs, per expert, the inputs routed to it (gate/up Hessians) and the
+intermediate activations of its quantized gate/up (down Hessians). None of that depends on the other
+experts, so the decoder layer runs once over the calibration windows with its experts replaced by a
+recorder (`capture`), which keeps for every accumulation chunk c (a fixed number of windows):
+
+    X_c (T_c, H)   the experts' input (the MoE block's normalized hidden states)
+    idx_c, w_c     (T_c, k) the routing: top-k expert indices and gate weights
+    S_c            the shared experts' input, when it is not X_c itself
+
+and every later step reads the cache instead of re-running attention: a chunk of experts gathers its
+tokens (`replay`), an expert's down-projection inputs are recomputed from its own quantized gate/up.
+Replay visits the chunks in window order and, within a chunk, the experts in index order with their
+tokens in position order: exactly the order in which one process's forward would have fed an observer,
+so Hessians are summed in the same order whatever the number of expert chunks or ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class CacheChunk:
+    x: torch.Tensor                      # (T_c, H) experts' input
+    idx: torch.Tensor                    # (T_c, k) routed experts
+    w: torch.Tensor                      # (T_c, k) gate weights
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)  # shared expert path -> its input, if not x
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.x, self.idx, self.w, *self.shared.values()))
+
+    def to_tensors(self, j: int) -> dict[str, torch.Tensor]:
+        d = {f"{j}.x": self.x, f"{j}.idx": self.idx, f"{j}.w": self.w}
+        d.update({f"{j}.shared.{p}": t for p, t in self.shared.items()})
+        return d
+
+    @staticmethod
+    def from_tensors(d: dict[str, torch.Tensor], j: int) -> "CacheChunk":
+        pre = f"{j}.shared."
+        return CacheChunk(d[f"{j}.x"], d[f"{j}.idx"], d[f"{j}.w"],
+                          {k[len(pre):]: v for k, v in d.items() if k.startswith(pre)})
+
+
+class MoECache:
+    """Chunks in window order (see the module docstring)."""
+
+    def __init__(self, chunks: list[CacheChunk], device: torch.device):
+        self.chunks = chunks
+        self.device = device
+
+    @property
+    def tokens(self) -> int:
+        return sum(c.x.shape[0] for c in self.chunks)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.chunks)
+
+    def shared_input(self, c: CacheChunk, path: str) -> torch.Tensor:
+        return c.shared.get(path, c.x).to(self.device, non_blocking=True)
+
+    def replay(self, num_experts: int, observer, compute_h=None, h_for=None, only=None) -> None:
+        """Feed `observer(e, tok, x, h, w)` as `MoEExperts.forward` would, chunk by chunk, for the experts
+        in `only` (None: all).
+
+        tok: positions of expert e's tokens within the chunk, x: their inputs, w: their gate weights,
+        h: compute_h(e, x) for experts in `h_for` (the down projections' inputs), else None."""
+        want = set(h_for or ())
+        only = None if only is None else set(only)
+        for c in self.chunks:
+            X = c.x.to(self.device, non_blocking=True)
+            idx = c.idx.to(self.device, non_blocking=True)
+            w = c.w.to(self.device, non_blocking=True)
+            k = idx.shape[1]
+            flat = idx.reshape(-1)
+            order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, positions ascending
+            counts = torch.bincount(flat.clamp(0, num_experts), minlength=num_experts + 1)
+            start = 0
+            wf = w.reshape(-1)
+            for e, n in enumerate(counts.tolist()[:num_experts]):
+                if n == 0:
+                    continue
+                sel = order[start:start + n]
+                start += n
+                if only is not None and e not in only:
+                    continue
+                tok = sel // k
+                xe = X[tok]
+                h = compute_h(e, xe) if compute_h is not None and e in want else None
+                observer(e, tok, xe, h, wf[sel])
+
+
+class Capture:
+    """Records what the experts module of a layer receives; installed as `MoEExperts.capture`.
+
+    A forward micro-batch of several accumulation chunks is split back into chunks of `chunk_tokens`
+    rows (windows are contiguous in the flattened (B*L, H) hidden states)."""
+
+    def __init__(self, chunk_tokens: int, store):
+        self.chunk_tokens = chunk_tokens
+        self.store = store  # tensor -> where the cache keeps it (device or pinned host memory)
+        self.chunks: list[CacheChunk] = []
+        self._shared: dict[str, torch.Tensor] = {}
+        self._routed = None
+
+    def shared_hook(self, path: str):
+        def hook(mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            self._shared[path] = x.reshape(-1, x.shape[-1])
+        return hook
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
+        self._routed = (x, idx, w)
+
+    def end_batch(self) -> None:
+        """After each forward micro-batch: split what the block saw into accumulation chunks."""
+        x, idx, w = self._routed
+        shared = {p: s for p, s in self._shared.items()  # a shared expert fed the experts' own input: no copy
+                  if not (s.data_ptr() == x.data_ptr() and s.shape == x.shape)}
+        self._routed, self._shared = None, {}
+        n = self.chunk_tokens
+        for s in range(0, x.shape[0], n):
+            self.chunks.append(CacheChunk(self.store(x[s:s + n].clone()), self.store(idx[s:s + n].clone()),
+                                          self.store(w[s:s + n].clone()),
+                                          {p: self.store(t[s:s + n].clone()) for p, t in shared.items()}))

@@ -1,0 +1,276 @@
+"""The layer loop: read a decoder layer, calibrate it, run the passes, hand its outputs on, write it.
+
+One decoder layer is materialized at a time, on the run's device. The calibration windows go through it
+in forward micro-batches of about FORWARD_TOKENS tokens (whole accumulation chunks of `batch_size`
+windows). A MoE layer runs at most three times, whatever its number of experts:
+
+  1. capture: the layer runs with its experts replaced by a recorder, which caches what the MoE block
+     hands them (input and routing, passes/moe_cache.py);
+  (1b. with --router-bits, the router is quantized from the cache and the layer captured again;)
+  2. every pass works from the cache: the routed experts (gate/up, then down on the outputs of their own
+     quantized gate/up) in memory chunks of whole GPTQ units, the shared experts;
+  3. the quantized layer runs once more to produce the next layer's inputs.
+
+With several processes (torchrun) the micro-batches are split across ranks (each rank keeps the hidden
+states of its own windows), the cache is broadcast so every rank holds all of it, the experts' GPTQ units
+are split across ranks and their results exchanged, and rank 0 writes every file (distributed.py).
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+
+from ..device import place_activations, tensor_nbytes, workspace_bytes
+from ..layerwise import find_experts
+from .moe_cache import CacheChunk, Capture, MoECache
+
+log = logging.getLogger("moecompress")
+FORWARD_TOKENS = 4096  # tokens per forward call of a decoder layer (whole accumulation chunks, at least one)
+
+
+class LayerRunner:
+    """Runs decoder layers over the calibration windows: this rank's micro-batches, counted."""
+
+    def __init__(self, streamer, windows: torch.Tensor, batch_size: int, dist, device: torch.device):
+        S, L = windows.shape
+        self.streamer, self.dist, self.device = streamer, dist, device
+        self.chunk = max(1, batch_size)  # windows per accumulation chunk: fixes every summation order
+        self.fwd = self.chunk * max(1, FORWARD_TOKENS // (self.chunk * L))  # windows per forward call
+        self.batches = [(s, min(s + self.fwd, S)) for s in range(0, S, self.fwd)]
+        self.mine = list(dist.mine(len(self.batches)))
+        self.seqlen = L
+        self.kwargs = streamer.layer_kwargs(min(self.fwd, S), L)
+        self.forwards: dict[int, int] = defaultdict(int)  # decoder layer -> passes over the windows
+        self.cache_bytes = 0  # largest MoE cache held
+        self.windows = windows
+
+    # -- activations: {micro-batch index: (B, L, H)} of this rank's micro-batches -----------------------
+    def embed(self) -> dict[int, torch.Tensor]:
+        budget = workspace_bytes(self.device)
+        return {j: place_activations(self.streamer.embed(self.windows[s:e]), self.device, budget)
+                for j, (s, e) in ((j, self.batches[j]) for j in self.mine)}
+
+    def split(self, hidden: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Full (S, L, H) hidden states (a resumed run's) -> this rank's micro-batches."""
+        budget = workspace_bytes(self.device)
+        return {j: place_activations(hidden[s:e].clone(), self.device, budget)
+                for j, (s, e) in ((j, self.batches[j]) for j in self.mine)}
+
+    def gather(self, acts: dict[int, torch.Tensor]) -> torch.Tensor:
+        """All ranks' micro-batches as one (S, L, H) tensor on the CPU (every rank gets it)."""
+        got = self.dist.gather_dicts({str(j): t.cpu() for j, t in acts.items()})
+        return torch.cat([got[str(j)] for j in range(len(self.batches))])
+
+    def forward(self, layer, i: int, acts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        self.forwards[i] += 1
+        out = {}
+        with torch.no_grad():
+            for j, x in acts.items():
+                y = self.streamer.run_layer(layer, x, self.kwargs[i], x.shape[0])
+                out[j] = y if x.device == y.device else y.to(x.device)
+        return out
+
+    def capture(self, layer, i: int, acts: dict[int, torch.Tensor], shared_paths=()) -> MoECache:
+        """Run layer i once with its experts recording (nothing is computed by them) -> the MoE cache,
+        identical on every rank."""
+        _, ex = find_experts(layer)
+        budget = workspace_bytes(self.device)
+        cap = Capture(self.chunk * self.seqlen, lambda t: place_activations(t, self.device, budget))
+        hooks = [layer.get_submodule(p).register_forward_pre_hook(cap.shared_hook(p), with_kwargs=True)
+                 for p in shared_paths]
+        ex.capture = cap
+        self.forwards[i] += 1
+        per_batch: dict[int, list[CacheChunk]] = {}
+        try:
+            with torch.no_grad():
+                for j, x in acts.items():
+                    n0 = len(cap.chunks)
+                    self.streamer.run_layer(layer, x, self.kwargs[i], x.shape[0])
+                    cap.end_batch()
+                    per_batch[j] = cap.chunks[n0:]
+        finally:
+            ex.capture = None
+            for h in hooks:
+                h.remove()
+        chunks = [c for j in sorted(per_batch) for c in per_batch[j]]
+        if self.dist.active:  # every rank gets every micro-batch's chunks, bit for bit, in window order
+            mine = {}
+            for j, cs in per_batch.items():
+                for n, c in enumerate(cs):
+                    mine.update(c.to_tensors(j * 100_000 + n))
+            got = self.dist.gather_dicts(mine)
+            keys = sorted({int(k.split(".")[0]) for k in got})
+            chunks = [CacheChunk.from_tensors(got, k) for k in keys]
+            chunks = [CacheChunk(*(place_activations(t, self.device, budget) for t in (c.x, c.idx, c.w)),
+                                 {p: place_activations(t, self.device, budget) for p, t in c.shared.items()})
+                      for c in chunks]
+        cache = MoECache(chunks, self.device)
+        self.cache_bytes = max(self.cache_bytes, cache.nbytes)
+        return cache
+
+    def hidden_bytes(self, acts: dict[int, torch.Tensor]) -> int:
+        return tensor_nbytes(*acts.values())
+
+
+def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Tensor, *, fingerprints: dict,
+                        allocator=None, resume: bool, progress: bool, dist, device: torch.device) -> dict:
+    """The quantize pass over every decoder layer of `reader` into packed directory `out` (see the module
+    docstring); -> the run's summary. Only rank 0 writes."""
+    import time
+
+    from ..api import _progress
+    from ..config import resolve_group_size
+    from ..errors import MoeCompressError
+    from ..layerwise import LayerStreamer, copy_tokenizer_files
+    from ..packed import PackedWriter, packed_entry, tensor_bytes
+    from ..quant.gptq import GPTQConfig
+    from . import quantize as qpass
+    from .outputs import finish_run, layer_record
+    from .shared import shared_experts
+
+    t_start = time.time()
+    writer = PackedWriter(out, resume=resume, fingerprints=fingerprints) if dist.main else None
+    # ranks other than 0 learn from rank 0 where a resumed run stands
+    done = dist.broadcast_tensors({"n": torch.tensor([len(writer.completed) if writer else 0]),
+                                   "threads": torch.tensor([writer.threads if writer else 0])} if dist.main else None, 0)
+    completed, run_threads = int(done["n"][0]), int(done["threads"][0])
+    streamer = LayerStreamer(reader, device=device)
+    runner = LayerRunner(streamer, windows, config.calib.batch_size, dist, device)
+    records, expert_bytes = [], 0
+    for rec in (writer.completed if writer else []):  # --resume: layers already done, their records
+        expert_bytes += rec["expert_bytes"]
+        if rec["record"] is not None:
+            records.append(layer_record(rec["record"]))
+    if completed:
+        full = writer.load_hidden() if writer else None
+        full = dist.broadcast_tensors({"h": full} if dist.main else None, 0)["h"]
+        acts = runner.split(full)
+        del full
+        log.info("resuming %s after layer %d", out, completed - 1)
+    else:
+        acts = runner.embed()
+    gcfg = GPTQConfig(config.percdamp, config.block_size, config.act_order)
+    encoder = qpass.LayerEncoder(len(reader.moe_layers), reader.expert_params)  # holds the sub1 dictionary
+    if writer:
+        encoder.restore_from(writer.tmp)
+    elif completed:
+        from ..packed import partial_dir
+        encoder.restore_from(partial_dir(out))
+    arch = reader.arch
+    mem = {"layer_weights_bytes": 0, "hessian_bytes_peak": 0, "activation_cache_bytes": 0}
+    bar = _progress(range(completed, streamer.num_layers), desc="quantizing layers", enabled=progress and dist.main)
+    threads = torch.get_num_threads()
+    if run_threads and run_threads != threads:  # the interrupted run's thread count, or the bytes would differ
+        log.warning("resuming with %d torch threads, as the interrupted run used", run_threads)
+        torch.set_num_threads(run_threads)
+    try:
+        for i in bar:
+            layer = streamer.build_layer(i)
+            mem["layer_weights_bytes"] = max(mem["layer_weights_bytes"], _module_bytes(layer))
+            tensors, entries, rec, layer_bytes = {}, [], None, 0
+            skip = set()  # dense tensors stored packed instead (shared experts)
+            router_w = None
+            if i in reader.moe_layers:
+                path = find_experts(layer)[0]
+                found = shared_experts(layer, arch) if config.shared_bits != 0 else []
+                shared_paths = [p for p, _, _ in found]
+                cache = runner.capture(layer, i, acts, shared_paths)
+                if config.router_bits:  # before the experts: they are calibrated on the quantized routing
+                    from .router import quantize_router
+                    router_w, router_rec = quantize_router(
+                        layer, cache, arch, config.router_bits,
+                        resolve_group_size(config.group_size, [reader.expert_shapes(i)["gate"][1]]), gcfg)
+                    del cache
+                    cache = runner.capture(layer, i, acts, shared_paths)
+                mem["activation_cache_bytes"] = max(mem["activation_cache_bytes"],
+                                                    cache.nbytes + runner.hidden_bytes(acts))
+                layer_specs = {e: specs[(i, e)] for e in range(reader.layer_num_experts(i))}
+                stats: dict = {}
+                packed, rec = qpass.quantize_moe_layer(
+                    find_experts(layer)[1], cache, layer_idx=i, specs=layer_specs, method=config.method, gcfg=gcfg,
+                    affinity=config.affinity, min_tokens=config.min_tokens, dtype=streamer.dtype, encoder=encoder,
+                    hessian_prior=config.hessian_prior, dist=dist, budget=workspace_bytes(device), stats=stats)
+                mem["hessian_bytes_peak"] = max(mem["hessian_bytes_peak"], stats.get("hessian_bytes_peak", 0))
+                for (e, p), pt in sorted(packed.items()):
+                    name = f"{reader.prefix}.{i}.{path}.{e}.{p}"
+                    for f, t in pt.tensors.items():
+                        tensors[f"{name}.{f}"] = t.cpu()
+                    entries.append(packed_entry(name, pt, layer=i, expert=e, proj=p,
+                                                fallback=e in rec.fallback and config.method != "rtn"))
+                    layer_bytes += tensor_bytes(pt.tensors)
+                shared = encoder.take_shared()  # the sub1 dictionary, stored once
+                tensors.update({k: v.cpu() for k, v in shared.items()})
+                layer_bytes += tensor_bytes(shared)
+                if router_w is not None:
+                    rec.router = router_rec
+                shared_packed, rec.shared = _quantize_shared(layer, cache, reader, i, config, gcfg, found, dist)
+                del cache
+                for name, pt in sorted(shared_packed.items()):
+                    for f, t in pt.tensors.items():
+                        tensors[f"{name}.{f}"] = t.cpu()
+                    entries.append(packed_entry(name, pt, layer=i, module=name[len(f"{reader.prefix}.{i}."):]))
+                    skip.add(arch.to_disk(f"{name}.weight"))
+                records.append(rec)
+                for k in reader.expert_keys_on_disk(i):  # expert biases (GPT-OSS) stay as they are
+                    if k.endswith("_bias"):
+                        tensors[k] = reader.get(k)
+                bar.set_postfix_str(f"layer {i}: {rec.seconds:.1f}s")
+            for k in reader.layer_keys(i):
+                if not reader.is_expert_tensor(k) and k not in skip:
+                    tensors[k] = reader.get(k)
+            if router_w is not None:
+                key = arch.to_disk(f"{reader.prefix}.{i}.{arch.router_mem}.weight")
+                if key not in tensors:
+                    raise MoeCompressError(f"--router-bits: the router weight {key!r} is not in layer {i}'s tensors")
+                tensors[key] = router_w.to(tensors[key].dtype).cpu()
+            acts = runner.forward(layer, i, acts)
+            expert_bytes += layer_bytes
+            hidden = runner.gather(acts) if dist.active else torch.cat([acts[j] for j in sorted(acts)]).cpu()
+            if writer:
+                writer.commit_layer(i, f"layer-{i:05d}.safetensors", tensors, entries, hidden,
+                                    None if rec is None else dict(rec.__dict__), layer_bytes)
+            del layer, hidden
+            dist.barrier()
+    except KeyboardInterrupt:
+        if writer:
+            log.warning("interrupted after %d of %d layers: rerun the same command with --resume to continue",
+                        len(writer.completed), streamer.num_layers)
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    layer_forwards = [runner.forwards.get(i, 0) for i in range(streamer.num_layers)]
+    metrics = {"layer_forwards": sum(layer_forwards), "layer_forwards_per_layer": layer_forwards,
+               "forward_windows": runner.fwd, "ranks": dist.world, "device": str(device), "memory": mem}
+    summary = None
+    if writer:
+        writer.write_shard("globals.safetensors", {k: reader.get(k) for k in reader.global_keys()})
+        copy_tokenizer_files(reader.path, writer.tmp)
+        summary = finish_run(writer, reader, config, specs, windows, records, expert_bytes, encoder, allocator,
+                             metrics, time.time() - t_start, device)
+    dist.barrier()
+    return summary
+
+
+def _module_bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def _quantize_shared(layer, cache, reader, i: int, config, gcfg, found, dist):
+    """The shared experts of MoE layer i (if its family has them): ({name: PackedTensor}, records with bytes)."""
+    from ..packed import tensor_bytes
+    from .outputs import shared_group_size
+    from .shared import quantize_shared_experts, shared_spec
+    if not found:
+        return {}, []
+    widths = [w for _, mod, _ in found for w in (mod.gate_proj.in_features, mod.down_proj.in_features)]
+    spec = shared_spec(config, shared_group_size(config, widths, ", ".join(p for p, _, _ in found)))
+    packed, recs = quantize_shared_experts(layer, cache, arch=reader.arch, layer_idx=i, prefix=reader.prefix,
+                                           spec=spec, method=config.method, gcfg=gcfg, affinity=config.affinity,
+                                           min_tokens=config.min_tokens, dist=dist)
+    for rec in recs:
+        names = [n for n in packed if n.startswith(f"{reader.prefix}.{i}.{rec['path']}.")]
+        rec["bytes"] = sum(tensor_bytes(packed[n].tensors) for n in names)
+        rec["dense_bytes"] = sum(reader.tensors[reader.arch.to_disk(f"{n}.weight")].nbytes for n in names)
+    return packed, recs
