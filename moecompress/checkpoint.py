@@ -333,6 +333,11 @@ class CheckpointReader:
         E = self.layer_num_experts(layer)
         return {p: torch.stack([self.expert_bias(ExpertKey(layer, e, p)).to(dtype) for e in range(E)]) for p in PROJS}
 
+    @cached_property
+    def quantized_source(self) -> str | None:
+        """"fp8" or "mxfp4" when tensors are stored in that source format (dequantized on read), else None."""
+        return next((t.source.format for t in self.tensors.values() if t.source is not None), None)
+
     # -- accounting ---------------------------------------------------------------------------
     @cached_property
     def fingerprint(self) -> str:

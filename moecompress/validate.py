@@ -7,7 +7,10 @@ tensors against the config (hidden size, routed expert count and expert width of
 the per-layer counts of a `merge --ratio` output's "moecompress_merge" entry; one floating dtype per
 expert tensor, no layer beyond num_hidden_layers), and then scans the values of every readable tensor
 for NaN/Inf and, in expert tensors, magnitudes beyond the fp16 range (65504), which no
-fp16 scale can represent. It keeps going after a problem: the user gets the whole list in one message
+fp16 scale can represent. Quantized sources (FP8 with `_scale_inv` block scales, MXFP4 `_blocks` with
+`_scales`; source_formats.py) are checked as the logical tensors they stand for: the parts must pair up
+with consistent shapes, the logical shape is checked against the config, and the values are scanned
+dequantized. It keeps going after a problem: the user gets the whole list in one message
 and fixes it in one go.
 
 `validate_checkpoint(path) -> ValidationReport`; `report.raise_if_bad()` raises one `CheckpointError`
@@ -25,6 +28,7 @@ import torch
 
 from .arch import PROJS, ArchSpec, arch_for
 from .errors import CheckpointError
+from .source_formats import SourceTensor, companions, find_sources
 
 FP16_MAX = 65504.0
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
@@ -65,6 +69,8 @@ class _Scan:
     path: str
     problems: list[str] = field(default_factory=list)
     infos: dict[str, tuple[str, str, tuple[int, ...]]] = field(default_factory=dict)  # name -> (shard, dtype, shape)
+    stored: dict[str, tuple[str, str, tuple[int, ...]]] = field(default_factory=dict)  # infos as on disk
+    sources: dict[str, SourceTensor] = field(default_factory=dict)  # logical tensors stored quantized
     shapes: dict[tuple, list[str]] = field(default_factory=dict)  # (found, wanted, why) -> tensor names
     readable: list[str] = field(default_factory=list)
 
@@ -80,6 +86,7 @@ def validate_checkpoint(path: str, check_values: bool = True, progress=None) -> 
     s = _Scan(path)
     config, arch = _config(s)
     _shards(s)
+    _sources(s, config or {})
     layers: tuple[int, ...] = ()
     if config is not None and arch is not None and s.infos:
         layers = _structure(s, config, arch)
@@ -192,6 +199,18 @@ def _shards(s: _Scan) -> None:
               f"them (e.g. {wrong[0]} in {named[wrong[0]]})")
 
 
+def _sources(s: _Scan, config: dict) -> None:
+    """Pair quantized parts into logical tensors: `s.infos` becomes the logical view, `s.stored` keeps the parts."""
+    s.stored = dict(s.infos)
+    s.sources, problems = find_sources({k: v[1:] for k, v in s.infos.items()}, config)
+    for p in problems:
+        s.add(p)
+    drop = companions(s.sources)
+    by_part = {src.values: k for k, src in s.sources.items()}
+    s.infos = {by_part.get(k, k): (v[0], s.sources[by_part[k]].format, s.sources[by_part[k]].shape)
+               if k in by_part else v for k, v in s.stored.items() if k in by_part or k not in drop}
+
+
 def _prefix(names) -> str | None:
     for cand in ("model.layers", "model.language_model.layers", "language_model.model.layers", "transformer.h"):
         if any(k.startswith(cand + ".") for k in names):
@@ -272,7 +291,7 @@ def _expect(s: _Scan, name: str, want: tuple, what: str) -> None:
         s.add(f"{name} is missing")
         return
     _, dtype, shape = info
-    if dtype not in FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES and name not in s.sources:
         s.add(f"{name} has dtype {dtype}; expert weights must be floating point ({', '.join(FLOAT_DTYPES)})")
     if None not in want and shape != want:  # grouped: one line per kind of mismatch, not one per expert
         s.shapes.setdefault((shape, want, what), []).append(name)
@@ -314,7 +333,10 @@ def _values(s: _Scan, progress=None) -> int:
         try:
             with safe_open(os.path.join(s.path, shard), "pt") as f:
                 for k in names:
-                    if s.infos[k][1] in FLOAT_DTYPES:
+                    if k in s.sources:  # parts may sit in other shards
+                        _check_tensor(s, k, s.sources[k].decode(*(_part(s, f, shard, p) for p in s.sources[k].parts())))
+                        n += 1
+                    elif s.infos[k][1] in FLOAT_DTYPES:
                         _check_tensor(s, k, f.get_tensor(k))
                         n += 1
                     if progress is not None:
@@ -322,6 +344,16 @@ def _values(s: _Scan, progress=None) -> int:
         except Exception as e:  # safetensors raises its own types on corrupt data
             s.add(f"{shard}: cannot read its tensors ({str(e).splitlines()[0][:120]}): re-download or re-copy it")
     return n
+
+
+def _part(s: _Scan, f, shard: str, name: str) -> torch.Tensor:
+    """Stored tensor `name`, from the open shard `f` when it lives there."""
+    from safetensors import safe_open
+    where = s.stored[name][0]
+    if where == shard:
+        return f.get_tensor(name)
+    with safe_open(os.path.join(s.path, where), "pt") as g:
+        return g.get_tensor(name)
 
 
 def _check_tensor(s: _Scan, name: str, t: torch.Tensor) -> None:

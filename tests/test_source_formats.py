@@ -310,4 +310,4 @@ def test_quantize_and_eval_quantized_source(sources, tmp_path, family):
     text = os.path.join(TEXT, "calib_mix.txt")  # any text: the two perplexities are compared with each other
     src = evaluate(qdir, [text], seqlen=32, max_tokens=256, progress=False)[text]["perplexity"]
     bf16 = evaluate(rdir, [text], seqlen=32, max_tokens=256, progress=False)[text]["perplexity"]
-    assert math.isfinite(src) and abs(src / bf16 - 1) < 0.01, (src, bf16)
+    assert math.isfinite(src) and abs(src / bf16 - 1) < 1e-4, (src, bf16)  # equal on this machine

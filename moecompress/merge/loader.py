@@ -36,7 +36,8 @@ def resize_router(router: torch.nn.Module, params: dict[str, torch.Tensor], num_
 
 
 def load_merged(path: str, dtype=torch.float32):
-    """A model from a reduced checkpoint with per-layer expert counts (CPU, eval mode)."""
+    """A model from a reduced checkpoint with per-layer expert counts, or from a quantized source (FP8, MXFP4)
+    as the reader dequantizes it (CPU, eval mode)."""
     from ..arch import PROJS
     from ..checkpoint import CheckpointReader
     from ..experts import MoEExperts, make_glu
@@ -44,7 +45,7 @@ def load_merged(path: str, dtype=torch.float32):
 
     reader = CheckpointReader(path)
     arch, cfg = reader.arch, reader.config
-    if arch.glu != "swiglu":
+    if arch.glu != "swiglu" and is_merged(cfg):
         raise CheckpointError(f"{arch.family}: reduced checkpoints of this family are not supported")
     config = hf_config({k: v for k, v in cfg.items() if k != MERGE_KEY}, dtype)
     model = meta_model(config)
@@ -56,7 +57,9 @@ def load_merged(path: str, dtype=torch.float32):
         if found is None:
             raise CheckpointError(f"layer {i} has expert tensors but no MoE block in this config")
         st = reader.layer_experts(i, dtype)  # {"gate": (K, I, H), "up": (K, I, H), "down": (K, H, I)}
-        experts[i] = (found[0], [{p: st[p][k] for p in PROJS} for k in range(st["gate"].shape[0])])
+        b = reader.layer_expert_biases(i, dtype)  # GPT-OSS (a quantized source, evaluate.load_any), else None
+        experts[i] = (found[0], [{p: st[p][k] for p in PROJS} for k in range(st["gate"].shape[0])],
+                      None if b is None else [{p: b[p][k] for p in PROJS} for k in range(b["gate"].shape[0])])
         set_submodule(layers[i], found[0], torch.nn.Module())
     state = {arch.to_mem(k): reader.get(k).to(dtype) for k in reader.tensors if not reader.is_expert_tensor(k)}
     for i in experts:  # router rows: (K_l, H) instead of the config's count
@@ -73,6 +76,6 @@ def load_merged(path: str, dtype=torch.float32):
         model.tie_weights()
     fresh_rotary(model)
     model = model.to(dtype)
-    for i, (p, w) in experts.items():
-        set_submodule(layers[i], p, MoEExperts(w, glu))
+    for i, (p, w, b) in experts.items():
+        set_submodule(layers[i], p, MoEExperts(w, glu, b))
     return model.eval()
