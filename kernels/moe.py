@@ -317,8 +317,12 @@ def _check_moe_inputs(hidden, idx, w, experts) -> None:
     E = experts.num_experts if isinstance(experts, PreparedExperts) else len(experts)
     if idx.numel():
         msg = f"top_k_index has expert ids outside [0, {E}); the router and the expert list disagree"
-        try:
-            torch._assert_async(((idx >= 0) & (idx < E)).all(), msg)
+        ok = ((idx >= 0) & (idx < E)).all()
+        if idx.device.type != "cpu":
+            torch._assert_async(ok, msg)  # a device-side assertion: no host sync
+            return
+        try:  # on the CPU the same op checks at once (in C++: no Python-level .item())
+            torch._assert_async(ok, msg)
         except RuntimeError:
             raise MoeCompressError(msg) from None
 

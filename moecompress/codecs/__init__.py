@@ -85,6 +85,11 @@ class PackedTensor:
     def device(self) -> torch.device:
         return next(iter(self.tensors.values())).device
 
+    def to(self, device, non_blocking: bool = False) -> "PackedTensor":
+        """A copy with every tensor on `device` (dtypes kept); a checked tensor stays checked."""
+        return PackedTensor(self.codec, self.shape, {k: t.to(device, non_blocking=non_blocking)
+                                                     for k, t in self.tensors.items()}, dict(self.attrs), self.checked)
+
 
 class Codec(Protocol):
     name: str
@@ -152,6 +157,7 @@ def ensure_checked(packed: PackedTensor) -> PackedTensor:
         raise MoeCompressError(f"expected a PackedTensor, got {type(packed).__name__}; pack the weight with a codec first")
     if not is_checked(packed):
         get_codec(packed.codec).check(packed)
+        packed.checked = signature(packed)  # also for a codec registered without register_codec
     return packed
 
 
