@@ -233,15 +233,17 @@ def _structure(s: _Scan, config: dict, arch: ArchSpec) -> tuple[int, ...]:
     I = config.get(width_key) if width_key else None
     pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
     seen = sorted({int(m.group(1)) for k in s.infos if (m := pat.match(k))})
-    if isinstance(L, int) and seen and seen[-1] >= L:
+    # DeepSeek-V3 stores its multi-token-prediction layers after the decoder's (model.layers.61 of 61); unused here
+    mtp = config.get("num_nextn_predict_layers") or 0
+    if isinstance(L, int) and isinstance(mtp, int) and seen and seen[-1] >= L + mtp:
         s.add(f"tensors for layer {seen[-1]} exist but config.json says num_hidden_layers={L}")
-    if isinstance(L, int) and len(seen) < L:
-        gone = [i for i in range(L) if i not in seen]
+    gone = sorted(set(range(L)) - set(seen)) if isinstance(L, int) else []
+    if gone:
         s.add(f"no tensors at all for decoder layer{'s' if len(gone) > 1 else ''} {', '.join(map(str, gone[:5]))} "
               f"(config.json says {L} layers)")
     counts = _layer_counts(s, config, E)  # {layer: K_l} of a `merge --ratio` output, else {}
     moe = []
-    for i in seen:
+    for i in (i for i in seen if not isinstance(L, int) or i < L):
         if arch.fused_keys(i, prefix)["gate_up"] in s.infos:
             moe.append(i)
             _fused_layer(s, arch, prefix, i, counts.get(i, E), H, I, width_key)

@@ -311,3 +311,42 @@ def test_quantize_and_eval_quantized_source(sources, tmp_path, family):
     src = evaluate(qdir, [text], seqlen=32, max_tokens=256, progress=False)[text]["perplexity"]
     bf16 = evaluate(rdir, [text], seqlen=32, max_tokens=256, progress=False)[text]["perplexity"]
     assert math.isfinite(src) and abs(src / bf16 - 1) < 1e-4, (src, bf16)  # equal on this machine
+
+
+def test_deepseek_mtp_layer_is_accepted_and_left_out(sources, tmp_path):
+    """DeepSeek-V3 ships its multi-token-prediction layer as model.layers.{num_hidden_layers} (FP8 too)."""
+    qdir = sources["DeepseekV3"][0]
+    d = tmp_path / "mtp"
+    d.mkdir()
+    for f in os.listdir(qdir):
+        (d / f).write_bytes(open(os.path.join(qdir, f), "rb").read())
+    idx = json.load(open(d / "model.safetensors.index.json"))
+    extra = {}
+    for fn in sorted(set(idx["weight_map"].values())):
+        extra |= {k.replace(".layers.1.", ".layers.2."): v for k, v in load_file(str(d / fn)).items() if ".layers.1." in k}
+    save_file(extra, str(d / "mtp.safetensors"))
+    idx["weight_map"].update({k: "mtp.safetensors" for k in extra})
+    (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    cfg = json.load(open(d / "config.json"))
+    (d / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 0}))
+    assert any("tensors for layer 2 exist" in p for p in validate_checkpoint(str(d)).problems)
+    (d / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}))  # DeepSeek-V3's value
+    rep = validate_checkpoint(str(d))
+    assert rep.ok and rep.moe_layers == (1,), rep.problems
+    r = CheckpointReader(str(d))
+    assert r.moe_layers == [1] and not any(".layers.2." in k for k in r.global_keys() + r.layer_keys(1))
+
+
+def test_prune_of_a_quantized_source_writes_a_plain_checkpoint(sources, tmp_path):
+    from moecompress.config import CalibConfig
+    from moecompress.merge.pipeline import run_merge
+    qdir, rdir, _ = sources["DeepseekV3"]
+    out = str(tmp_path / "pruned")
+    run_merge(qdir, out, experts=4, method="frequency", calib=CalibConfig(nsamples=4, seqlen=32), progress=False)
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert "quantization_config" not in cfg and cfg["n_routed_experts"] == 4
+    r = CheckpointReader(out)
+    assert r.quantized_source is None and {t.dtype for t in r.stored.values()} <= {"BF16", "F32"}
+    assert validate_checkpoint(out).ok
+    k = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"  # dense FP8 weights come out dequantized
+    assert torch.equal(r.get(k), CheckpointReader(rdir).get(k))

@@ -79,6 +79,7 @@ class MergedWriter:
     def finish(self, counts: dict[int, int], records: list[dict], uniform: bool, run: dict) -> None:
         r = self.reader
         cfg = dict(r.config)
+        cfg.pop("quantization_config", None)  # an FP8/MXFP4 source's: the tensors written here are dequantized
         cfg[r.arch.expert_count_key(cfg)] = max(counts.values())
         if not uniform:  # per-layer counts: only moecompress builds this (loader.load_merged)
             cfg[MERGE_KEY] = {"format_version": 1, "experts_per_layer": {str(i): k for i, k in counts.items()},
