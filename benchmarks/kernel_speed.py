@@ -11,6 +11,8 @@ Without a GPU it runs the correctness part on small shapes under TRITON_INTERPRE
 GPU numbers are not available.
 
     python benchmarks/kernel_speed.py [--bits 4] [--group-size 128] [--batches 1,2,4,8,16,32,64] [--formats int4,ternary,sub1]
+    python benchmarks/kernel_speed.py --short     # about a minute on a GPU: Qwen3-MoE and DeepSeek-V3 shapes,
+                                                  # batches 1, 16, 64, 10 timed calls (benchmarks/gpu_check.sh)
 
 Formats: "intB" groupwise (--group-size), dense "ternary" and dictionary-coded "sub1" (one level pair
 per row, 90% zeros, dictionary built from the weight itself). GB/s counts the packed bytes a call
@@ -119,7 +121,7 @@ def bench_linear(args, bw: float) -> None:
     print("\n| format | model | proj | N x K | batch | packed ms | packed GB/s | % copy bw | bf16 ms | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for fmt in args.formats:
-        for name, (H, I) in SHAPES.items():
+        for name, (H, I) in args.shapes.items():
             for proj, (N, K) in (("gate/up", (I, H)), ("down", (H, I))):
                 p = make_packed(fmt, N, K, args.group_size if fmt.startswith("int") else 0, device="cuda")
                 w = decode(p).to(torch.bfloat16)
@@ -140,14 +142,13 @@ def bench_moe(args) -> None:
     E, k = 8, 2
     print("\n| model | layer | tokens | packed ms | bf16 ms | speed-up | max rel err vs bf16 |")
     print("|---|---|---|---|---|---|---|")
-    for name, (H, I) in SHAPES.items():
+    for name, (H, I) in args.shapes.items():
         for label, bits in (("int4", [args.bits] * E), ("mixed 2/3/4/8", [2, 3, 4, 8] * (E // 4))):
             base = {b: (make_int(I, H, b, args.group_size, 1), make_int(I, H, b, args.group_size, 2),
                         make_int(H, I, b, args.group_size, 3)) for b in set(bits)}
             experts = []
             for b in bits:  # distinct device buffers per expert, so nothing is served from L2 by reuse
-                experts.append({n: type(pt)(pt.codec, pt.shape, {kk: v.cuda() for kk, v in pt.tensors.items()}, pt.attrs)
-                                for n, pt in zip(("gate", "up", "down"), base[b])})
+                experts.append({n: pt.to("cuda") for n, pt in zip(("gate", "up", "down"), base[b])})
             px = mk.prepare_experts(experts)
             dense = [{n: decode(ex[n]).to(torch.bfloat16) for n in ex} for ex in experts]
             for T in (1, 16, 64):
@@ -179,7 +180,13 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--formats", type=lambda s: s.split(","), default=["int4", "ternary", "sub1"],
                     help="packed formats for the linear table (int2..int8, ternary, sub1; default int4,ternary,sub1)")
+    ap.add_argument("--short", action="store_true",
+                    help="a quick table: Qwen3-MoE and DeepSeek-V3 shapes, batches 1,16,64, 10 timed calls")
     args = ap.parse_args(argv)
+    args.shapes = SHAPES
+    if args.short:
+        args.shapes = {k: SHAPES[k] for k in ("qwen3-moe", "deepseek-v3")}
+        args.batches, args.iters = [1, 16, 64], min(args.iters, 10)
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first wrapped
         os.environ["MOECOMPRESS_KERNELS"] = "triton"
@@ -187,7 +194,7 @@ def main(argv=None) -> int:
         print("\nGPU numbers are not available: no CUDA device on this machine "
               "(correctness checked under TRITON_INTERPRET=1 only).")
         return 0 if ok else 1
-    ok = correctness(small=False)
+    ok = correctness(small=args.short)
     bw = copy_bandwidth(args.iters)
     print(f"\ndevice: {torch.cuda.get_device_name()}; copy bandwidth (read + write) {bw / 1e9:.0f} GB/s; "
           f"int{args.bits} g{args.group_size}, activations bf16")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import PROJS
-from .codecs import PackedTensor, decode
+from .codecs import PackedTensor, decode, ensure_checked
 
 
 class Observer(Protocol):
@@ -52,8 +52,8 @@ def _linear(x: torch.Tensor, w, bias=None) -> torch.Tensor:
         if use_triton(x):
             from .kernels import packed_linear  # lazy: the torch path never imports triton
             y = packed_linear(x, w)
-        else:
-            y = F.linear(x, decode(w).to(device=x.device, dtype=x.dtype))
+        else:  # checked once (then its decode tables are found by id on its device, no host copy)
+            y = F.linear(x, decode(ensure_checked(w)).to(device=x.device, dtype=x.dtype))
     else:
         y = F.linear(x, w.to(x.dtype))
     return y if bias is None else y + bias.to(y.dtype)

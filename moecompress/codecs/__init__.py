@@ -14,10 +14,13 @@ once from the stored bytes and cached per device. `encode` takes tensors on any 
 
 Checked once: `Codec.check` validates a PackedTensor against its claimed shape and attributes (data
 included: offsets, codeword indices), which can cost a host sync. A successful check records the
-tensor's metadata signature in `packed.checked` (`register_codec` wraps every codec's `check` so), and
-`ensure_checked` re-runs the check only when the signature changed (tensors swapped for others of
-another shape or dtype, attributes edited): the loader checks at load, kernels trust what it checked.
-Moving a checked tensor to another device keeps it checked; casting its scales does not.
+tensor's metadata signature in `packed.checked` and, with one token shared by the siblings, on each of
+its stored tensors (`register_codec` wraps every codec's `check` so). `ensure_checked` re-runs the
+check only when the signature changed (tensors swapped for others of another shape or dtype,
+attributes edited) or the tensors do not carry one check's marks: the loader checks at load, and
+kernels trust what it checked, also through a new PackedTensor made over the same tensors (module
+state rebuilds them). `PackedTensor.to` keeps a tensor checked (so does `carry_check` for a tensor moved
+on its own); casting its scales does not.
 """
 from __future__ import annotations
 
@@ -87,7 +90,7 @@ class PackedTensor:
 
     def to(self, device, non_blocking: bool = False) -> "PackedTensor":
         """A copy with every tensor on `device` (dtypes kept); a checked tensor stays checked."""
-        return PackedTensor(self.codec, self.shape, {k: t.to(device, non_blocking=non_blocking)
+        return PackedTensor(self.codec, self.shape, {k: carry_check(t, t.to(device, non_blocking=non_blocking))
                                                      for k, t in self.tensors.items()}, dict(self.attrs), self.checked)
 
 
@@ -113,9 +116,40 @@ def signature(packed: PackedTensor) -> tuple:
             tuple(sorted((k, tuple(t.shape), t.dtype) for k, t in packed.tensors.items())))
 
 
+MARK = "_moecompress_checked"  # tensor attribute: (signature, token) of the check that passed on it
+SHARED_FIELDS = ("dictionary",)  # shared by many PackedTensors (tied to each by its content id in check)
+
+
 def is_checked(packed: PackedTensor) -> bool:
-    """True when `check` passed on this tensor and nothing it depends on changed since."""
-    return packed.checked is not None and packed.checked == signature(packed)
+    """True when `check` passed on this PackedTensor, or on one made of the very same tensors, and nothing
+    it depends on changed since (host metadata only)."""
+    sig = signature(packed)
+    if packed.checked is not None and packed.checked == sig:
+        return True
+    marks = [getattr(t, MARK, None) for k, t in packed.tensors.items() if k not in SHARED_FIELDS]
+    if not marks or marks[0] is None or marks[0][0] != sig or any(m != marks[0] for m in marks):
+        return False
+    packed.checked = sig
+    return True
+
+
+def mark_checked(packed: PackedTensor) -> None:
+    """Record that `packed` passed its codec's check (on it and on its tensors, one token for all)."""
+    sig = signature(packed)
+    packed.checked = sig
+    mark = (sig, object())
+    for k, t in packed.tensors.items():
+        if k not in SHARED_FIELDS:
+            setattr(t, MARK, mark)
+
+
+def carry_check(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """dst = src moved (same data, shape and dtype): dst keeps src's check mark. For module state that
+    moves each stored tensor on its own (Module._apply); PackedTensor.to does it for all of them."""
+    mark = getattr(src, MARK, None)
+    if mark is not None and dst is not src and dst.dtype == src.dtype and dst.shape == src.shape:
+        setattr(dst, MARK, mark)
+    return dst
 
 
 def _marking(check):
@@ -123,7 +157,7 @@ def _marking(check):
     def checked(self, packed: PackedTensor) -> None:
         packed.checked = None
         check(self, packed)
-        packed.checked = signature(packed)
+        mark_checked(packed)
     return checked
 
 
@@ -157,7 +191,7 @@ def ensure_checked(packed: PackedTensor) -> PackedTensor:
         raise MoeCompressError(f"expected a PackedTensor, got {type(packed).__name__}; pack the weight with a codec first")
     if not is_checked(packed):
         get_codec(packed.codec).check(packed)
-        packed.checked = signature(packed)  # also for a codec registered without register_codec
+        mark_checked(packed)  # also for a codec registered without register_codec
     return packed
 
 
