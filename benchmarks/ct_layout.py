@@ -14,6 +14,8 @@ The recipe: the model loaded with a plain `from_pretrained`, `linearize_moe` (pe
 quantizes; attention stays dense), weights int, symmetric, group strategy, and ignores the routers and lm_head;
 saved with `save_compressed=True`. Calibration: 16 windows of 64 tokens of the shipped calibration text.
 Tensor names are recorded as patterns with the layer and expert indices replaced by {layer} and {expert}.
+`reload_in_plain_transformers` loads the saved checkpoint back with a plain `from_pretrained` (this
+environment's transformers) and compares its logits with the dense model's.
 """
 from __future__ import annotations
 
@@ -59,6 +61,22 @@ def layout(directory: str) -> dict:
     return dict(sorted(out.items()))
 
 
+def reload_check(directory: str) -> dict:
+    """The saved checkpoint loaded back with a plain from_pretrained: missing/unexpected keys and the logits'
+    max abs difference / max abs against the dense demo model on tokens 1..128 (quantization error alone is a
+    few percent; random experts give about 1)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    x = torch.arange(1, 129)[None]
+    # the config's dtype (bfloat16): with dtype=torch.float32 the reloaded router stays bfloat16 and fails
+    m, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+    ref = AutoModelForCausalLM.from_pretrained(MODEL)
+    with torch.no_grad():
+        a, b = m(x).logits.float(), ref(x).logits.float()
+    return {"missing_keys": len(info["missing_keys"]), "unexpected_keys": len(info["unexpected_keys"]),
+            "logits_rel_diff_vs_dense": round(float((a - b).abs().max() / b.abs().max()), 4)}
+
+
 def run(bits: int, group_size: int, nsamples: int, seqlen: int, keep: str | None) -> dict:
     import torch
     from datasets import Dataset
@@ -91,6 +109,7 @@ def run(bits: int, group_size: int, nsamples: int, seqlen: int, keep: str | None
         model.save_pretrained(d, save_compressed=True)
         with open(os.path.join(d, "config.json")) as f:
             cfg = json.load(f)
+        reload = reload_check(d)
         return {"recipe": {"modifier": "GPTQModifier", "config_groups": groups, "ignore": IGNORE,
                            "model": "moecompress/data/demo-model (plain from_pretrained, linearize_moe)",
                            "calibration": f"{nsamples} x {seqlen} tokens of calib_mix.txt"},
@@ -98,6 +117,7 @@ def run(bits: int, group_size: int, nsamples: int, seqlen: int, keep: str | None
                              "compressed_tensors": compressed_tensors.__version__,
                              "transformers": transformers.__version__, "torch": torch.__version__},
                 "config_dtype": cfg.get("dtype", cfg.get("torch_dtype")),
+                "reload_in_plain_transformers": reload,
                 "quantization_config": cfg["quantization_config"],
                 "tensors": layout(d)}
     finally:

@@ -14,7 +14,7 @@ s is kept bit for bit. Per expert projection M, named as the source checkpoint n
     M.weight_scale   float32 (N, K / g)          our fp16 scales, widened exactly
     M.weight_shape   int64 [N, K]
 
-Every other tensor is copied as stored. config.json gets compressed-tensors' quantization_config: one config
+Every other tensor is copied as stored (not the packed checkpoint's guard placeholders). config.json gets compressed-tensors' quantization_config: one config
 group (format pack-quantized, weights int b, symmetric, strategy group, group_size g, actorder "static" when
 the run used --act-order, which keeps groups static as llm-compressor's does), targets as llm-compressor
 writes them for the experts (tests/data/llmcompressor_layout.json, made by benchmarks/ct_layout.py), and an
@@ -218,19 +218,27 @@ def export_compressed_tensors(packed: str, out: str) -> dict:
     qcfg = quantization_config(bits, group_size, targets, _ignore_list(config, arch, set(names.values())),
                                bool(run.get("act_order")))
     codec = get_codec("int")
+    guard = manifest.get("guard") or []  # placeholders under the dense expert names that make plain transformers
+    if not isinstance(guard, list) or not all(isinstance(g, str) for g in guard):  # refuse the packed checkpoint
+        raise MoeCompressError(f"{packed}/{MANIFEST}: malformed 'guard' list")
+    guard = set(guard)
+    shards = []
+    for shard in sorted(manifest["files"]):
+        with safe_open(os.path.join(packed, shard), "pt") as f:
+            if not set(f.keys()) <= guard:
+                shards.append(shard)
     tmp = partial_dir(out)
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp)
     try:
-        shards = sorted(manifest["files"])
         weight_map, total, n_packed = {}, 0, 0
         for j, shard in enumerate(shards):
             stored = _shard_tensors(packed, shard)
             tensors = {}
             mine = {k for n in entries for k in (f"{n}.{f}" for f in FIELDS) if k in stored}
             for k, t in stored.items():
-                if k not in mine:
+                if k not in mine and k not in guard:
                     tensors[k] = t
             for n, e in entries.items():
                 if f"{n}.qweight" not in stored:
