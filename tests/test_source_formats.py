@@ -350,3 +350,30 @@ def test_prune_of_a_quantized_source_writes_a_plain_checkpoint(sources, tmp_path
     assert validate_checkpoint(out).ok
     k = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"  # dense FP8 weights come out dequantized
     assert torch.equal(r.get(k), CheckpointReader(rdir).get(k))
+
+
+def test_fused_fp8_experts_read_per_expert(tiny_dir, tmp_path):
+    """transformers v5's fused layout in FP8: experts.gate_up_proj (E, 2I, H) with scale_inv (E, nb, kb)."""
+    src = tiny_dir("Qwen3Moe", "fused")
+    t = load_file(os.path.join(src, "model.safetensors"))
+    out, want = {}, {}
+    for k, v in t.items():
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            qs = [ref_fp8_quant(v[e], FP8_BLOCK) for e in range(v.shape[0])]
+            out[k], out[k + "_scale_inv"] = torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+            want[k] = torch.stack([ref_fp8_dequant(q, s, FP8_BLOCK) for q, s in qs]).to(torch.bfloat16)
+        else:
+            out[k] = v
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    qcfg = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(FP8_BLOCK), "activation_scheme": "dynamic"}
+    _finish(src, str(tmp_path / "q"), [out], {**cfg, "dtype": "bfloat16", "quantization_config": qcfg})
+    r = CheckpointReader(str(tmp_path / "q"))
+    i = r.moe_layers[-1]
+    fk = r.arch.fused_keys(i, r.prefix)
+    assert r.layout(i) == "fused" and r.expert_shapes(i) == {"gate": (64, 64), "up": (64, 64), "down": (64, 64)}
+    for e in (0, 5):
+        gu = want[fk["gate_up"]][e]  # (2I, H)
+        assert torch.equal(r.get_slice(fk["gate_up"], e), gu)
+        assert torch.equal(r.expert(ExpertKey(i, e, "up")), gu[64:])
+        assert torch.equal(r.expert(ExpertKey(i, e, "down")), want[fk["down"]][e])
+    assert r.expert_params == CheckpointReader(src).expert_params
