@@ -113,7 +113,8 @@ def quantize(model: str | None, out: str, config: QuantizeConfig = QuantizeConfi
     from .distributed import from_env
     from .packed import output_lock
     dist, dev = from_env(device)
-    if not dist.main:
+    if not dist.main:  # rank 0 reports: the others keep to errors
+        log.setLevel(logging.ERROR)
         return _quantize(model, out, config, plan=plan, progress=False, resume=resume, dist=dist, device=dev)
     with output_lock(out, wait=resume):
         return _quantize(model, out, config, plan=plan, progress=progress, resume=resume, dist=dist, device=dev)

@@ -23,7 +23,8 @@ class CalibConfig:
     seqlen: int = 256
     seed: int = 0
     sampler: str = "random"
-    batch_size: int = 8
+    batch_size: int = 8              # windows per accumulation chunk: fixes the order Hessians are summed in
+    forward_tokens: int = 4096       # tokens per forward call of a decoder layer (whole chunks; at least one)
     ebss_tau: float = 1.2            # --sampler ebss: score = NLL + std of log expert usage / tau (MoEQuant's tau)
     ebss_beams: int = 4              # --sampler ebss: beam width
     ebss_expand: int = 8             # --sampler ebss: candidates proposed per beam and step
@@ -35,6 +36,9 @@ class CalibConfig:
             raise MoeCompressError(f"--nsamples must be at least 1, got {self.nsamples}")
         if self.seqlen < 8:
             raise MoeCompressError(f"--seqlen must be at least 8, got {self.seqlen}")
+        if self.batch_size < 1 or self.forward_tokens < 1:
+            raise MoeCompressError(f"batch_size and forward_tokens must be positive, got {self.batch_size}, "
+                                   f"{self.forward_tokens}")
         if not self.ebss_tau > 0 or self.ebss_beams < 1 or self.ebss_expand < 1:
             raise MoeCompressError(f"--ebss-tau must be positive and --ebss-beams, --ebss-expand at least 1, got "
                                    f"{self.ebss_tau}, {self.ebss_beams}, {self.ebss_expand}")

@@ -27,17 +27,23 @@ from ..layerwise import find_experts
 from .moe_cache import CacheChunk, Capture, MoECache
 
 log = logging.getLogger("moecompress")
-FORWARD_TOKENS = 4096  # tokens per forward call of a decoder layer (whole accumulation chunks, at least one)
+
+
+def forward_windows(calib, seqlen: int) -> int:
+    """Windows per forward call: whole accumulation chunks of about `calib.forward_tokens` tokens. The
+    call size is part of the run's options: experts routed only a few tokens in a call round differently
+    in another call size, so it never follows the machine."""
+    return calib.batch_size * max(1, calib.forward_tokens // (calib.batch_size * seqlen))
 
 
 class LayerRunner:
     """Runs decoder layers over the calibration windows: this rank's micro-batches, counted."""
 
-    def __init__(self, streamer, windows: torch.Tensor, batch_size: int, dist, device: torch.device):
+    def __init__(self, streamer, windows: torch.Tensor, calib, dist, device: torch.device):
         S, L = windows.shape
         self.streamer, self.dist, self.device = streamer, dist, device
-        self.chunk = max(1, batch_size)  # windows per accumulation chunk: fixes every summation order
-        self.fwd = self.chunk * max(1, FORWARD_TOKENS // (self.chunk * L))  # windows per forward call
+        self.chunk = calib.batch_size  # windows per accumulation chunk: fixes every summation order
+        self.fwd = forward_windows(calib, L)  # windows per forward call
         self.batches = [(s, min(s + self.fwd, S)) for s in range(0, S, self.fwd)]
         self.mine = list(dist.mine(len(self.batches)))
         self.seqlen = L
@@ -137,7 +143,7 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
                                    "threads": torch.tensor([writer.threads if writer else 0])} if dist.main else None, 0)
     completed, run_threads = int(done["n"][0]), int(done["threads"][0])
     streamer = LayerStreamer(reader, device=device)
-    runner = LayerRunner(streamer, windows, config.calib.batch_size, dist, device)
+    runner = LayerRunner(streamer, windows, config.calib, dist, device)
     records, expert_bytes = [], 0
     for rec in (writer.completed if writer else []):  # --resume: layers already done, their records
         expert_bytes += rec["expert_bytes"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..device import workspace_bytes
-from .pipeline import FORWARD_TOKENS
+from .pipeline import forward_windows
 
 F32 = 4
 
@@ -48,8 +48,7 @@ class RunPrediction:
 
 def predict(reader, config, device) -> RunPrediction:
     S, L = config.calib.nsamples, config.calib.seqlen
-    bs = config.calib.batch_size
-    fwd = min(S, bs * max(1, FORWARD_TOKENS // (bs * L)))
+    fwd = min(S, forward_windows(config.calib, L))
     H = int(reader.config.get("hidden_size") or 0)
     k = int(reader.config.get("num_experts_per_tok") or reader.config.get("moe_topk") or 1)
     per_layer, weights, hess = [], 0, 0
