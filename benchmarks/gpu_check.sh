@@ -23,15 +23,20 @@ rm -rf "$WORK" && mkdir -p "$WORK"
 LOG=${OUT:+$OUT/gpu_check.log}
 LOG=${LOG:-$WORK/gpu_check.log}
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
+DEV=${GPU_CHECK_DEVICE:-cuda}  # where the demo model is quantized and evaluated (cpu for a dry run)
+export PY WORK DEV PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
 unset TRITON_INTERPRET MOECOMPRESS_KERNELS
+if compgen -G ".whl/*.whl" >/dev/null; then  # wheels carried with the working tree: installed by install_pkg
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 SUMMARY=()
 
 exec > >(tee -a "$LOG") 2>&1
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 
-# step NAME LIMIT_S CMD...: run CMD under timeout (at most LIMIT_S, never past the budget), record rc and time
+# step NAME LIMIT_S CMD...: run CMD (a program, or a function of this script: exported, run by bash -c) under
+# timeout (at most LIMIT_S, never past the budget), record rc and time
 step() {
     local name=$1 limit=$2 rc t0 l
     shift 2
@@ -45,7 +50,11 @@ step() {
     echo
     echo "### $name (limit ${limit}s, $(($(date +%s) - START))s elapsed)"
     t0=$(date +%s)
-    timeout -k 10 "$limit" "$@"
+    if declare -F "$1" >/dev/null; then
+        timeout -k 10 "$limit" bash -c "$*"
+    else
+        timeout -k 10 "$limit" "$@"
+    fi
     rc=$?
     local dt=$(($(date +%s) - t0))
     local what="rc=$rc"
@@ -81,14 +90,13 @@ for k, v in need.items():
 EOF
 }
 
-install() {
+install_pkg() {
     if [[ -n "${GPU_CHECK_SKIP_INSTALL:-}" ]]; then  # a dry run in an environment that has moecompress already
         echo "install skipped (GPU_CHECK_SKIP_INSTALL)"
         return 0
     fi
     if compgen -G ".whl/*.whl" >/dev/null; then  # wheels carried with the working tree (device README)
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
-        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
     # --no-deps keeps the machine's torch/triton/transformers (pyproject asks for newer ones than it has)
     "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . ||
@@ -99,27 +107,29 @@ install() {
 MC() { "$PY" -m moecompress.cli "$@"; }
 
 demo_eval() {
-    local demo t0 text=moecompress/data/text/eval_mix.txt
-    demo=$("$PY" -c "from importlib import resources; print(resources.files('moecompress.data') / 'demo-model')") || return 1
-    echo "--- quantize the demo model at 4 bits (GPTQ, 32 calibration windows) on cuda"
+    local data demo t0 text
+    data=$("$PY" -c "from importlib import resources; print(resources.files('moecompress.data'))") || return 1
+    demo=$data/demo-model text=$data/text/eval_mix.txt  # the package's demo model and evaluation text
+    echo "--- quantize the demo model at 4 bits (GPTQ, 32 calibration windows) on $DEV"
     t0=$SECONDS
-    MC -q quantize --out "$WORK/demo-w4" --bits 4 --nsamples 32 --device cuda || return 1
+    MC -q quantize --out "$WORK/demo-w4" --bits 4 --nsamples 32 --device "$DEV" || return 1
     echo "quantize: $((SECONDS - t0)) s"
-    echo "--- eval: the packed 4-bit model on cuda"
+    echo "--- eval: the packed 4-bit model on $DEV"
     t0=$SECONDS
-    MC -q eval "$WORK/demo-w4" --text "$text" --device cuda --json "$WORK/eval_w4.json" || return 1
+    MC -q eval "$WORK/demo-w4" --text "$text" --device "$DEV" --json "$WORK/eval_w4.json" || return 1
     echo "eval packed: $((SECONDS - t0)) s"
-    echo "--- eval: the original demo model on cuda"
+    echo "--- eval: the original demo model on $DEV"
     t0=$SECONDS
-    MC -q eval "$demo" --text "$text" --device cuda --json "$WORK/eval_orig.json" || return 1
+    MC -q eval "$demo" --text "$text" --device "$DEV" --json "$WORK/eval_orig.json" || return 1
     echo "eval original: $((SECONDS - t0)) s"
     "$PY" -c "import json, sys; q, o = (json.load(open(p))['perplexity'] for p in sys.argv[1:]); \
-print(f'eval_mix perplexity on cuda: 4-bit packed {q:.3f}, original {o:.3f} ({100 * (q / o - 1):+.1f}%)')" \
+print(f'eval_mix perplexity: 4-bit packed {q:.3f}, original {o:.3f} ({100 * (q / o - 1):+.1f}%)')" \
         "$WORK/eval_w4.json" "$WORK/eval_orig.json"
 }
 
+export -f env_report install_pkg MC demo_eval
 step environment 60 env_report
-step install 90 install
+step install 90 install_pkg
 step cuda-tests 200 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider -rs --durations=8
 step demo-eval 100 demo_eval
 step kernel-speed 150 "$PY" benchmarks/kernel_speed.py --short

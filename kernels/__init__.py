@@ -10,7 +10,9 @@ Public API (nothing here imports triton; kernels load on first use):
     moe_reference(...)                            the torch reference of the same
 
 Kernels accelerate the codecs' torch reference, they never define it; tests run them on the CPU under
-TRITON_INTERPRET=1.
+TRITON_INTERPRET=1 (and compile every variant for sm_90 without a GPU), and on CUDA in tests/test_cuda.py.
+A PackedTensor is validated by its codec once (`moecompress.codecs.ensure_checked`); with prepared
+experts the MoE forward on the Triton path does not synchronise with the host.
 """
 from __future__ import annotations
 

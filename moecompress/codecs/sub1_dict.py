@@ -154,7 +154,7 @@ def encode_rows(codes: torch.Tensor, dictionary: torch.Tensor) -> Parse:
 def coded_codewords(trie: Trie, streams: list[torch.Tensor]) -> int:
     """Codewords needed for every (R, L) pair-symbol matrix of `streams`, its rows as one stream."""
     w = walker(trie)
-    return sum(parse_rows(w, S)[0].numel() for S in streams)
+    return sum(parse_rows(w, S.cpu())[0].numel() for S in streams)
 
 
 def symbol_counts(code_streams) -> torch.Tensor:
@@ -176,7 +176,7 @@ def build_dictionary(code_streams, max_entries: int = MAX_ENTRIES, max_len: int 
     symbols), largest size first, stopping once the cost rises: the build time stays bounded on large
     models.
     """
-    code_streams = list(code_streams)
+    code_streams = [c.detach().cpu() for c in code_streams]  # the trie is built and walked on the host
     counts = symbol_counts(code_streams)
     rows = sum(c.shape[0] for c in code_streams)
     symbols = sum(c.shape[0] * ((c.shape[1] + 1) // 2) for c in code_streams)
