@@ -161,6 +161,7 @@ def test_symmetric_checkpoint_records_its_grid(sym4):
     plan = json.load(open(os.path.join(s4, "run", "plan.json")))
     assert all(e["options"] == {"sym": 1} for e in plan["experts"])
     assert json.load(open(os.path.join(s4, "run", "run_config.json")))["config"]["symmetric"] is True
+    assert json.load(open(os.path.join(s4, "moecompress.json")))["int_grids"] == ["symmetric"]
     with safe_open(os.path.join(s4, "layer-00001.safetensors"), "pt") as f:
         zeros = [f.get_tensor(k) for k in f.keys() if k.endswith(".zeros")]
     assert len(zeros) == 24 and all(bool((z == 8).all()) for z in zeros)
@@ -329,6 +330,25 @@ def _set_bits(man, pick, bits):
 ])
 def test_export_refuses_what_the_format_cannot_represent(tiny_sym4, tmp_path, edit, match):
     _refused(_edited_copy(tiny_sym4, str(tmp_path / "p"), **edit), tmp_path, match)
+
+
+def test_export_reads_the_zero_points_not_only_the_record(tiny_sym4, tmp_path):
+    """A checkpoint whose stored zero points are off the midpoint is refused even where the manifest says
+    nothing about its grids (checkpoints written before "int_grids")."""
+    from safetensors.torch import load_file, save_file
+
+    from moecompress.packed import sha256_file
+    packed = _edited_copy(tiny_sym4, str(tmp_path / "p"), manifest=lambda m: m.pop("int_grids"))
+    man = json.load(open(os.path.join(packed, "moecompress.json")))
+    shard = "layer-00001.safetensors"
+    p = os.path.join(packed, shard)
+    t = load_file(p)
+    k = sorted(x for x in t if x.endswith(".zeros"))[0]
+    t[k][0, 0] = 7
+    save_file(t, p, metadata={"format": "pt"})
+    man["files"][shard] = {"bytes": os.path.getsize(p), "sha256": sha256_file(p)}
+    json.dump(man, open(os.path.join(packed, "moecompress.json"), "w"))
+    _refused(packed, tmp_path, "asymmetric grid .*" + re.escape(k[:-len(".zeros")]))
 
 
 def test_export_cli_one_line_and_existing_output(tiny_sym4, tmp_path, capsys):

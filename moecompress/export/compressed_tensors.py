@@ -128,6 +128,9 @@ def check_exportable(packed: str, manifest: dict, config: dict, arch) -> tuple[i
     bits = next(iter(routed or shared))
     if bits not in BITS:
         raise refuse(f"int{bits} experts: vLLM's MoE kernels serve int4 and int8 only")
+    if "asymmetric" in (manifest.get("int_grids") or []):  # recorded by quantize (the zero points decide too)
+        raise refuse("asymmetric grid (quantized without --symmetric); transformers' MoE loader keeps no zero "
+                     "points: quantize with --symmetric")
     groups = sorted({(e.get("attrs") or {}).get("group_size") for e in entries})
     if len(groups) > 1:
         raise refuse(f"mixed group sizes {groups}")

@@ -67,6 +67,7 @@ def finish_run(writer, reader, config: QuantizeConfig, specs: dict, windows: tor
         "expert_bits_per_param": round(bits, 6), "total_bytes": total_bytes, "source_total_bytes": reader.total_bytes,
         "expert_bytes": expert_bytes, "fallback_experts": fallback,
         "expert_bits": {f"{i}.{e}": s.label for (i, e), s in sorted(specs.items())},
+        "int_grids": sorted({"symmetric" if s.option("sym") else "asymmetric" for s in specs.values() if s.codec == "int"}),
     }
     summary = {"expert_bits_per_param": round(bits, 4), "source_bytes": reader.total_bytes, "packed_bytes": total_bytes,
                "compression": round(reader.total_bytes / total_bytes, 3), "seconds": round(seconds, 1),
