@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -106,21 +107,22 @@ def tensor_plan(cfg) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def fill(name: str, shape: tuple[int, ...], gen, router_norm: float):
-    """Random bf16 weights: norms 1, correction biases 0, router rows of one norm, the rest N(0, 0.02)."""
+    """Random bf16 weights (drawn on gen's device, returned on the CPU): norms 1, correction biases 0,
+    router rows of one norm, the rest N(0, 0.02)."""
     import torch
     if name.endswith("e_score_correction_bias"):
         return torch.zeros(shape, dtype=torch.bfloat16)
     if len(shape) == 1:
         return torch.ones(shape, dtype=torch.bfloat16)
-    w = torch.randn(shape, generator=gen)
+    w = torch.randn(shape, generator=gen, device=gen.device)
     if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):  # (E, H) router
-        return (w / w.norm(dim=1, keepdim=True) * router_norm).to(torch.bfloat16)
-    return (w * 0.02).to(torch.bfloat16)
+        return (w / w.norm(dim=1, keepdim=True) * router_norm).to(torch.bfloat16).cpu()
+    return (w * 0.02).to(torch.bfloat16).cpu()
 
 
-def write_checkpoint(path: str, name: str, experts: int, layers: int, seed: int = 0) -> None:
-    """Write the synthetic checkpoint shard by shard (at most SHARD_BYTES in memory); reuse it when the
-    spec file says it is the same."""
+def write_checkpoint(path: str, name: str, experts: int, layers: int, seed: int = 0, device: str = "cpu") -> None:
+    """Write the synthetic checkpoint shard by shard (at most SHARD_BYTES in memory), drawing the weights
+    on `device`; reuse it when the spec file says it is the same."""
     import torch
     from safetensors.torch import save_file
     want = {"shape": name, "experts": experts, "layers": layers, "seed": seed, "vocab": VOCAB, "version": 1}
@@ -133,7 +135,7 @@ def write_checkpoint(path: str, name: str, experts: int, layers: int, seed: int 
     cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
     plan = tensor_plan(cfg)
     shards, cur, cur_bytes = [], {}, 0  # shards: the names in each
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     for n, (k, shape) in enumerate(plan):
         cur[k] = fill(k, shape, gen, router_norm=2.0)
         cur_bytes += cur[k].numel() * 2
@@ -164,11 +166,11 @@ def write_checkpoint(path: str, name: str, experts: int, layers: int, seed: int 
 
 # ---------------------------------------------------------------- child processes
 
-def run_child(cmd: list[str], log: str, env: dict) -> dict:
+def run_child(cmd: list[str], log: str, env: dict, cwd: str = ROOT) -> dict:
     """Run cmd to completion with stdout+stderr to `log`: wall seconds, exit code, its peak RSS in bytes."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         _, status, ru = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
     return {"seconds": time.perf_counter() - t0, "rc": p.returncode, "peak_rss_bytes": ru.ru_maxrss * 1024}
@@ -179,18 +181,34 @@ def tail(log: str, n: int = 6) -> str:
         return "".join(f.readlines()[-n:])
 
 
-def moecompress_cmd() -> list[str]:
+# a checkout that is not pip-installed (a GPU machine): calibration/ and kernels/ are found as
+# moecompress.calibration and moecompress.kernels (what pyproject's package-dir does on install)
+BOOTSTRAP = ("import sys; sys.path.insert(0, {root!r}); import moecompress; moecompress.__path__.append({root!r}); "
+             "from moecompress.cli import main; sys.argv[0] = 'moecompress'; sys.exit(main())")
+
+
+def importable_checkout() -> None:
+    """Make this process import moecompress.calibration from the checkout when it is not installed."""
+    import moecompress
+    try:
+        import moecompress.calibration  # noqa: F401
+    except ImportError:
+        moecompress.__path__.append(ROOT)
+
+
+def default_moecompress_cmd() -> str:
     exe = os.path.join(os.path.dirname(sys.executable), "moecompress")
-    return [exe] if os.path.exists(exe) else [sys.executable, "-c", "import sys; from moecompress.cli import main; sys.exit(main())"]
+    if os.path.exists(exe):
+        return exe
+    return f"{sys.executable} -c {shlex.quote(BOOTSTRAP.format(root=ROOT))}"
 
 
-def quantize_help(env: dict) -> str:
-    return subprocess.run(moecompress_cmd() + ["quantize", "--help"], capture_output=True, text=True, env=env,
-                          cwd=ROOT).stdout
+def quantize_help(cmd: list[str], env: dict) -> str:
+    return subprocess.run(cmd + ["quantize", "--help"], capture_output=True, text=True, env=env, cwd=ROOT).stdout
 
 
 def run_ours(ckpt: str, out: str, a, env: dict, has_device: bool) -> dict:
-    cmd = moecompress_cmd() + ["quantize", ckpt, "--out", out, "--bits", str(a.bits), "--group-size",
+    cmd = shlex.split(a.moecompress_cmd) + ["quantize", ckpt, "--out", out, "--bits", str(a.bits), "--group-size",
                                str(a.group_size), "--calib", a.calib, "--nsamples", str(a.nsamples),
                                "--seqlen", str(a.seqlen), "--seed", str(a.seed)]
     if has_device:
@@ -211,24 +229,28 @@ def ensure_peer_venv(venv: str) -> str | None:
     printed reason when it cannot be made."""
     py = os.path.join(venv, "bin", "python")
     probe = [py, "-c", "import llmcompressor, transformers, datasets"]
-    if os.path.exists(py) and subprocess.run(probe, capture_output=True).returncode == 0:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if os.path.exists(py) and subprocess.run(probe, capture_output=True, env=env, cwd="/").returncode == 0:
         return py
     print(f"creating {venv} (torch==2.13.0 + llmcompressor) ...", flush=True)
     script = (f"if ! {py} -c 'import llmcompressor' 2>/dev/null; then python3 -m venv {venv} && "
               f"{venv}/bin/pip install -q torch==2.13.0 llmcompressor; fi")
-    r = subprocess.run(["flock", "/tmp/llmc-venv.lock", "bash", "-c", script], capture_output=True, text=True)
-    if r.returncode != 0 or subprocess.run(probe, capture_output=True).returncode != 0:
+    r = subprocess.run(["flock", "/tmp/llmc-venv.lock", "bash", "-c", script], capture_output=True, text=True,
+                       env=env, cwd="/")
+    if r.returncode != 0 or subprocess.run(probe, capture_output=True, env=env, cwd="/").returncode != 0:
         print(f"llm-compressor skipped: could not create {venv}: {(r.stderr or r.stdout).strip()[-300:]}")
         return None
     return py
 
 
 def run_peer(py: str, ckpt: str, out: str, windows_file: str, a, env: dict) -> dict:
+    """llm-compressor in its own venv: nothing of this checkout on its path (PYTHONPATH dropped)."""
+    env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
     cmd = [py, os.path.join(HERE, "scale_peer.py"), ckpt, "--out", out, "--windows", windows_file,
            "--bits", str(a.bits), "--group-size", str(a.group_size), "--device", a.device,
            "--result", out + ".json"]
     shutil.rmtree(out, ignore_errors=True)
-    r = run_child(cmd, out + ".log", env)
+    r = run_child(cmd, out + ".log", env, cwd=os.path.dirname(out))
     r["cmd"] = " ".join(cmd)
     r["log"] = out + ".log"
     r["result"] = json.load(open(out + ".json")) if os.path.exists(out + ".json") else {}
@@ -277,7 +299,7 @@ def row(name: str, experts: int, params: int, ours: dict, peer: dict | None, dev
 
 
 def print_table(rows: list[dict], gpu: bool) -> None:
-    head = ("shape", "experts (of real)", "expert params", "ours s", "s/B" if not gpu else "min/B", "forwards/stage",
+    head = ("shape", "experts (of real)", "expert params", "ours s", "s/B" if not gpu else "min/B", "layer fwd/layer",
             "peak RSS (weights+hess+acts, ratio)", "peak dev", "llm-c s", "llm-c s/B", "llm-c RSS", "speed ratio")
     lines = [head]
     for r in rows:
@@ -333,8 +355,11 @@ def main() -> None:
                     ", ".join(f"{k}={v['default_cap']}" for k, v in SHAPES.items()))
     ap.add_argument("--calib", default=CALIB, help="calibration text (default: moecompress's calib_mix.txt)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (passed on when quantize has --device)")
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
-                    help="torch threads of both children (default $OMP_NUM_THREADS or 1)")
+    ap.add_argument("--threads", type=int, help="torch threads of both children (default $OMP_NUM_THREADS or 1; "
+                    "with --gpu all cores)")
+    ap.add_argument("--moecompress-cmd", default=default_moecompress_cmd(),
+                    help="how to start moecompress (default: this venv's entry point, else the checkout); e.g. "
+                    "'torchrun --nproc-per-node 2 -m moecompress'")
     ap.add_argument("--skip-peer", action="store_true", help="do not run llm-compressor")
     ap.add_argument("--peer-venv", default="/work/llmc-venv", help="llm-compressor's virtual environment")
     ap.add_argument("--workdir", default="/tmp/moecompress-scale", help="checkpoints and outputs")
@@ -346,13 +371,16 @@ def main() -> None:
     if a.gpu:
         a.models, a.device, a.skip_peer = "deepseek-v3", ("cuda" if a.device == "cpu" else a.device), True
         a.experts_cap = a.experts_cap or ["deepseek-v3=32"]
+    if a.threads is None:
+        a.threads = os.cpu_count() if a.gpu else int(os.environ.get("OMP_NUM_THREADS", "1"))
+    importable_checkout()
     names = [n.strip() for n in a.models.split(",") if n.strip()]
     bad = [n for n in names if n not in SHAPES]
     if bad:
         raise SystemExit(f"unknown shape {bad[0]!r}; choose from {', '.join(SHAPES)}")
     caps = parse_caps(a.experts_cap)
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
-    has_device = "--device" in quantize_help(env)
+    has_device = "--device" in quantize_help(shlex.split(a.moecompress_cmd), env)
     print(f"moecompress quantize {'has' if has_device else 'has no'} --device; threads {a.threads}; "
           f"{a.nsamples} windows of {a.seqlen} tokens (seed {a.seed}); {a.bits} bits, group {a.group_size}", flush=True)
     peer_py = None if a.skip_peer else ensure_peer_venv(a.peer_venv)
@@ -361,9 +389,12 @@ def main() -> None:
     for name in names:
         s = SHAPES[name]
         E = min(caps.get(name, s["default_cap"]), s["real"])
+        top_k = s["config"]["num_experts_per_tok"]
+        if E < top_k:
+            raise SystemExit(f"--experts-cap: {s['real_name']} routes each token to {top_k} experts; give it at least {top_k}")
         ckpt = os.path.join(a.workdir, f"{name}-e{E}-l{a.layers}")
         t0 = time.perf_counter()
-        write_checkpoint(ckpt, name, E, a.layers)
+        write_checkpoint(ckpt, name, E, a.layers, device="cuda" if a.device.startswith("cuda") else "cpu")
         cfg = json.load(open(os.path.join(ckpt, "config.json")))
         I, H = cfg["moe_intermediate_size" if "moe_intermediate_size" in cfg else "intermediate_size"], cfg["hidden_size"]
         params = a.layers * (E + cfg.get("n_shared_experts", 0)) * 3 * I * H
