@@ -163,8 +163,11 @@ class LayerStreamer:
         layer = layer.to(self.dtype)
         if moe:
             if experts is None:
-                stacked = {p: t.to(self.device) for p, t in r.layer_experts(i, self.dtype).items()}
-                experts = [{p: stacked[p][e] for p in PROJS} for e in range(stacked["gate"].shape[0])]
+                # one tensor per expert and projection (not views of a stacked copy): each is freed as soon as
+                # the quantize pass replaces it, so a layer's experts are never held twice
+                from .arch import ExpertKey
+                experts = [{p: r.expert(ExpertKey(i, e, p)).to(device=self.device, dtype=self.dtype) for p in PROJS}
+                           for e in range(r.layer_num_experts(i))]
                 b = r.layer_expert_biases(i, self.dtype)
                 b = None if b is None else {p: t.to(self.device) for p, t in b.items()}
                 biases = None if b is None else [{p: b[p][e] for p in PROJS} for e in range(len(experts))]
