@@ -118,13 +118,23 @@ def _classes():
             ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
             model._keys_to_ignore_on_load_unexpected = ignore | {f"^{re.escape(k)}$" for k in v.skip}
             self.manifest = v.manifest
+            # decode tables are non-persistent buffers, which transformers re-creates empty after loading
+            self.tables = {name: dict(m._buffers) for name, m in model.named_modules()
+                           if m.__class__.__name__ == "MoEExperts" and m.shared_tables()}
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             from .experts import MoEExperts
+            for name, bufs in getattr(self, "tables", {}).items():
+                m = model.get_submodule(name)
+                for k, t in bufs.items():
+                    if k.startswith("sub1_dictionary_"):
+                        m._buffers[k] = t.to(_device_of(m, t))
+            self.tables = {}
             for m in model.modules():
                 if isinstance(m, MoEExperts):
                     m._sync()
+            keep_rotary_float32(model)
             model.moecompress_manifest = self.manifest
             model._weight_conversions = []  # the packed names are ours: nothing to revert on save
             _bind_save(model)
@@ -142,6 +152,14 @@ def _classes():
 
     _CLASSES.extend([MoeCompressConfig, MoeCompressHfQuantizer])
     return _CLASSES
+
+
+def _device_of(module, default):
+    """Where a module's packed buffers landed (the first real one), for the tables that go beside them."""
+    for t in module.buffers():
+        if t.device.type != "meta":
+            return t.device
+    return default.device
 
 
 def _cpu_only(device_map) -> bool:
@@ -172,10 +190,24 @@ def packed_state_dict(model) -> dict:
             for k, t in sd.items()}
 
 
+def keep_rotary_float32(model) -> None:
+    """Rotary tables (`inv_freq` buffers) follow the device but keep float32 under `.to(dtype)`: that is how
+    from_pretrained(dtype=...) builds them, so `load(p).to(bf16)` computes what `load(p, dtype=bf16)` does."""
+    import types
+    from .experts import _apply_keep_dtype
+    for m in model.modules():
+        if isinstance(m._buffers.get("inv_freq"), __import__("torch").Tensor) and not m._parameters:
+            m._apply = types.MethodType(_apply_keep_dtype, m)
+
+
 def _bind_save(model) -> None:
     """`model.save_pretrained(d)`: transformers writes the shards and config (no reverse renaming), then the
-    manifest is written with the new files' sizes and checksums."""
+    manifest is written with the new files' sizes and checksums. `.half()` and `.float()`, which transformers
+    refuses on quantized models, cast the compute dtype (packed tensors keep theirs: `PackedWeight`)."""
+    import torch
     cls_save = type(model).save_pretrained
+    model.half = lambda: torch.nn.Module.half(model)
+    model.float = lambda: torch.nn.Module.float(model)
 
     def save_pretrained(save_directory, *args, **kwargs):
         kwargs["save_original_format"] = False

@@ -1,0 +1,203 @@
+"""transformers integration: from_pretrained through the registered quantizer, refusal without it,
+save/load round trips, dtype casts that leave packed tensors alone, device maps with offload, merged
+checkpoints, and packed bytes resident once on both kernel paths."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # read when triton wraps the kernels; only MOECOMPRESS_KERNELS=triton uses them on CPU
+
+import pytest
+import torch
+
+import moecompress
+from moecompress import api
+from moecompress.codecs import PackedTensor, decode
+from moecompress.config import CalibConfig, QuantizeConfig
+from moecompress.experts import MoEExperts, PackedWeight
+
+DEMO = api.builtin_model_path()
+X = torch.arange(1, 65)[None]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _quantize(out, **kw):
+    cfg = QuantizeConfig(group_size=64, calib=CalibConfig(nsamples=4, seqlen=32), **kw)
+    api.quantize(None, str(out), cfg, progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def q4(tmp_path_factory):
+    return _quantize(tmp_path_factory.mktemp("hf") / "q4", bits=4)
+
+
+def _packed(model) -> dict[str, torch.Tensor]:
+    return {k: t for k, t in model.state_dict().items() if ".experts." in k and not k.endswith("_bias")}
+
+
+def _dense_reference(packed_model):
+    """The demo model in float32 with every expert replaced by its decoded packed weights."""
+    import transformers as tf
+    ref = tf.AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
+    for i, layer in enumerate(packed_model.model.layers):
+        ex = layer.mlp.experts
+        dense = ref.model.layers[i].mlp.experts
+        for e, w in enumerate(ex.weights):
+            gate, up, down = (decode(w[p]).float() for p in ("gate", "up", "down"))
+            dense.gate_up_proj.data[e] = torch.cat([gate, up])  # (2I, H): gate rows, then up rows
+            dense.down_proj.data[e] = down
+    return ref
+
+
+def test_from_pretrained_matches_dense_dequantized_model(q4):
+    import transformers as tf
+    hf = tf.AutoModelForCausalLM.from_pretrained(q4).eval()  # dtype "auto": float32 on the CPU
+    assert hf.dtype == torch.float32
+    assert isinstance(hf.model.layers[0].mlp.experts, MoEExperts)
+    with torch.no_grad():
+        got = hf(X).logits
+        want = _dense_reference(hf)(X).logits
+        d = (got - want).abs().max().item()
+        assert d <= 1e-5, d
+        d_load = (moecompress.load(q4)(X).logits - got).abs().max().item()
+    assert d_load <= 1e-6, d_load
+
+
+def test_registration_is_idempotent():
+    from transformers.quantizers import auto
+    from moecompress.hf_quantizer import install_import_hook, register
+    cls = auto.AUTO_QUANTIZER_MAPPING["moecompress"]
+    register()
+    install_import_hook()
+    assert auto.AUTO_QUANTIZER_MAPPING["moecompress"] is cls
+
+
+def test_save_pretrained_round_trip(q4, tmp_path):
+    m = moecompress.load(q4)
+    m.save_pretrained(tmp_path / "rt")
+    files = set(os.listdir(tmp_path / "rt"))
+    assert "moecompress.json" in files and "config.json" in files
+    assert json.load(open(tmp_path / "rt" / "config.json"))["quantization_config"]["quant_method"] == "moecompress"
+    back = moecompress.load(str(tmp_path / "rt"))  # validates the new manifest's checksums
+    a, b = _packed(m), _packed(back)
+    assert a.keys() == b.keys() and len(a) == 4 * 8 * 3 * 3
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert torch.equal(m(X).logits, back(X).logits)
+
+
+def test_cast_leaves_packed_tensors_bit_identical(q4):
+    m = moecompress.load(q4)
+    before = {k: t.clone() for k, t in _packed(m).items()}
+    assert {t.dtype for t in before.values()} == {torch.uint8, torch.float16}
+    for cast in (lambda x: x.to(torch.bfloat16), lambda x: x.half(), lambda x: x.bfloat16()):
+        after = _packed(cast(m))
+        assert all(after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]) for k in before)
+    m = moecompress.load(q4).to(torch.bfloat16)  # straight from float32, as a user would
+    assert m.model.embed_tokens.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        a = m(X).logits.float()
+        b = moecompress.load(q4, dtype=torch.bfloat16)(X).logits.float()
+    assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_device_argument_forms_pick_the_same_dtype(q4):
+    assert moecompress.load(q4, device=torch.device("cpu")).dtype == moecompress.load(q4, device="cpu").dtype == torch.float32
+
+
+def test_device_map_with_offload_on_cpu(q4, tmp_path):
+    import transformers as tf
+    dm = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "cpu",
+          "model.layers.3": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    hf = tf.AutoModelForCausalLM.from_pretrained(q4, device_map=dm, offload_folder=str(tmp_path / "off")).eval()
+    with torch.no_grad():
+        d = (hf(X).logits - moecompress.load(q4)(X).logits).abs().max().item()
+    assert d <= 1e-6, d
+
+
+PLAIN = """
+import sys, transformers as tf
+try:
+    tf.AutoModelForCausalLM.from_pretrained(sys.argv[1])
+except Exception as e:
+    print("refused:", type(e).__name__); sys.exit(0)
+print("built"); sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("kw", [dict(bits=2), dict(bits=3), dict(bits=8), dict(bits=1.6, method="ternary"),
+                                dict(bits=1, method="ternary")], ids=["int2", "int3", "int8", "ternary", "sub1"])
+def test_plain_transformers_refuses_every_codec(tmp_path, kw):
+    out = _quantize(tmp_path / "q", method=kw.pop("method", "rtn"), **kw)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", PLAIN, out], capture_output=True, text=True, env=env, cwd=str(tmp_path))
+    assert r.returncode == 0 and "refused" in r.stdout, r.stdout + r.stderr[-2000:]
+    m = moecompress.load(out)  # and the registered path loads it
+    with torch.no_grad():
+        assert torch.isfinite(m(X).logits).all()
+
+
+def test_merged_checkpoint_loads_through_from_pretrained(tmp_path):
+    import transformers as tf
+    from moecompress.merge import pipeline
+    merged = str(tmp_path / "merged")
+    pipeline.run_merge(DEMO, merged, ratio=0.75, calib=CalibConfig(nsamples=4, seqlen=32), progress=False)
+    out = str(tmp_path / "mq")
+    api.quantize(merged, out, QuantizeConfig(bits=4, group_size=64, method="rtn", calib=CalibConfig(nsamples=2, seqlen=32)),
+                 progress=False)
+    counts = json.load(open(os.path.join(out, "config.json")))["moecompress_merge"]
+    hf = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    sizes = [len(layer.mlp.experts.weights) for layer in hf.model.layers]
+    assert sizes != [8] * 4, (sizes, counts)
+    with torch.no_grad():
+        d = (hf(X).logits - moecompress.load(out)(X).logits).abs().max().item()
+    assert d <= 1e-6, d
+
+
+def _resident_bytes(model) -> tuple[int, int]:
+    """(packed expert bytes, decode-table bytes) held by the experts modules, each storage counted once:
+    per-expert buffers, and on the Triton path the prepared (stacked) operands."""
+    seen, packed, tables = set(), 0, 0
+    for mod in model.modules():
+        if not isinstance(mod, MoEExperts):
+            continue
+        ts = [(k, t) for k, t in mod.named_buffers() if not k.endswith("_bias")]
+        if getattr(mod, "_prepared", None) is not None:
+            ts += [(k, t) for g in mod._prepared.stage1 + mod._prepared.stage2 for k, t in g.tensors.items()]
+        for k, t in ts:
+            s = t.untyped_storage()
+            if s.data_ptr() in seen:
+                continue
+            seen.add(s.data_ptr())
+            if "dictionary" in k:
+                tables += s.nbytes()
+            else:
+                packed += s.nbytes()
+    return packed, tables
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_packed_bytes_resident_once(q4, backend, monkeypatch):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("MOECOMPRESS_KERNELS", backend)
+    m = moecompress.load(q4)
+    with torch.no_grad():
+        m(X[:, :8])
+    disk = json.load(open(os.path.join(q4, "moecompress.json")))["expert_bytes"]
+    packed, tables = _resident_bytes(m)
+    if backend == "triton":
+        assert all(mod._prepared is not None for mod in m.modules() if isinstance(mod, MoEExperts))
+    assert disk <= packed <= 1.05 * disk, (packed, disk)
+    assert tables <= len(m.model.layers) * (1 << 20)
