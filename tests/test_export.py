@@ -273,6 +273,18 @@ def test_shared_experts_export_and_load(tiny_dir, tmp_path):
         assert float((_plain_load(ct)(x).logits - dense_reference(s4)(x).logits).abs().max()) <= 1e-5
 
 
+@pytest.mark.parametrize("family", ["Qwen3Moe", "Olmoe", "DeepseekV3", "Phimoe"])
+def test_every_per_expert_family_exports_exactly(tiny_dir, tmp_path, family):
+    """Each family's checkpoint names load through transformers' own conversion mapping (DeepSeek-V3: a dense
+    first layer and shared experts; Phi-MoE: a renamed router)."""
+    s4 = _quantize(tiny_dir(family, "native"), str(tmp_path / "s4"), bits=4, group_size=16, method="rtn",
+                   symmetric=True, calib=_calib(2, 32))
+    ct = _export(s4, str(tmp_path / "ct"))["out"]
+    x = X[:, :48]
+    with torch.no_grad():
+        assert float((_plain_load(ct)(x).logits - dense_reference(s4)(x).logits).abs().max()) <= 1e-5
+
+
 # ---- refusals: one line, nothing written ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -307,10 +319,12 @@ def _edited_copy(src: str, dst: str, manifest=None, config=None, run=None) -> st
     (dict(bits=2, method="rtn", symmetric=True), "int2 experts"),
     (dict(bits=1.6, method="ternary", group_size=None), "ternary experts"),
     (dict(bits=4, method="rtn", symmetric=True, router_bits=4), "router is quantized"),
+    (dict(bits=4, method="rtn", symmetric=True, family="GptOss"), "fused experts with biases"),
 ])
 def test_export_refuses_what_a_run_made(tiny_dir, tmp_path, kw, match):
     kw.setdefault("group_size", 16)
-    packed = _quantize(tiny_dir("Mixtral", "native"), str(tmp_path / "p"), calib=_calib(2, 32), **kw)
+    family = kw.pop("family", "Mixtral")
+    packed = _quantize(tiny_dir(family, "native"), str(tmp_path / "p"), calib=_calib(2, 32), **kw)
     _refused(packed, tmp_path, match)
 
 
