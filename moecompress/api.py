@@ -138,7 +138,7 @@ def _quantize(model: str | None, out: str, config: QuantizeConfig, *, plan: str 
     allocator = None
     if config.allocation == "lp" or plan:
         from .passes.allocate import Allocator  # LP bit allocation / replayed plan: checked from shapes here
-        allocator = Allocator(reader, config, plan)
+        allocator = Allocator(reader, config, plan, device)
     else:
         specs = plan_specs(reader, config)
     check_shared_widths(reader, config)  # the shared experts' group size, from shapes, before any weight is read

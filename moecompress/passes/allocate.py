@@ -42,10 +42,11 @@ from ..allocation.plan import read_plan, validate_plan
 from ..arch import PROJS
 from ..codecs import QuantSpec
 from ..config import QuantizeConfig, resolve_group_size
+from ..device import workspace_bytes
 from ..errors import MoeCompressError
 from .calibrate import HessianCollector, expert_chunks
 from .encoder import EstimateSizer
-from .quantize import HESSIAN_BUDGET, _quantize_group
+from .quantize import _quantize_group
 
 log = logging.getLogger("moecompress")
 SAMPLE_TOKENS = 1024
@@ -64,13 +65,14 @@ class LayerSensitivity:
     """Observer of one MoE layer: counts, gate mass, a capped seeded sample of routed inputs, and (for
     experts in `subset`) the Hessians of gate/up inputs x and of down inputs h."""
 
-    def __init__(self, E: int, H: int, I: int, subset, affinity: bool, cap: int, seed: int, hessians: bool = True):
-        self.hx = HessianCollector(E, H, "x", subset=subset if hessians else [], affinity=affinity)
-        self.hh = HessianCollector(E, I, "h", subset=subset if hessians else [], affinity=affinity)
+    def __init__(self, E: int, H: int, I: int, subset, affinity: bool, cap: int, seed: int, hessians: bool = True,
+                 device=None):
+        self.hx = HessianCollector(E, H, "x", subset=subset if hessians else [], affinity=affinity, device=device)
+        self.hh = HessianCollector(E, I, "h", subset=subset if hessians else [], affinity=affinity, device=device)
         self.cap = cap
-        self.gen = torch.Generator().manual_seed(seed)
-        self.X = [torch.zeros(0, H) for _ in range(E)]
-        self.g = [torch.zeros(0) for _ in range(E)]
+        self.gen = torch.Generator().manual_seed(seed)  # CPU: the same keys on every device
+        self.X = [torch.zeros(0, H, device=device) for _ in range(E)]
+        self.g = [torch.zeros(0, device=device) for _ in range(E)]
         self.key = [torch.zeros(0) for _ in range(E)]
 
     def __call__(self, e, tok, x, h, w):
@@ -80,7 +82,7 @@ class LayerSensitivity:
         X, g = torch.cat([self.X[e], x.float()]), torch.cat([self.g[e], w.float()])
         if keys.numel() > self.cap:
             keep = torch.topk(keys, self.cap, largest=False).indices.sort().values
-            keys, X, g = keys[keep], X[keep], g[keep]
+            keys, X, g = keys[keep], X[keep.to(X.device)], g[keep.to(g.device)]
         self.key[e], self.X[e], self.g[e] = keys, X, g
 
     @property
@@ -104,7 +106,7 @@ def layer_eps(ex, obs: LayerSensitivity, chunk: list[int], candidates, method: s
         Hx, Hh = obs.hx.stacked(chunk), obs.hh.stacked(chunk)  # (G, H, H), (G, I, I)
         for j, e in enumerate(chunk):  # too few tokens: identity Hessian == round-to-nearest
             if e in fallback:
-                Hx[j], Hh[j] = torch.eye(H), torch.eye(I)
+                Hx[j], Hh[j] = torch.eye(H, device=Hx.device), torch.eye(I, device=Hh.device)
     for c, spec in enumerate(candidates):
         budgeted = spec.option("target_bits", None) is not None  # sub1: search the threshold that fits
         gu = _quantize_group(Wgu, Hx, spec, method, gcfg, EstimateSizer(spec, [I, I]) if budgeted else None)[0].deq
@@ -118,21 +120,25 @@ def layer_eps(ex, obs: LayerSensitivity, chunk: list[int], candidates, method: s
 
 
 def sensitivity_pass(reader, config: QuantizeConfig, candidates, windows: torch.Tensor, *,
-                     sample_tokens: int = SAMPLE_TOKENS, progress: bool = True) -> dict:
-    """Stream the original model; returns {"tokens", "gate_mass": (L, E), "eps": (L, E, C), "seconds"}."""
+                     sample_tokens: int = SAMPLE_TOKENS, progress: bool = True, device=None) -> dict:
+    """Stream the original model on `device`; returns {"tokens", "gate_mass": (L, E), "eps": (L, E, C), "seconds"}.
+    Each MoE layer runs twice (the MoE cache, then its output for the next layer); expert chunks replay
+    the cache (passes/moe_cache.py)."""
     from ..api import _progress
+    from ..distributed import Dist
     from ..layerwise import LayerStreamer, find_experts
     from ..quant.gptq import GPTQConfig
+    from .pipeline import LayerRunner
     t0 = time.time()
-    streamer = LayerStreamer(reader)
-    bs = config.calib.batch_size
-    kwargs = streamer.layer_kwargs(min(bs, len(windows)), windows.shape[1])
+    device = torch.device("cpu") if device is None else device
+    streamer = LayerStreamer(reader, device=device)
+    runner = LayerRunner(streamer, windows, config.calib, Dist(device=device), device)  # every rank runs it whole
     gcfg = GPTQConfig(config.percdamp, config.block_size, config.act_order)
     moe = list(reader.moe_layers)
     L, E, C = len(moe), reader.layer_num_experts(moe[0]), len(candidates)
     tokens, mass = np.zeros((L, E)), np.zeros((L, E))
     eps = np.full((L, E, C), np.nan)
-    hidden = torch.cat([streamer.embed(windows[s:s + bs]) for s in range(0, len(windows), bs)])
+    acts = runner.embed()
     last = moe[-1]
     for i in _progress(range(last + 1), desc="allocation: sensitivity", enabled=progress):
         layer = streamer.build_layer(i)
@@ -141,24 +147,24 @@ def sensitivity_pass(reader, config: QuantizeConfig, candidates, windows: torch.
             _, ex = find_experts(layer)
             H, I = ex.weights[0]["gate"].shape[1], ex.weights[0]["gate"].shape[0]
             need_h = config.method != "rtn"
-            chunks = expert_chunks(list(range(E)), H + I, HESSIAN_BUDGET) if need_h else [list(range(E))]
-            out = None
+            chunks = expert_chunks(list(range(E)), H + I, workspace_bytes(device)) if need_h else [list(range(E))]
+            cache = runner.capture(layer, i, acts)
+
+            def hidden_of(e, x):  # the down projection's input from the original gate/up
+                return ex.expert_forward(e, x)[0]
             for n, chunk in enumerate(chunks):
                 # same seed for every chunk: the sample is the same whichever chunk collects it
                 obs = LayerSensitivity(E, H, I, chunk, config.affinity, sample_tokens,
-                                       config.calib.seed * 1_000_003 + i, need_h)
-                ex.observer = obs
-                y = streamer.run_layer(layer, hidden, kwargs[i], bs)
-                ex.observer = None
-                out = y if out is None else out
+                                       config.calib.seed * 1_000_003 + i, need_h, device)
+                cache.replay(E, obs, hidden_of if need_h else None, h_for=chunk)
                 if n == 0:
                     tokens[l], mass[l] = obs.tokens.numpy(), obs.gate_sum.numpy()
                 fallback = {e for e in chunk if tokens[l, e] < config.min_tokens}
                 layer_eps(ex, obs, chunk, candidates, config.method, gcfg, fallback, eps[l])
                 del obs
-            hidden = out
-        elif i < last:
-            hidden = streamer.run_layer(layer, hidden, kwargs[i], bs)
+            del cache
+        if i < last:
+            acts = runner.forward(layer, i, acts)
         del layer
     return {"tokens": tokens, "gate_mass": mass, "eps": eps, "seconds": time.time() - t0}
 
@@ -174,8 +180,9 @@ def _num_experts(reader) -> int:
 class Allocator:
     """Shapes-first allocation: construct (checks everything from shapes), then `specs(windows)`."""
 
-    def __init__(self, reader, config: QuantizeConfig, plan: str | None = None):
+    def __init__(self, reader, config: QuantizeConfig, plan: str | None = None, device=None):
         self.reader, self.config, self.plan_path = reader, config, plan
+        self.device = torch.device("cpu") if device is None else device  # where the sensitivity pass runs
         self.record: dict | None = None
         self.allocation: Allocation | None = None
         moe = list(reader.moe_layers)
@@ -212,7 +219,7 @@ class Allocator:
             return dict(self.plan_specs)
         r, cfg, acfg = self.reader, self.config, self.acfg
         moe = list(r.moe_layers)
-        sens = sensitivity_pass(r, cfg, acfg.candidates, windows, progress=progress)
+        sens = sensitivity_pass(r, cfg, acfg.candidates, windows, progress=progress, device=self.device)
         costs = expert_costs(sens["eps"], sens["tokens"], sens["gate_mass"], acfg.alpha, acfg.beta,
                              acfg.importance_floor)
         alloc = allocate(acfg, costs.cost, self.pricing)
