@@ -24,7 +24,7 @@ LOG=${OUT:+$OUT/gpu_check.log}
 LOG=${LOG:-$WORK/gpu_check.log}
 PY=${PYTHON:-python3}
 DEV=${GPU_CHECK_DEVICE:-cuda}  # where the demo model is quantized and evaluated (cpu for a dry run)
-export PY WORK DEV PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
+export PY WORK DEV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
 unset TRITON_INTERPRET MOECOMPRESS_KERNELS
 if compgen -G ".whl/*.whl" >/dev/null; then  # wheels carried with the working tree: installed by install_pkg
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -130,9 +130,9 @@ print(f'eval_mix perplexity: 4-bit packed {q:.3f}, original {o:.3f} ({100 * (q /
 export -f env_report install_pkg MC demo_eval
 step environment 60 env_report
 step install 90 install_pkg
-step cuda-tests 200 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider -rs --durations=8
-step demo-eval 100 demo_eval
-step kernel-speed 150 "$PY" benchmarks/kernel_speed.py --short
+step cuda-tests 170 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider -rs --durations=8
+step demo-eval 80 demo_eval
+step kernel-speed 100 "$PY" benchmarks/kernel_speed.py --short
 
 echo
 echo "### summary ($(($(date +%s) - START))s of ${BUDGET}s)"
