@@ -285,6 +285,19 @@ def test_every_per_expert_family_exports_exactly(tiny_dir, tmp_path, family):
         assert float((_plain_load(ct)(x).logits - dense_reference(s4)(x).logits).abs().max()) <= 1e-5
 
 
+def test_act_order_export_says_static(tiny_dir, tmp_path):
+    """GPTQ with --act-order keeps each group's grid static (fitted in the original column order), which is
+    compressed-tensors' actorder "static": no g_idx, the same decode."""
+    s4 = _quantize(tiny_dir("Mixtral", "native"), str(tmp_path / "s4"), bits=4, group_size=16, method="gptq",
+                   act_order=True, symmetric=True, calib=_calib(4, 32))
+    ct = _export(s4, str(tmp_path / "ct"))["out"]
+    qc = json.load(open(os.path.join(ct, "config.json")))["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["actorder"] == "static"
+    x = X[:, :48]
+    with torch.no_grad():
+        assert float((_plain_load(ct)(x).logits - dense_reference(s4)(x).logits).abs().max()) <= 1e-5
+
+
 # ---- refusals: one line, nothing written ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -320,6 +333,7 @@ def _edited_copy(src: str, dst: str, manifest=None, config=None, run=None) -> st
     (dict(bits=1.6, method="ternary", group_size=None), "ternary experts"),
     (dict(bits=4, method="rtn", symmetric=True, router_bits=4), "router is quantized"),
     (dict(bits=4, method="rtn", symmetric=True, family="GptOss"), "fused experts with biases"),
+    (dict(bits=4, method="rtn", symmetric=True, shared_bits=8, family="Qwen2Moe"), "shared experts at 8 bits"),
 ])
 def test_export_refuses_what_a_run_made(tiny_dir, tmp_path, kw, match):
     kw.setdefault("group_size", 16)
