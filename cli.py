@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="least-squares refit of the kept/merged experts' down projections to the original layer's "
                             "output (default: on for reap, msmoe and hcsmoe; off for the frequency and average baselines)")
         add_calib_args(m)
+        add_device_arg(m)
 
     pl = sub.add_parser("plan", help="print a plan (per-expert widths) as a layer x expert table")
     pl.add_argument("path", help="plan.json, or a packed directory with run/plan.json")

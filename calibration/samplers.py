@@ -104,35 +104,37 @@ def balanced_select(counts: torch.Tensor, n: int, objective: str = DEFAULT_OBJEC
 
 
 def balanced(model_path: str, pool, nsamples: int, seqlen: int, seed: int, batch_size: int = 8,
-             config: BalancedConfig = BalancedConfig(), progress=None) -> Selection:
+             config: BalancedConfig = BalancedConfig(), progress=None, device="cpu") -> Selection:
     t0 = time.time()
     cand = random_windows(pool, nsamples * config.pool_factor, seqlen, seed)  # (P, seqlen)
-    r = route_windows(model_path, cand, batch_size, progress)
+    r = route_windows(model_path, cand, batch_size, progress, device=device)
     idx = balanced_select(r.tokens, nsamples, config.objective)
     return Selection(cand[idx], Routing(r.layers, r.tokens[idx], r.gate_sum[idx]), time.time() - t0)
 
 
-def select(model_path: str, pool, calib, *, progress=None) -> Selection:
-    """Windows for `calib.sampler` ("random", "balanced" or "ebss"), with their routing where known."""
+def select(model_path: str, pool, calib, *, progress=None, device="cpu") -> Selection:
+    """Windows for `calib.sampler` ("random", "balanced" or "ebss"), with their routing where known; the
+    model runs on `device`."""
     t0 = time.time()
     if calib.sampler == "random":
         return Selection(random_windows(pool, calib.nsamples, calib.seqlen, calib.seed), None, time.time() - t0)
     if calib.sampler == "balanced":
         return balanced(model_path, pool, calib.nsamples, calib.seqlen, calib.seed, calib.batch_size,
-                        BalancedConfig(objective=calib.balance_objective), progress=progress)
+                        BalancedConfig(objective=calib.balance_objective), progress=progress, device=device)
     if calib.sampler == "ebss":
         from .ebss import EBSSConfig, generate
         n_real = min(calib.nsamples - 1, round(calib.nsamples * calib.ebss_real))
         ids = generate(model_path, pool, calib.nsamples - n_real, calib.seqlen, calib.seed,
-                       EBSSConfig(tau=calib.ebss_tau, beams=calib.ebss_beams, expand=calib.ebss_expand), progress=progress)
+                       EBSSConfig(tau=calib.ebss_tau, beams=calib.ebss_beams, expand=calib.ebss_expand), progress=progress,
+                       device=device)
         if n_real:  # (n_real, seqlen) real windows first, then the generated ones
             ids = torch.cat([random_windows(pool, n_real, calib.seqlen, calib.seed), ids])
         return Selection(ids, None, time.time() - t0)
     raise MoeCompressError(f"unknown sampler {calib.sampler!r}; choose random, balanced or ebss")
 
 
-def sample(model_path: str, pool, calib) -> torch.Tensor:
+def sample(model_path: str, pool, calib, device="cpu") -> torch.Tensor:
     """(nsamples, seqlen) calibration windows for `calib.sampler` (the entry point of api.calibration_windows)."""
-    s = select(model_path, pool, calib)
+    s = select(model_path, pool, calib, device=device)
     log.info("%s sampler: %d windows x %d tokens in %.1f s", calib.sampler, *s.windows.shape, s.seconds)
     return s.windows

@@ -22,14 +22,14 @@ def builtin_model_path() -> str:
     return str(resources.files("moecompress.data") / "demo-model")
 
 
-def calibration_windows(model_path: str, calib: CalibConfig) -> torch.Tensor:
+def calibration_windows(model_path: str, calib: CalibConfig, device="cpu") -> torch.Tensor:
     from .calibration import data
     tok = data.load_tokenizer(model_path)
     pool = data.token_pool(tok, data.parse_sources(list(calib.sources)))
     if calib.sampler == "random":
         return data.random_windows(pool, calib.nsamples, calib.seqlen, calib.seed)
     from .calibration import samplers  # balanced / ebss
-    return samplers.sample(model_path, pool, calib)
+    return samplers.sample(model_path, pool, calib, device)
 
 
 def plan_specs(reader, config: QuantizeConfig) -> dict:
@@ -145,7 +145,7 @@ def _quantize(model: str | None, out: str, config: QuantizeConfig, *, plan: str 
     with _progress(desc="checking weights", enabled=progress) as bar:
         validate_checkpoint(model, progress=bar).raise_if_bad()  # NaN/Inf, fp16 range: every tensor read once
 
-    windows = calibration_windows(model, config.calib)
+    windows = calibration_windows(model, config.calib, device)
     if allocator is not None:  # LP: sensitivity pass on the original weights, then the integer program
         specs = allocator.specs(windows, progress)
     return quantize_checkpoint(reader, out, config, specs, windows,
@@ -158,12 +158,13 @@ def calibration_stats(model: str | None, calib: CalibConfig = CalibConfig(), *, 
     """Coverage of the calibration windows `calib` selects (tokens and gate mass per layer and expert),
     from a layer-streamed routing pass of the original model; nothing is quantized."""
     from .calibration import data, samplers
+    from .device import resolve_device
     from .calibration.routing import route_windows
     from .calibration.stats import coverage_from_routing
     model = model or builtin_model_path()
     tok = data.load_tokenizer(model)
     pool = data.token_pool(tok, data.parse_sources(list(calib.sources)))
-    sel = samplers.select(model, pool, calib)
+    sel = samplers.select(model, pool, calib, device=resolve_device(device))
     routing = sel.routing
     if routing is None:
         with _progress(desc="routing", enabled=progress) as bar:

@@ -203,14 +203,15 @@ def test_ebss_flags_reach_the_generator(monkeypatch):
     from moecompress.cli import build_parser
     seen = {}
 
-    def fake_generate(model_path, pool, n, seqlen, seed, cfg, progress=None):
-        seen["cfg"] = cfg
+    def fake_generate(model_path, pool, n, seqlen, seed, cfg, progress=None, device=None):
+        seen["cfg"], seen["device"] = cfg, device
         return torch.zeros(n, seqlen, dtype=torch.long)
     monkeypatch.setattr(ebss, "generate", fake_generate)
     a = build_parser().parse_args(["quantize", "--sampler", "ebss", "--ebss-tau", "0.5", "--ebss-beams", "2"])
     calib = CalibConfig(sampler=a.sampler, nsamples=2, seqlen=8, ebss_tau=a.ebss_tau, ebss_beams=a.ebss_beams)
-    sel = samplers.select("unused", None, calib)
+    sel = samplers.select("unused", None, calib, device=torch.device("meta"))
     assert seen["cfg"].tau == 0.5 and seen["cfg"].beams == 2 and sel.windows.shape == (2, 8)
+    assert seen["device"] == torch.device("meta")  # the search runs on the run's device
     with pytest.raises(MoeCompressError, match="ebss-tau"):
         CalibConfig(ebss_tau=0)
 
@@ -221,7 +222,7 @@ def test_ebss_real_share_mixes_real_windows_with_generated(monkeypatch, prose_po
     from moecompress.cli import build_parser
     asked = {}
 
-    def fake_generate(model_path, pool, n, seqlen, seed, cfg, progress=None):
+    def fake_generate(model_path, pool, n, seqlen, seed, cfg, progress=None, device=None):
         asked["n"] = n
         return torch.full((n, seqlen), -1, dtype=torch.long)
     monkeypatch.setattr(ebss, "generate", fake_generate)

@@ -35,8 +35,14 @@ def test_affinity_weights_the_shared_expert_by_its_sigmoid_gate(tiny_dir):
     with torch.no_grad():
         w = torch.sigmoid(gate(x)).reshape(-1)
     assert w.std() > 1e-3  # the gate really varies over tokens: the weighting is visible
-    Ha, n, mean = _hessian(s, layer, s.embed(ids), kw[0], mod, gate, mod.gate_proj, True, 8)
-    H1, _, one = _hessian(s, layer, s.embed(ids), kw[0], mod, gate, mod.gate_proj, False, 8)
+    from moecompress.config import CalibConfig
+    from moecompress.distributed import Dist
+    from moecompress.passes.pipeline import LayerRunner
+    runner = LayerRunner(s, ids, CalibConfig(nsamples=2, seqlen=16, batch_size=1), Dist(), torch.device("cpu"))
+    cache = runner.capture(layer, 0, runner.embed(), [path])  # two chunks of one window each
+    assert len(cache.chunks) == 2
+    Ha, n, mean = _hessian(cache, path, mod, gate, mod.gate_proj, True)
+    H1, _, one = _hessian(cache, path, mod, gate, mod.gate_proj, False)
     assert n == 32 and one == 1.0 and mean == pytest.approx(float(w.mean()), rel=1e-5)
     torch.testing.assert_close(Ha, (x * w[:, None]).T @ x, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(H1, x.T @ x, rtol=1e-4, atol=1e-4)

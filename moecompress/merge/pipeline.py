@@ -109,7 +109,7 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
             raise MoeCompressError(f"this model routes in {multiple} expert groups (top-{top_k} within "
                                    f"{reader.config.get('topk_group')} groups): choose --experts divisible by {multiple} "
                                    f"and at least {floor}")
-    windows = calibration_windows(source, calib)
+    windows = calibration_windows(source, calib, dev)
     batch_size = calib.batch_size
     streamer = LayerStreamer(reader, device=dev)
     kwargs = streamer.layer_kwargs(min(batch_size, len(windows)), windows.shape[1])
