@@ -136,10 +136,28 @@ print("built"); sys.exit(1)
 """
 
 
-@pytest.mark.parametrize("kw", [dict(bits=2), dict(bits=3), dict(bits=8), dict(bits=1.6, method="ternary"),
-                                dict(bits=1, method="ternary")], ids=["int2", "int3", "int8", "ternary", "sub1"])
-def test_plain_transformers_refuses_every_codec(tmp_path, kw):
-    out = _quantize(tmp_path / "q", method=kw.pop("method", "rtn"), **kw)
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Mixtral (2 layers) with the demo's tokenizer: quick to quantize with every codec."""
+    import shutil
+    from conftest import write_tiny
+    src = str(tmp_path_factory.mktemp("tiny") / "src")
+    write_tiny(src, "Mixtral", layers=2)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(DEMO, f), src)
+    return src
+
+
+@pytest.mark.parametrize("kw,codec", [(dict(bits=2), "int"), (dict(bits=3), "int"), (dict(bits=8), "int"),
+                                      (dict(bits=1.6, method="ternary"), "ternary"), (dict(bits=1, method="ternary"), "sub1")],
+                         ids=["int2", "int3", "int8", "ternary", "sub1"])
+def test_plain_transformers_refuses_every_codec(tiny, tmp_path, kw, codec):
+    out = str(tmp_path / "q")
+    text = os.path.join(DEMO, "..", "text", "calib_mix.txt")
+    api.quantize(tiny, out, QuantizeConfig(group_size=32, method=kw.pop("method", "rtn"), **kw,
+                                           calib=CalibConfig((text,), nsamples=2, seqlen=16)), progress=False)
+    codecs = {e["codec"] for e in json.load(open(os.path.join(out, "moecompress.json")))["tensors"]}
+    assert codecs == {codec}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", PLAIN, out], capture_output=True, text=True, env=env, cwd=str(tmp_path))
     assert r.returncode == 0 and "refused" in r.stdout, r.stdout + r.stderr[-2000:]

@@ -38,7 +38,8 @@ def test_manifest_and_honest_size(packed):
     for f in os.listdir(d):
         if f.endswith(".safetensors"):
             with safe_open(os.path.join(d, f), "pt") as t:
-                n += sum(t.get_tensor(k).numel() * t.get_tensor(k).element_size() for k in t.keys() if ".experts." in k)
+                n += sum(t.get_tensor(k).numel() * t.get_tensor(k).element_size() for k in t.keys()
+                         if ".experts." in k and k not in m.get("guard", []))  # guard: 1-byte refusal placeholders
     bits = 8 * n / m["source"]["expert_params"]
     assert abs(bits - m["expert_bits_per_param"]) < 1e-6
     assert bits <= 4 + 0.55
