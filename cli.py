@@ -38,6 +38,10 @@ def add_calib_args(p):
     p.add_argument("--nsamples", type=int, default=C.nsamples, help=f"calibration windows (default {C.nsamples})")
     p.add_argument("--seqlen", type=int, default=C.seqlen, help=f"tokens per window (default {C.seqlen})")
     p.add_argument("--seed", type=int, default=C.seed, help=f"random seed (default {C.seed})")
+    p.add_argument("--forward-tokens", type=int, default=C.forward_tokens,
+                   help=f"tokens per forward call of a decoder layer, in whole chunks of {C.batch_size} windows; under "
+                        f"torchrun the calls are shared out among the ranks. Part of the run's options: another value "
+                        f"may round rarely routed experts differently (default {C.forward_tokens})")
     p.add_argument("--sampler", choices=["random", "balanced", "ebss"], default=C.sampler,
                    help=f"how calibration windows are chosen (default {C.sampler})")
     p.add_argument("--balance-objective", choices=list(BALANCE_OBJECTIVES), default=C.balance_objective,
@@ -72,7 +76,7 @@ def calib_config(a) -> CalibConfig:
     """The calibration options `add_calib_args` parsed."""
     return CalibConfig(tuple(a.calib or ()), a.nsamples, a.seqlen, a.seed, a.sampler, ebss_tau=a.ebss_tau,
                        ebss_beams=a.ebss_beams, ebss_expand=a.ebss_expand, ebss_real=a.ebss_real,
-                       balance_objective=a.balance_objective)
+                       balance_objective=a.balance_objective, forward_tokens=a.forward_tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:

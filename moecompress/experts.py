@@ -227,7 +227,8 @@ class MoEExperts(nn.Module):
         capture = getattr(self, "capture", None)
         if capture is not None:  # calibration records the block's input and routing (passes/moe_cache.py)
             capture(hidden_states, top_k_index, top_k_weights)
-            return hidden_states.new_zeros(hidden_states.shape)
+            if not capture.compute_outputs:
+                return hidden_states.new_zeros(hidden_states.shape)
         self._sync()
         if self.observer is None and self._packed_only() and use_triton(hidden_states):
             from .kernels import moe_experts_forward, prepare_experts  # grouped launches per format

@@ -172,3 +172,22 @@ def test_two_gloo_ranks_write_the_bytes_of_one_process_and_resume_after_a_rank_d
     r = _torchrun(tmp_path, src, tmp_path / "three", {"RESUME": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert digest(str(tmp_path / "three")) == one
+
+
+def test_prune_under_two_gloo_ranks_writes_the_bytes_of_one_process(tmp_path):
+    """merge/prune go through the same layer loop: forwards split across ranks, rank 0 writes."""
+    src = str(tmp_path / "mix")
+    write_tiny(src, "Mixtral", layers=2)
+    args = ["-q", "prune", src, "--experts", "2", "--method", "reap", "--calib", CALIB, "--nsamples", "24",
+            "--seqlen", "32", "--forward-tokens", "256", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "moecompress", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "moecompress", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    files = sorted(f for f in os.listdir(tmp_path / "one") if f.endswith(".safetensors"))
+    assert files and all(open(tmp_path / "one" / f, "rb").read() == open(tmp_path / "two" / f, "rb").read()
+                         for f in files)

@@ -46,25 +46,18 @@ def _stack(experts) -> tuple[torch.Tensor, torch.Tensor]:
     return gu, dn
 
 
-def _layer_stats(streamer, layer, hidden, kwargs, bs, router, experts, max_router_samples, max_output_tokens=4096):
-    """Run the layer on hidden (S, L, H); returns (LayerStats, layer output)."""
+def _layer_stats(cache, router, experts, max_router_samples, max_output_tokens=4096) -> LayerStats:
+    """Statistics of a layer from its MoE cache (what its experts module received, chunk by chunk)."""
     gu, dn = _stack(experts)
     acc: list[LayerStats] = []
-    per_batch = max(16, max_output_tokens // max(1, -(-hidden.shape[0] // bs)))  # HC-SMoE's sample, spread over batches
-
-    def hook(mod, args, kw):
-        x, idx, w = (list(args) + [kw[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kw])[:3]
+    per_batch = max(16, max_output_tokens // max(1, len(cache.chunks)))  # HC-SMoE's sample, spread over chunks
+    for c in cache.chunks:
+        x, idx, w = (t.to(cache.device) for t in (c.x, c.idx, c.w))
         logits = torch.nn.functional.linear(x.float(), router.weight.float(),
                                             None if getattr(router, "bias", None) is None else router.bias.float())
         acc.append(compute_layer_stats(x, logits, idx, w, gu, dn, max_output_tokens=per_batch,
                                        max_router_samples=max_router_samples))
-
-    h = experts.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        out = streamer.run_layer(layer, hidden, kwargs, bs)
-    finally:
-        h.remove()
-    return combine(acc), out
+    return combine(acc)
 
 
 def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float | None = None,
@@ -74,13 +67,14 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
     """Reduce every MoE layer of checkpoint `source` to `experts` experts (or `ratio` of all, adaptively).
     router_mode / refit override the method's defaults (merged router rows; least-squares down refit,
     merge.DEFAULT_REFIT: on for reap, msmoe and hcsmoe); the benchmark measures them. The layers run on
-    `device`. Under torchrun the statistics are not yet split across ranks: rank 0 does the whole merge
-    and the other ranks return None at once."""
+    `device`, through the quantize pass's layer loop (passes/pipeline.py: the MoE cache, forwards split
+    across torchrun ranks); every rank reduces each layer from the same cache (the statistics are not split
+    across ranks), rank 0 writes and returns the summary, the others None."""
     from ..distributed import from_env
+    from ..passes.pipeline import LayerRunner
     dist, dev = from_env(device)
     if not dist.main:
-        log.warning("merge/prune under torchrun: rank 0 does the whole run (not yet split across ranks)")
-        return None
+        log.setLevel(logging.ERROR)
     from ..api import _progress, calibration_windows
     from ..checkpoint import CheckpointReader
     from ..layerwise import LayerStreamer, copy_tokenizer_files, find_experts
@@ -110,38 +104,38 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
                                    f"{reader.config.get('topk_group')} groups): choose --experts divisible by {multiple} "
                                    f"and at least {floor}")
     windows = calibration_windows(source, calib, dev)
-    batch_size = calib.batch_size
     streamer = LayerStreamer(reader, device=dev)
-    kwargs = streamer.layer_kwargs(min(batch_size, len(windows)), windows.shape[1])
-
-    def embed():
-        return torch.cat([streamer.embed(windows[s:s + batch_size]) for s in range(0, len(windows), batch_size)])
+    runner = LayerRunner(streamer, windows, calib, dist, dev)
 
     counts = {i: experts for i in layers} if experts is not None else None
     if counts is None:  # pass 1: importance per layer on the original model, then per-layer counts
-        hidden, shares = embed(), []
-        for i in _progress(range(streamer.num_layers), desc="routing statistics", enabled=progress):
+        acts, shares = runner.embed(), []
+        for i in _progress(range(streamer.num_layers), desc="routing statistics", enabled=progress and dist.main):
             layer = streamer.build_layer(i)
             if i in sizes:
                 path, ex = find_experts(layer)
-                st, hidden = _layer_stats(streamer, layer, hidden, kwargs[i], batch_size, _router(layer, arch), ex, 1)
-                shares.append(importance(st, method))
+                cache, acts = runner.capture(layer, i, acts, outputs=True)
+                shares.append(importance(_layer_stats(cache, _router(layer, arch), ex, 1), method))
+                del cache
             else:
-                hidden = streamer.run_layer(layer, hidden, kwargs[i], batch_size)
+                acts = runner.forward(layer, i, acts)
             del layer
         counts = dict(zip(layers, allocate_counts(shares, ratio, floor, multiple)))
 
-    writer = MergedWriter(reader, out)
-    hidden, records = embed(), []
-    for i in _progress(range(streamer.num_layers), desc=f"{method} layers", enabled=progress):
+    writer = MergedWriter(reader, out) if dist.main else None
+    acts, records = runner.embed(), []
+    for i in _progress(range(streamer.num_layers), desc=f"{method} layers", enabled=progress and dist.main):
         layer = streamer.build_layer(i)
         if i not in sizes:
-            hidden = streamer.run_layer(layer, hidden, kwargs[i], batch_size)
-            writer.write_layer(i, None)
+            acts = runner.forward(layer, i, acts)
+            if writer:
+                writer.write_layer(i, None)
             continue
         path, ex = find_experts(layer)
         router = _router(layer, arch)
-        st, _ = _layer_stats(streamer, layer, hidden, kwargs[i], batch_size, router, ex, max_router_samples)
+        cache = runner.capture(layer, i, acts)
+        st = _layer_stats(cache, router, ex, max_router_samples)
+        del cache
         gu, dn = _stack(ex)
         bias = getattr(router, "bias", None)
         red = reduce_layer(method, gu, dn, router.weight.data, None if bias is None else bias.data, st, counts[i],
@@ -164,9 +158,13 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
         for attr in ("num_experts", "n_routed_experts"):
             if hasattr(router, attr):
                 setattr(router, attr, red.num_experts)
-        hidden = streamer.run_layer(layer, hidden, kwargs[i], batch_size)
-        writer.write_layer(i, red)
+        acts = runner.forward(layer, i, acts)
+        if writer:
+            writer.write_layer(i, red)
         del layer
+    dist.barrier()
+    if not writer:
+        return None
     uniform = len(set(counts.values())) == 1
     writer.write_globals()
     copy_tokenizer_files(reader.path, writer.tmp)
@@ -180,7 +178,9 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
                                 "router_mode": router_mode, "refit": refit, "format_version": FORMAT_VERSION},
         "run/merge_record.json": {"format_version": FORMAT_VERSION, "source_fingerprint": reader.fingerprint,
                                   "layers": records},
-        "run/metrics.json": summary,
+        "run/metrics.json": dict(summary, layer_forwards=sum(runner.forwards.values()),
+                                 layer_forwards_per_layer=[runner.forwards.get(i, 0) for i in range(streamer.num_layers)],
+                                 ranks=dist.world, device=str(dev)),
     }
     writer.finish(counts, records, uniform, run)
     return summary

@@ -106,6 +106,7 @@ class Capture:
         self.chunks: list[CacheChunk] = []
         self._shared: dict[str, torch.Tensor] = {}
         self._routed = None
+        self.compute_outputs = False  # True: the experts still compute (the layer's output is wanted too)
 
     def shared_hook(self, path: str):
         def hook(mod, args, kwargs):

@@ -78,12 +78,14 @@ class LayerRunner:
                 out[j] = y if x.device == y.device else y.to(x.device)
         return out
 
-    def capture(self, layer, i: int, acts: dict[int, torch.Tensor], shared_paths=()) -> MoECache:
-        """Run layer i once with its experts recording (nothing is computed by them) -> the MoE cache,
-        identical on every rank."""
+    def capture(self, layer, i: int, acts: dict[int, torch.Tensor], shared_paths=(), outputs: bool = False):
+        """Run layer i once with its experts recording -> the MoE cache, identical on every rank. With
+        outputs=True the experts also compute, and the layer's outputs come back too: (cache, acts)."""
         _, ex = find_experts(layer)
         budget = workspace_bytes(self.device)
         cap = Capture(self.chunk * self.seqlen, lambda t: place_activations(t, self.device, budget))
+        cap.compute_outputs = outputs
+        outs = {}
         hooks = [layer.get_submodule(p).register_forward_pre_hook(cap.shared_hook(p), with_kwargs=True)
                  for p in shared_paths]
         ex.capture = cap
@@ -93,7 +95,9 @@ class LayerRunner:
             with torch.no_grad():
                 for j, x in acts.items():
                     n0 = len(cap.chunks)
-                    self.streamer.run_layer(layer, x, self.kwargs[i], x.shape[0])
+                    y = self.streamer.run_layer(layer, x, self.kwargs[i], x.shape[0])
+                    if outputs:
+                        outs[j] = y if x.device == y.device else y.to(x.device)
                     cap.end_batch()
                     per_batch[j] = cap.chunks[n0:]
         finally:
@@ -114,7 +118,7 @@ class LayerRunner:
                       for c in chunks]
         cache = MoECache(chunks, self.device)
         self.cache_bytes = max(self.cache_bytes, cache.nbytes)
-        return cache
+        return (cache, outs) if outputs else cache
 
     def hidden_bytes(self, acts: dict[int, torch.Tensor]) -> int:
         return tensor_nbytes(*acts.values())
