@@ -191,3 +191,23 @@ def test_prune_under_two_gloo_ranks_writes_the_bytes_of_one_process(tmp_path):
     files = sorted(f for f in os.listdir(tmp_path / "one") if f.endswith(".safetensors"))
     assert files and all(open(tmp_path / "one" / f, "rb").read() == open(tmp_path / "two" / f, "rb").read()
                          for f in files)
+
+
+def test_gptq_allocates_its_work_tensors_where_the_weights_are():
+    """With the default device set elsewhere (meta), GPTQ and RTN on CPU weights still work and give the same
+    codes: none of their work tensors follows the default device (on a GPU run they follow W to CUDA)."""
+    from moecompress.quant.gptq import GPTQConfig, gptq, rtn
+    from moecompress.quant.grids import AsymmetricGrid
+    from moecompress.quant.ternary import TernaryGrid
+    g = torch.Generator().manual_seed(0)
+    W, X = torch.randn(2, 64, 128, generator=g), torch.randn(2, 300, 128, generator=g)
+    H = X.transpose(1, 2) @ X
+    cases = [(grid, act) for grid in (AsymmetricGrid(3), TernaryGrid(threshold=0.3)) for act in (False, True)]
+    ref = [gptq(W, H, grid, 64, GPTQConfig(act_order=act)).codes for grid, act in cases]
+    torch.set_default_device("meta")
+    try:
+        got = [gptq(W, H, grid, 64, GPTQConfig(act_order=act)).codes for grid, act in cases]
+        r = rtn(W, AsymmetricGrid(3), 64)
+    finally:
+        torch.set_default_device("cpu")
+    assert all(torch.equal(a, b) for a, b in zip(ref, got)) and r.codes.device.type == "cpu"

@@ -59,7 +59,7 @@ def _prepare_hessian(W: torch.Tensor, H: torch.Tensor, percdamp: float):
 
 def _inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor of H^-1, batched; on failure add more damping and retry."""
-    eye = torch.eye(H.shape[-1], dtype=H.dtype)
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
     for extra in (0.0, 1e-4, 1e-3, 1e-2, 1e-1):
         Hd = H + extra * torch.diagonal(H, dim1=1, dim2=2).mean(-1)[:, None, None] * eye
         L, info = torch.linalg.cholesky_ex(Hd)
@@ -89,19 +89,19 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid, group_size: int, config: GPTQCo
         H = torch.gather(torch.gather(H, 1, perm[:, :, None].expand(E, K, K)), 2, perm[:, None, :].expand(E, K, K))
     U = _inverse_cholesky(H)  # (E, K, K) upper
 
-    scale = torch.zeros(E, N, G)
-    zero = torch.zeros(E, N, G)
-    codes = torch.zeros(E, N, K, dtype=torch.int32)
+    dev = W.device  # every work tensor where W is (the run's device)
+    scale = torch.zeros(E, N, G, device=dev)
+    zero = torch.zeros(E, N, G, device=dev)
     # Work on W^T: (E, K, N), so a column of W is a contiguous row and the rank-1 updates stream memory.
     Wt = W.transpose(1, 2).contiguous()  # (E, N, K) -> (E, K, N)
     del W
     Qt = torch.zeros_like(Wt)
-    codes_t = torch.zeros(E, K, N, dtype=torch.int32)
-    loss = torch.zeros(E)
+    codes_t = torch.zeros(E, K, N, dtype=torch.int32, device=dev)
+    loss = torch.zeros(E, device=dev)
     # blocks hold whole groups so each group's grid is fitted on error-updated columns
     B = max(config.block_size // group_size, 1) * group_size
     params: GridParams | None = None
-    ar = torch.arange(E)
+    ar = torch.arange(E, device=dev)
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
         W1 = Wt[:, i1:i2].clone()  # (E, b, N)
@@ -154,7 +154,7 @@ def rtn(W: torch.Tensor, grid, group_size: int) -> GPTQResult:
     s = scale.repeat_interleave(group_size, dim=2)  # (E, N, K)
     z = zero.repeat_interleave(group_size, dim=2)
     q, deq = grid.quantize(W.float().reshape(E, N * K), GridParams(s.reshape(E, N * K), z.reshape(E, N * K)))
-    return GPTQResult(q.view(E, N, K), scale.contiguous(), zero.contiguous(), deq.view(E, N, K), torch.zeros(E))
+    return GPTQResult(q.view(E, N, K), scale.contiguous(), zero.contiguous(), deq.view(E, N, K), torch.zeros(E, device=W.device))
 
 
 def relative_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:

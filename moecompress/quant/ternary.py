@@ -44,7 +44,7 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
 
 def ternary_codes(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, threshold: float) -> torch.Tensor:
     """Codes in {0, 1, 2} for w against levels lo <= 0 <= hi (all broadcastable): the rule above."""
-    c = torch.full(w.shape, ZERO_CODE, dtype=torch.int32)
+    c = torch.full(w.shape, ZERO_CODE, dtype=torch.int32, device=w.device)
     # nearest level: the decision points between 0 and hi / lo are their midpoints
     c = torch.where(w > hi / 2, HI_CODE, c)
     c = torch.where(w < lo / 2, LO_CODE, c)
@@ -55,7 +55,7 @@ def ternary_codes(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, threshold
 
 def ternary_values(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """Dequantize ternary codes: 0 -> lo, 1 -> 0, 2 -> hi (float32)."""
-    zero = torch.zeros((), dtype=torch.float32)
+    zero = torch.zeros((), dtype=torch.float32, device=codes.device)
     return torch.where(codes == LO_CODE, lo.float(), torch.where(codes == HI_CODE, hi.float(), zero))
 
 
