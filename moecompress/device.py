@@ -87,12 +87,22 @@ def workspace_bytes(device: torch.device) -> int:
     return min(budget, cap) if cap is not None else budget
 
 
-def place_activations(t: torch.Tensor, device: torch.device, budget: int) -> torch.Tensor:
-    """`t` on `device` when it fits in `budget` bytes, else in pinned host memory (CUDA) from which
-    each micro-batch is copied to the device when used."""
-    if device.type != "cuda" or t.numel() * t.element_size() <= budget:
-        return t.to(device)
-    return t.to("cpu").pin_memory()
+class Placer:
+    """Puts activations on `device` while `budget` bytes last, then in pinned host memory (CUDA), from
+    which each micro-batch is copied to the device when used. `spilled` counts the bytes sent to the host."""
+
+    def __init__(self, device: torch.device, budget: int):
+        self.device, self.left, self.spilled = device, budget, 0
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        n = t.numel() * t.element_size()
+        if self.device.type != "cuda" or n <= self.left:
+            self.left -= n
+            return t.to(self.device)
+        if not self.spilled:
+            log.warning("activations exceed the free memory of %s: the rest are kept in pinned host memory", self.device)
+        self.spilled += n
+        return t.to("cpu").pin_memory()
 
 
 def peak_rss_bytes() -> int:

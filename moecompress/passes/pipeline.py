@@ -22,7 +22,7 @@ from collections import defaultdict
 
 import torch
 
-from ..device import place_activations, tensor_nbytes, workspace_bytes
+from ..device import Placer, tensor_nbytes, workspace_bytes
 from ..layerwise import find_experts
 from .moe_cache import CacheChunk, Capture, MoECache
 
@@ -50,19 +50,28 @@ class LayerRunner:
         self.kwargs = streamer.layer_kwargs(min(self.fwd, S), L)
         self.forwards: dict[int, int] = defaultdict(int)  # decoder layer -> passes over the windows
         self.cache_bytes = 0  # largest MoE cache held
+        self.spilled_bytes = 0  # largest share of activations kept in pinned host memory (CUDA)
         self.windows = windows
 
     # -- activations: {micro-batch index: (B, L, H)} of this rank's micro-batches -----------------------
+    def _placer(self) -> Placer:
+        return Placer(self.device, workspace_bytes(self.device))
+
+    def _spilled(self, placer: Placer) -> None:
+        self.spilled_bytes = max(self.spilled_bytes, placer.spilled)
+
     def embed(self) -> dict[int, torch.Tensor]:
-        budget = workspace_bytes(self.device)
-        return {j: place_activations(self.streamer.embed(self.windows[s:e]), self.device, budget)
-                for j, (s, e) in ((j, self.batches[j]) for j in self.mine)}
+        place = self._placer()
+        out = {j: place(self.streamer.embed(self.windows[s:e])) for j, (s, e) in ((j, self.batches[j]) for j in self.mine)}
+        self._spilled(place)
+        return out
 
     def split(self, hidden: torch.Tensor) -> dict[int, torch.Tensor]:
         """Full (S, L, H) hidden states (a resumed run's) -> this rank's micro-batches."""
-        budget = workspace_bytes(self.device)
-        return {j: place_activations(hidden[s:e].clone(), self.device, budget)
-                for j, (s, e) in ((j, self.batches[j]) for j in self.mine)}
+        place = self._placer()
+        out = {j: place(hidden[s:e].clone()) for j, (s, e) in ((j, self.batches[j]) for j in self.mine)}
+        self._spilled(place)
+        return out
 
     def gather(self, acts: dict[int, torch.Tensor]) -> torch.Tensor:
         """All ranks' micro-batches as one (S, L, H) tensor on the CPU (every rank gets it)."""
@@ -82,8 +91,8 @@ class LayerRunner:
         """Run layer i once with its experts recording -> the MoE cache, identical on every rank. With
         outputs=True the experts also compute, and the layer's outputs come back too: (cache, acts)."""
         _, ex = find_experts(layer)
-        budget = workspace_bytes(self.device)
-        cap = Capture(self.chunk * self.seqlen, lambda t: place_activations(t, self.device, budget))
+        place = self._placer()
+        cap = Capture(self.chunk * self.seqlen, place)
         cap.compute_outputs = outputs
         outs = {}
         hooks = [layer.get_submodule(p).register_forward_pre_hook(cap.shared_hook(p), with_kwargs=True)
@@ -113,9 +122,10 @@ class LayerRunner:
             got = self.dist.gather_dicts(mine)
             keys = sorted({int(k.split(".")[0]) for k in got})
             chunks = [CacheChunk.from_tensors(got, k) for k in keys]
-            chunks = [CacheChunk(*(place_activations(t, self.device, budget) for t in (c.x, c.idx, c.w)),
-                                 {p: place_activations(t, self.device, budget) for p, t in c.shared.items()})
+            place = self._placer()
+            chunks = [CacheChunk(*(place(t) for t in (c.x, c.idx, c.w)), {p: place(t) for p, t in c.shared.items()})
                       for c in chunks]
+        self._spilled(place)
         cache = MoECache(chunks, self.device)
         self.cache_bytes = max(self.cache_bytes, cache.nbytes)
         return (cache, outs) if outputs else cache
@@ -252,7 +262,8 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
         torch.set_num_threads(threads)
     layer_forwards = [runner.forwards.get(i, 0) for i in range(streamer.num_layers)]
     metrics = {"layer_forwards": sum(layer_forwards), "layer_forwards_per_layer": layer_forwards,
-               "forward_windows": runner.fwd, "ranks": dist.world, "device": str(device), "memory": mem}
+               "forward_windows": runner.fwd, "ranks": dist.world, "device": str(device),
+               "memory": dict(mem, activations_spilled_bytes=runner.spilled_bytes)}
     summary = None
     if writer:
         writer.write_shard("globals.safetensors", {k: reader.get(k) for k in reader.global_keys()})
