@@ -39,6 +39,12 @@ def _router(layer, arch):
         raise MoeCompressError(f"{arch.family}: router {arch.router_mem!r} not found in the decoder layer") from None
 
 
+def _on(device: torch.device):
+    """New tensors of the merge math on `device`: its statistics and solvers allocate without naming one."""
+    import contextlib
+    return device if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _stack(experts) -> tuple[torch.Tensor, torch.Tensor]:
     """MoEExperts dense weights -> gate_up (E, 2I, H), down (E, H, I)."""
     gu = torch.stack([torch.cat([w["gate"], w["up"]]) for w in experts.weights])  # E x (2I, H)
@@ -115,7 +121,8 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
             if i in sizes:
                 path, ex = find_experts(layer)
                 cache, acts = runner.capture(layer, i, acts, outputs=True)
-                shares.append(importance(_layer_stats(cache, _router(layer, arch), ex, 1), method))
+                with _on(dev):
+                    shares.append(importance(_layer_stats(cache, _router(layer, arch), ex, 1), method))
                 del cache
             else:
                 acts = runner.forward(layer, i, acts)
@@ -134,12 +141,13 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
         path, ex = find_experts(layer)
         router = _router(layer, arch)
         cache = runner.capture(layer, i, acts)
-        st = _layer_stats(cache, router, ex, max_router_samples)
-        del cache
-        gu, dn = _stack(ex)
-        bias = getattr(router, "bias", None)
-        red = reduce_layer(method, gu, dn, router.weight.data, None if bias is None else bias.data, st, counts[i],
-                           top_k=top_k, router_mode=router_mode, refit=refit)
+        with _on(dev):  # statistics and reduction on the run's device (their new tensors too)
+            st = _layer_stats(cache, router, ex, max_router_samples)
+            del cache
+            gu, dn = _stack(ex)
+            bias = getattr(router, "bias", None)
+            red = reduce_layer(method, gu, dn, router.weight.data, None if bias is None else bias.data, st, counts[i],
+                               top_k=top_k, router_mode=router_mode, refit=refit)
         red.record["layer"] = i
         records.append(red.record)
         # the reduced layer feeds the next one
