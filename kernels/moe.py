@@ -16,8 +16,17 @@ launches kernels and never waits for the GPU (tests/test_cuda.py checks it with
 weights are stacked into (E_g, N, .) tensors once (`prepare_experts`) and a single grouped launch
 covers all blocks of the group's experts, so a mixed-precision layer costs one launch per format and
 stage. Gate and up share one launch when their formats match (their packed rows are concatenated
-into a (2I, H) matrix: the formats are row-wise, so concatenation is exact). The activation `glu`
+into a (2I, H) matrix: the formats are row-wise, so concatenation is exact; sub1 is the exception, see
+below). The activation `glu`
 is an arbitrary torch callable, applied between the two stages.
+
+Resident once: `_group` stacks each group's fields and the owner (`MoEExperts._adopt`) re-points its
+per-expert buffers at views into the stacks (`ExpertGroup.views`), so the packed bytes are held once.
+sub1's codeword streams are joined as they are stored: each member's bytes one after another (a member
+starts at a byte boundary; the kernel gets each member's base bit in its row anchors, one int64 per 64
+rows, `sub1_triton.row_anchors`), so each member's `codewords` is a byte range of the joined buffer. For
+that its gate and up are launched as two groups (at column offsets 0 and I) rather than fused: a fused
+member would be a re-packed copy of two streams.
 
 Numerics (same in the reference): stage-1 outputs are rounded to hidden's dtype, the activation
 runs in hidden's dtype, the down projection and the weighted sum accumulate in fp32.
@@ -56,19 +65,23 @@ class ExpertGroup:
     experts: list[int]  # global expert ids, in stacking order
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (E_g, ...) stacked
     members: list[PackedTensor] = field(default_factory=list)  # per-expert packed (loop fallback)
+    cw_offsets: list[int] = field(default_factory=list)  # sub1: member j's bytes are codewords[off[j]:off[j+1]]
     device_cache: dict = field(default_factory=dict, repr=False, compare=False)  # _local_ids: made once per device
     parts: list[tuple] = field(default_factory=list)  # per member: ((proj, first row, rows), ...) it is made of
 
     def views(self):
-        """(expert, proj, {field: view}) of every matrix in the group as views into the stacked tensors,
-        for the fields whose rows are the matrix's rows (all of int and ternary; sub1's per-row fields):
-        the owner re-points its per-expert buffers at them, so the packed bytes are resident once."""
-        rowwise = [k for k in self.tensors if k not in ("codewords", "starts", "dictionary")]
-        if self.codec == "sub1":
-            rowwise = [k for k in rowwise if k in ("lo", "hi")] + (["row_skip"] if "skips" in self.tensors else [])
+        """(expert, proj, {field: view}) of every matrix in the group as views into the stacked tensors: the
+        row-wise fields by rows (all of int and ternary; sub1's lo, hi, row_counts, row_skip), sub1's codeword
+        stream by its byte range. The owner re-points its per-expert buffers at them (resident once)."""
+        alias = {"row_skip": "skips", "row_counts": "counts"} if self.codec == "sub1" else {}
+        rowwise = [k for k in self.tensors if k not in ("codewords", "anchors", "dictionary", "skips", "counts")]
+        rowwise += list(alias)
         for j, (e, parts) in enumerate(zip(self.experts, self.parts)):
             for proj, r0, n in parts:
-                yield e, proj, {k: self.tensors["skips" if k == "row_skip" else k][j, r0:r0 + n] for k in rowwise}
+                v = {k: self.tensors[alias.get(k, k)][j, r0:r0 + n] for k in rowwise}
+                if self.codec == "sub1":  # one part per member (never fused): its whole stream
+                    v["codewords"] = self.tensors["codewords"][self.cw_offsets[j]:self.cw_offsets[j + 1]]
+                yield e, proj, v
 
 
 class PreparedExperts(NamedTuple):
@@ -85,30 +98,28 @@ def _fmt(p: PackedTensor) -> tuple:
     return (p.codec, tuple(sorted((k, v) for k, v in p.attrs.items() if k not in INFO_ATTRS)))
 
 
-def _joined_codewords(members: list[PackedTensor]) -> torch.Tensor:
-    """sub1: the members' codeword bit streams as one, re-packed codeword by codeword (a stream may end
-    inside a byte), so that codeword indices run on from one member into the next."""
-    from moecompress.codecs import sub1_dict as sd
-    from moecompress.codecs.ternary import Sub1Codec
-    cw = torch.cat([Sub1Codec.codewords(m) for m in members])
-    return sd.pack_codewords(cw, members[0].attrs["codeword_bits"]).to(members[0].tensors["codewords"].device)
-
-
-def _stack(codec: str, members: list[PackedTensor]) -> dict[str, torch.Tensor]:
-    """The group's tensors with a leading expert axis; sub1 concatenates its variable-length codewords
-    and stores the index of the first codeword starting in each row ("starts", (E_g, N)) instead of the
-    counts, beside the rows' skips ("skips", (E_g, N))."""
+def _stack(codec: str, members: list[PackedTensor]) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """The group's tensors with a leading expert axis, and (sub1) the members' byte offsets in the joined
+    codeword buffer. sub1 joins the members' codeword byte streams as stored ("codewords", each member from
+    a byte boundary), stacks row_counts ("counts", (E_g, N)) and row_skip ("skips", (E_g, N)) and adds the
+    row anchors ("anchors", (E_g, ceil(N / 64)) int64: bits in the joined buffer, `row_anchors`)."""
     first = members[0].tensors
     if codec != "sub1":
-        return {k: torch.stack([m.tensors[k] for m in members]).contiguous() for k in first}
-    from .sub1_triton import row_starts
-    counts = torch.stack([m.tensors["row_counts"] for m in members])  # (E_g, N)
-    return {"codewords": _joined_codewords(members),
-            "starts": row_starts(counts).to(counts.device),
+        return {k: torch.stack([m.tensors[k] for m in members]).contiguous() for k in first}, []
+    from .sub1_triton import row_anchors
+    streams = [m.tensors["codewords"].reshape(-1) for m in members]
+    offsets = [0]
+    for t in streams:
+        offsets.append(offsets[-1] + t.numel())  # host ints from shapes: no sync
+    counts = torch.stack([m.tensors["row_counts"] for m in members]).contiguous()  # (E_g, N)
+    base = torch.tensor(offsets[:-1], dtype=torch.int64).mul_(8)  # (E_g,) first bit of each member
+    return {"codewords": torch.cat(streams),
+            "counts": counts,
+            "anchors": row_anchors(counts, members[0].attrs["codeword_bits"], base),
             "skips": torch.stack([m.tensors["row_skip"] for m in members]).contiguous(),
             "lo": torch.stack([m.tensors["lo"] for m in members]).contiguous(),
             "hi": torch.stack([m.tensors["hi"] for m in members]).contiguous(),
-            "dictionary": first["dictionary"]}
+            "dictionary": first["dictionary"]}, offsets
 
 
 def _group(items: list[tuple]) -> list[ExpertGroup]:
@@ -125,22 +136,21 @@ def _group(items: list[tuple]) -> list[ExpertGroup]:
         g.parts.append(parts)
     for g in groups.values():
         if g.codec in GROUPED_CODECS:
-            g.tensors = _stack(g.codec, g.members)
+            g.tensors, g.cw_offsets = _stack(g.codec, g.members)
             if g.codec != "sub1":  # every field row-wise: member j is row block j of the stack
                 g.members = [PackedTensor(m.codec, m.shape, {k: g.tensors[k][j] for k in m.tensors}, m.attrs)
                              for j, m in enumerate(g.members)]
-            else:  # the grouped launch needs only the stack; joined copies of the members are not kept
+            else:  # the grouped launch needs only the stack (members: views, MoEExperts._adopt)
                 g.members = []
     return list(groups.values())
 
 
 def _cat_rows(a: PackedTensor, b: PackedTensor) -> PackedTensor:
     # Row-wise formats: stacking the rows of two same-format matrices is the packed form of cat([A, B]).
-    # A shared tensor (same id in both, _fmt checked it) is kept once; informational attrs are dropped;
-    # sub1's codeword bit streams are joined codeword by codeword (_joined_codewords).
+    # A shared tensor (same id in both, _fmt checked it) is kept once; informational attrs are dropped.
+    # Not for sub1 (its codeword streams are not row-wise; prepare_experts launches its gate and up apart).
+    assert a.codec != "sub1", "sub1 gate and up are not fused"
     t = {k: a.tensors[k] if k in SHARED_TENSORS else torch.cat([a.tensors[k], b.tensors[k]]) for k in a.tensors}
-    if a.codec == "sub1":
-        t["codewords"] = _joined_codewords([a, b])
     return PackedTensor(a.codec, (a.shape[0] + b.shape[0], a.shape[1]), t,
                         {k: v for k, v in a.attrs.items() if k not in INFO_ATTRS})
 
@@ -177,7 +187,7 @@ def prepare_experts(experts: list, biases: list | None = None) -> PreparedExpert
             if tuple(p.shape) != shape:
                 raise MoeCompressError(f"expert {e} {name} is {tuple(p.shape)}, expected {shape}: all experts of a "
                                        f"layer must share hidden {H} and expert width {I}")
-        if _fmt(ex["gate"]) == _fmt(ex["up"]):
+        if _fmt(ex["gate"]) == _fmt(ex["up"]) and ex["gate"].codec != "sub1":  # sub1: see the module docstring
             stage1.append((e, 0, _cat_rows(ex["gate"], ex["up"]), (("gate", 0, I), ("up", I, I))))
         else:
             stage1 += [(e, 0, ex["gate"], (("gate", 0, I),)), (e, I, ex["up"], (("up", 0, I),))]
@@ -263,8 +273,8 @@ def _run_stage(groups: list[ExpertGroup], x: torch.Tensor, rows: torch.Tensor, r
         elif g.codec == "ternary":
             ternary_matmul(x, t["trits"], t["lo"], t["hi"], N, K, gs, **grouped)
         elif g.codec == "sub1":
-            sub1_matmul(x, t["codewords"], t["starts"], t["skips"], t["dictionary"], g.attrs["dictionary_id"], t["lo"], t["hi"],
-                        N, K, gs, g.attrs["codeword_bits"], **grouped)
+            sub1_matmul(x, t["codewords"], t["counts"], t["anchors"], t["skips"], t["dictionary"], g.attrs["dictionary_id"],
+                        t["lo"], t["hi"], N, K, gs, g.attrs["codeword_bits"], **grouped)
         else:  # per-expert loop (one host sync per expert) for codecs without a grouped kernel yet
             row_blk = blk.view(-1, 1).expand(-1, r.block_m).reshape(-1)
             for j, p in enumerate(g.members):

@@ -330,16 +330,16 @@ def _variants():
         out.append((f"ternary mm {cfg}", tt._ternary_mm_kernel, tt_types,
                     dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, USE_DOT=cfg.USE_DOT,
                          DOT_NATIVE=cfg.DOT_NATIVE, FACTORED=cfg.FACTORED, DECODE_ONLY=False, GATHER=gather)))
-        s1_types = {"x_ptr": "*" + tname[dt], "rows_ptr": "*i32", "blk_ptr": "*i32", "cw_ptr": "*u8", "start_ptr": "*i64",
+        s1_types = {"x_ptr": "*" + tname[dt], "rows_ptr": "*i32", "blk_ptr": "*i32", "cw_ptr": "*u8", "cnt_ptr": "*u8", "anchor_ptr": "*i64",
                     "skip_ptr": "*u8", "tab_ptr": "*u8", "len_ptr": "*i32", "lo_ptr": "*fp16", "hi_ptr": "*fp16",
                     "out_ptr": "*" + tname[dt]}
         out.append((f"sub1 mm M={M} gather={gather}", s1._sub1_mm_kernel, s1_types,
-                    dict(BLOCK_M=bm or min(64, 1 << (M - 1).bit_length()), BLOCK_N=32, GATHER=gather, DECODE_ONLY=False)))
+                    dict(BLOCK_M=bm or min(64, 1 << (M - 1).bit_length()), BLOCK_N=32, CHUNK=s1.CHUNK, GATHER=gather, DECODE_ONLY=False)))
     out.append(("ternary decode", tt._ternary_mm_kernel, {**tt_types, "x_ptr": "*fp32", "out_ptr": "*fp32"},
                 dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, USE_DOT=False, DOT_NATIVE=False, FACTORED=False, DECODE_ONLY=True,
                      GATHER=False)))
     out.append(("sub1 decode", s1._sub1_mm_kernel, {**s1_types, "x_ptr": "*fp32", "out_ptr": "*fp32"},
-                dict(BLOCK_M=1, BLOCK_N=32, GATHER=False, DECODE_ONLY=True)))
+                dict(BLOCK_M=1, BLOCK_N=32, CHUNK=s1.CHUNK, GATHER=False, DECODE_ONLY=True)))
     return out
 
 

@@ -360,6 +360,41 @@ def test_moe_grouped_ternary_and_sub1_experts():
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_sub1_rows_across_chunks_and_blocks(monkeypatch):
+    """Row starts come from row_counts plus one anchor per 64 rows: blocks of 16 rows (as CUDA's 32, below
+    the chunk) run the kernel's in-chunk prefix loop; 100 and 72 rows cross a chunk boundary. Plain decode
+    and the grouped launch, whose joined buffer holds each member's stored stream as a byte range."""
+    from moecompress.codecs import sub1_dict as sd
+    from moecompress.kernels import sub1_triton
+    monkeypatch.setattr(sub1_triton, "CPU_BLOCK_N", 16)
+    gen = torch.Generator().manual_seed(11)
+    p = make_sub1(100, 24, 8, 0.9, seed=11)
+    assert torch.equal(mk.decode(p), decode(p))
+    H, I, E = 16, 72, 2
+    codes = [sparse_codes(*shape, 0.9, gen) for _ in range(E) for shape in ((I, H), (I, H), (H, I))]
+    dictionary = sd.build_dictionary(codes, max_entries=256, max_len=16, sizes=(256,))
+    experts = []
+    for e in range(E):
+        ex = {}
+        for j, n in enumerate(("gate", "up", "down")):
+            c = codes[3 * e + j]
+            G = c.shape[1] // 8
+            ex[n] = get_codec("sub1").encode(c, -torch.rand(c.shape[0], G, generator=gen), torch.rand(c.shape[0], G,
+                                             generator=gen), dictionary, 8)
+        experts.append(ex)
+    px = mk.prepare_experts(experts)
+    for g in px.stage1 + px.stage2:  # gate and up apart (offsets 0 and I), down: one group each
+        assert g.codec == "sub1" and len(g.experts) == E
+        for e, proj, v in g.views():
+            assert torch.equal(v["codewords"], experts[e][proj].tensors["codewords"])
+            assert torch.equal(v["row_counts"], experts[e][proj].tensors["row_counts"])
+    assert sorted(g.col_off for g in px.stage1) == [0, I]
+    x = torch.randn(3, H, generator=gen)
+    w, idx = torch.topk(torch.randn(3, E, generator=gen).softmax(-1), 2)
+    torch.testing.assert_close(mk.moe_experts_forward(x, idx, w, px), mk.moe_reference(x, idx, w, experts),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_packed_linear_module_takes_any_leading_shape():
     """PackedLinear (shared experts) runs the Triton kernel on (B, L, K) inputs as on (rows, K), with its bias."""
     from moecompress.experts import PackedLinear
