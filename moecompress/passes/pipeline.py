@@ -1,8 +1,9 @@
 """The layer loop: read a decoder layer, calibrate it, run the passes, hand its outputs on, write it.
 
 One decoder layer is materialized at a time, on the run's device. The calibration windows go through it
-in forward micro-batches of about FORWARD_TOKENS tokens (whole accumulation chunks of `batch_size`
-windows). A MoE layer runs at most three times, whatever its number of experts:
+in forward calls of about `forward_tokens` tokens (whole accumulation chunks of `batch_size` windows;
+both are calibration options, fixed whatever the machine, since they fix the numerics). A MoE layer runs
+at most three times, whatever its number of experts:
 
   1. capture: the layer runs with its experts replaced by a recorder, which caches what the MoE block
      hands them (input and routing, passes/moe_cache.py);

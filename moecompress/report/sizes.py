@@ -121,8 +121,13 @@ def size_breakdown(path: str, manifest: dict | None = None) -> SizeBreakdown:
             else:
                 comp["expert scales" if t.dtype in FLOAT_DTYPES else "experts"] += t.nbytes
                 cell["bytes"] += t.nbytes
+    guard = set((manifest or {}).get("guard", []))  # 1-byte placeholders that make plain transformers refuse
+    guard_bytes = 0
     for k, t in tensors.items():
         if k in packed:
+            continue
+        if k in guard:
+            guard_bytes += t.nbytes
             continue
         c = classify(k)
         comp[c] += t.nbytes
@@ -131,7 +136,7 @@ def size_breakdown(path: str, manifest: dict | None = None) -> SizeBreakdown:
             if c == "experts":
                 expert_params += t.numel
     shards = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    comp["metadata"] = _metadata_bytes(path, shards, tensors)
+    comp["metadata"] = _metadata_bytes(path, shards, tensors) + guard_bytes
     for cell in grid.values():
         cell["label"] = "/".join(sorted(cell.pop("codecs")))
     return SizeBreakdown(os.path.abspath(path), comp, params, expert_params, grid)
