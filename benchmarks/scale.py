@@ -35,9 +35,8 @@ import subprocess
 import sys
 import time
 
-import common  # noqa: F401  (puts the project root on sys.path)
+from common import HERE  # also puts the project root on sys.path
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, ".."))
 DEMO = os.path.join(ROOT, "moecompress", "data", "demo-model")
 CALIB = os.path.join(ROOT, "moecompress", "data", "text", "calib_mix.txt")
