@@ -57,7 +57,7 @@ def add_calib_args(p):
     p.add_argument("--ebss-real", type=float, default=C.ebss_real,
                    help=f"--sampler ebss: share of the windows taken at random from the calibration text, the rest "
                         f"self-generated (default {C.ebss_real}: all generated, as MoEQuant; on the fixture 0.75 kept most "
-                        f"of the other domains' gain at a cost of 0-0.2%% on the calibration domain, README)")
+                        f"of the other domains' gain at a cost of 0-0.2%% on the calibration domain, docs/calibration.md)")
 
 
 def add_device_arg(p):

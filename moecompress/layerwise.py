@@ -140,9 +140,10 @@ class LayerStreamer:
         p = f"{r.prefix}.{i}."
         return {r.arch.to_mem(k)[len(p):]: r.get(k) for k in r.layer_keys(i) if not r.is_expert_tensor(k)}
 
-    def build_layer(self, i: int, experts: list[dict] | None = None, biases=None) -> nn.Module:
+    def build_layer(self, i: int, experts: list[dict] | None = None, biases=None, only=None) -> nn.Module:
         """Materialize decoder layer i on the streamer's device. MoE layers get `MoEExperts` over `experts` (canonical
-        per-expert weights; read from the checkpoint when None)."""
+        per-expert weights; read from the checkpoint when None: with `only`, a set of experts, the others get
+        shape-only meta placeholders until the caller sets them, and are not read)."""
         layer = copy.deepcopy(self.layers[i])  # meta: free
         found = find_experts(layer)
         r = self.reader
@@ -166,8 +167,10 @@ class LayerStreamer:
                 # one tensor per expert and projection (not views of a stacked copy): each is freed as soon as
                 # the quantize pass replaces it, so a layer's experts are never held twice
                 from .arch import ExpertKey
-                experts = [{p: r.expert(ExpertKey(i, e, p)).to(device=self.device, dtype=self.dtype) for p in PROJS}
-                           for e in range(r.layer_num_experts(i))]
+                shapes = r.expert_shapes(i)
+                experts = [{p: r.expert(ExpertKey(i, e, p)).to(device=self.device, dtype=self.dtype)
+                            if only is None or e in only else torch.empty(shapes[p], device="meta", dtype=self.dtype)
+                            for p in PROJS} for e in range(r.layer_num_experts(i))]
                 b = r.layer_expert_biases(i, self.dtype)
                 b = None if b is None else {p: t.to(self.device) for p, t in b.items()}
                 biases = None if b is None else [{p: b[p][e] for p in PROJS} for e in range(len(experts))]

@@ -188,7 +188,12 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
         torch.set_num_threads(run_threads)
     try:
         for i in bar:
-            layer = streamer.build_layer(i)
+            own = None
+            if i in reader.moe_layers:  # expert-parallel ranks read only the experts they quantize
+                layer_specs = {e: specs[(i, e)] for e in range(reader.layer_num_experts(i))}
+                mine = qpass.split_units(qpass.layer_units(layer_specs, reader.expert_shapes(i)), layer_specs, dist)
+                own = None if mine is None else {e for u in mine for e in u}
+            layer = streamer.build_layer(i, only=own)
             mem["layer_weights_bytes"] = max(mem["layer_weights_bytes"], _module_bytes(layer))
             tensors, entries, rec, layer_bytes = {}, [], None, 0
             skip = set()  # dense tensors stored packed instead (shared experts)
@@ -207,7 +212,6 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
                     cache = runner.capture(layer, i, acts, shared_paths)
                 mem["activation_cache_bytes"] = max(mem["activation_cache_bytes"],
                                                     cache.nbytes + runner.hidden_bytes(acts))
-                layer_specs = {e: specs[(i, e)] for e in range(reader.layer_num_experts(i))}
                 stats: dict = {}
                 packed, rec = qpass.quantize_moe_layer(
                     find_experts(layer)[1], cache, layer_idx=i, specs=layer_specs, method=config.method, gcfg=gcfg,
@@ -276,7 +280,9 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
 
 
 def _module_bytes(module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    """Bytes a materialized layer holds (meta placeholders of experts another rank quantizes: none)."""
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers())
+               if t.device.type != "meta")
 
 
 def _quantize_shared(layer, cache, reader, i: int, config, gcfg, found, dist):

@@ -103,6 +103,20 @@ def gptq_units(specs: dict, rows: dict[str, int], K: dict[str, int]) -> list[lis
     return units
 
 
+def split_units(units: list[list[int]], specs: dict, dist) -> list[list[int]] | None:
+    """This rank's GPTQ units when a layer's experts are split across ranks (integer codecs under several
+    ranks), else None (every rank quantizes every expert: one process, or ternary/sub1 experts, whose
+    dictionary is fitted to the whole layer's codes)."""
+    if dist is None or not dist.active or not all(s.codec == "int" for s in specs.values()):
+        return None
+    return [units[j] for j in dist.mine(len(units))]
+
+
+def layer_units(specs: dict, shapes: dict[str, tuple[int, int]]) -> list[list[int]]:
+    """`gptq_units` of a layer from its experts' specs and (out, in) projection shapes."""
+    return gptq_units(specs, {p: s[0] for p, s in shapes.items()}, {p: s[1] for p, s in shapes.items()})
+
+
 def memory_chunks(units: list[list[int]], K: int, budget: int) -> list[list[list[int]]]:
     """Consecutive units whose Hessians (plus GPTQ's working copies, ~3x) fit in `budget` bytes; at least
     one unit per chunk, so a budget smaller than one unit streams one unit at a time."""
@@ -158,11 +172,12 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
     rows = {p: w0[p].shape[0] for p in ("gate", "up", "down")}
     widths = {p: w0[p].shape[1] for p in ("gate", "up", "down")}
     units = gptq_units({e: specs[e] for e in live}, rows, widths)
-    split = dist is not None and dist.active and all(specs[e].codec == "int" for e in live)
+    mine = split_units(units, {e: specs[e] for e in live}, dist)
+    split = mine is not None
     if dist is not None and dist.active and not split:
         log.warning("layer %d: ternary/sub1 experts are not split across ranks: every rank quantizes all of them",
                     layer_idx)
-    mine = [u for r in (dist.mine(len(units)),) for u in (units[j] for j in r)] if split else units
+    mine = units if mine is None else mine
     budget = budget if budget is not None else (1 << 62)
     stats = stats if stats is not None else {}
     packed: dict[tuple[int, str], PackedTensor] = {}
