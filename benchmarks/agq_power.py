@@ -89,13 +89,13 @@ def main(argv=None) -> int:
 
     import torch
 
-    from moecompress import api, layerwise
+    from moecompress import api
     from moecompress.config import CalibConfig, QuantizeConfig
-    from moecompress.passes import calibrate
+    from moecompress.passes import calibrate, moe_cache
     from moecompress.passes import quantize as qpass
 
-    collect, run_layer, quantize_layer = (calibrate.HessianCollector.__call__, layerwise.LayerStreamer.run_layer,
-                                          qpass.quantize_moe_layer)
+    collect, replay, quantize_layer = (calibrate.HessianCollector.__call__, moe_cache.MoECache.replay,
+                                       qpass.quantize_moe_layer)
     # the weight ("p"; "g": the loss sensitivities of "seed"'s windows; "u": each jitter draw's u per layer), and
     # where the pass is: the layer being quantized and the first token index of the mini-batch ("offset")
     now = {"p": 1.0, "g": None, "seed": None, "u": {}, "layer": None, "offset": 0, "next": 0}
@@ -114,17 +114,12 @@ def main(argv=None) -> int:
             return collect(self, e, tok, x, h, g * w.float().clamp(min=0) if p == "c*g" else g)
         return collect(self, e, tok, x, h, w.float().clamp(min=0) ** p if self.affinity else w)
 
-    def counted_run_layer(self, layer, hidden, kwargs, batch_size=8):  # the first token index of each mini-batch
-        now["next"] = 0
-
-        def pre(module, args):
-            now["offset"] = now["next"]
-            now["next"] += args[0].shape[0] * args[0].shape[1]
-        hook = layer.register_forward_pre_hook(pre)
-        try:
-            return run_layer(self, layer, hidden, kwargs, batch_size)
-        finally:
-            hook.remove()
+    def counted_replay(self, num_experts, observer, *args, **kw):  # the first token index of each cached chunk
+        offset = 0
+        for c in self.chunks:
+            now["offset"] = offset
+            replay(moe_cache.MoECache([c], self.device), num_experts, observer, *args, **kw)
+            offset += c.x.shape[0]
 
     def layer_known(*args, layer_idx, **kw):
         now["layer"] = layer_idx
@@ -135,7 +130,7 @@ def main(argv=None) -> int:
     ppl = {}
     work = tempfile.mkdtemp(prefix="agq-power-")
     calibrate.HessianCollector.__call__ = weighted
-    layerwise.LayerStreamer.run_layer = counted_run_layer
+    moe_cache.MoECache.replay = counted_replay
     qpass.quantize_moe_layer = layer_known
     try:
         for bits in a.bits:
@@ -151,7 +146,7 @@ def main(argv=None) -> int:
                           + " ".join(f"{d} {v:.3f}" for d, v in zip(DOMAINS, ppl[(bits, seed, p)])), flush=True)
     finally:
         calibrate.HessianCollector.__call__ = collect
-        layerwise.LayerStreamer.run_layer = run_layer
+        moe_cache.MoECache.replay = replay
         qpass.quantize_moe_layer = quantize_layer
         shutil.rmtree(work, ignore_errors=True)
 
