@@ -75,20 +75,7 @@ class Dist:
         if not self.active:
             return tensors or {}
         if self.rank == src:
-            names = sorted(tensors)
-            parts, meta, off = [], [], 0
-            for k in names:
-                t = tensors[k].detach().contiguous().cpu()
-                b = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-                pad = (-off) % _ALIGN
-                if pad:
-                    parts.append(torch.zeros(pad, dtype=torch.uint8))
-                    off += pad
-                meta.append([k, str(t.dtype).removeprefix("torch."), list(t.shape), off, b.numel()])
-                parts.append(b)
-                off += b.numel()
-            header = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
-            body = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+            header, body = _pack(tensors)
             sizes = torch.tensor([header.numel(), body.numel()], dtype=torch.int64)
         else:
             sizes = torch.zeros(2, dtype=torch.int64)
@@ -98,14 +85,34 @@ class Dist:
             body = torch.empty(int(sizes[1]), dtype=torch.uint8)
         header = self._bcast(header, src)
         body = self._bcast(body, src)
-        if self.rank == src:
-            return tensors
-        out = {}
-        for k, dt, shape, off, n in json.loads(bytes(header.numpy()).decode()):
-            dtype = getattr(torch, dt)
-            raw = body[off:off + n].clone()
-            out[k] = (raw.view(dtype) if n else torch.empty(0, dtype=dtype)).reshape(shape)
+        return tensors if self.rank == src else _unpack(header, body)
+
+    def gather_to_main(self, mine: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Every rank's dict merged on rank 0 (point to point: the other ranks keep no copy); None elsewhere."""
+        if not self.active:
+            return dict(mine)
+        import torch.distributed as dist
+        if not self.main:
+            header, body = _pack(mine)
+            for t in (torch.tensor([header.numel(), body.numel()], dtype=torch.int64), header, body):
+                if t.numel():
+                    dist.send(t.to(self.device) if self.device.type == "cuda" else t, 0)
+            return None
+        out = dict(mine)
+        for r in range(1, self.world):
+            sizes = self._recv(torch.zeros(2, dtype=torch.int64), r)
+            header = self._recv(torch.empty(int(sizes[0]), dtype=torch.uint8), r)
+            body = self._recv(torch.empty(int(sizes[1]), dtype=torch.uint8), r)
+            out.update(_unpack(header, body))
         return out
+
+    def _recv(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        import torch.distributed as dist
+        if t.numel() == 0:
+            return t
+        buf = t.to(self.device) if self.device.type == "cuda" else t
+        dist.recv(buf, src)
+        return buf.cpu()
 
     def _bcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
         import torch.distributed as dist
@@ -123,6 +130,31 @@ class Dist:
         for r in range(self.world):
             out.update(self.broadcast_tensors(mine if r == self.rank else None, r))
         return out
+
+
+def _pack(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """{name: tensor} -> (JSON header, body) as uint8 tensors on the CPU: every tensor's raw bytes, aligned."""
+    parts, meta, off = [], [], 0
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        b = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        pad = (-off) % _ALIGN
+        if pad:
+            parts.append(torch.zeros(pad, dtype=torch.uint8))
+            off += pad
+        meta.append([k, str(t.dtype).removeprefix("torch."), list(t.shape), off, b.numel()])
+        parts.append(b)
+        off += b.numel()
+    header = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
+    return header, (torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8))
+
+
+def _unpack(header: torch.Tensor, body: torch.Tensor) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, dt, shape, off, n in json.loads(bytes(header.numpy()).decode()):
+        dtype = getattr(torch, dt)
+        out[k] = (body[off:off + n].clone().view(dtype) if n else torch.empty(0, dtype=dtype)).reshape(shape)
+    return out
 
 
 def from_env(device_spec: str | None = "auto") -> tuple[Dist, torch.device]:

@@ -50,7 +50,6 @@ class LayerRunner:
         self.seqlen = L
         self.kwargs = streamer.layer_kwargs(min(self.fwd, S), L)
         self.forwards: dict[int, int] = defaultdict(int)  # decoder layer -> passes over the windows
-        self.cache_bytes = 0  # largest MoE cache held
         self.spilled_bytes = 0  # largest share of activations kept in pinned host memory (CUDA)
         self.windows = windows
 
@@ -74,10 +73,10 @@ class LayerRunner:
         self._spilled(place)
         return out
 
-    def gather(self, acts: dict[int, torch.Tensor]) -> torch.Tensor:
-        """All ranks' micro-batches as one (S, L, H) tensor on the CPU (every rank gets it)."""
-        got = self.dist.gather_dicts({str(j): t.cpu() for j, t in acts.items()})
-        return torch.cat([got[str(j)] for j in range(len(self.batches))])
+    def gather(self, acts: dict[int, torch.Tensor]) -> torch.Tensor | None:
+        """All ranks' micro-batches as one (S, L, H) tensor on the CPU of rank 0 (None on the others)."""
+        got = self.dist.gather_to_main({str(j): t.cpu() for j, t in acts.items()})
+        return None if got is None else torch.cat([got[str(j)] for j in range(len(self.batches))])
 
     def forward(self, layer, i: int, acts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         self.forwards[i] += 1
@@ -128,7 +127,6 @@ class LayerRunner:
                       for c in chunks]
         self._spilled(place)
         cache = MoECache(chunks, self.device)
-        self.cache_bytes = max(self.cache_bytes, cache.nbytes)
         return (cache, outs) if outputs else cache
 
     def hidden_bytes(self, acts: dict[int, torch.Tensor]) -> int:
