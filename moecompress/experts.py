@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import PROJS
-from .codecs import PackedTensor, decode, ensure_checked
+from .codecs import PackedTensor, carry_check, decode, ensure_checked
 
 
 class Observer(Protocol):
@@ -90,7 +90,9 @@ SHARED_FIELDS = ("dictionary",)  # stored once per checkpoint, not per tensor (c
 
 
 def _apply_keep_dtype(module: nn.Module, fn, recurse=True) -> nn.Module:
-    """Module._apply for packed state: each buffer follows fn's device, never its dtype."""
+    """Module._apply for packed state: each buffer follows fn's device, never its dtype, and keeps its codec
+    check's mark (`carry_check`: same data, shape and dtype), so the first forward after `.to(device)` does
+    not check the codecs again (a check reads the data on the host: a sync on CUDA)."""
     if recurse:
         for child in module.children():
             child._apply(fn)
@@ -100,7 +102,7 @@ def _apply_keep_dtype(module: nn.Module, fn, recurse=True) -> nn.Module:
         new = fn(t)
         if new.dtype != t.dtype:
             new = t.to(device=new.device)
-        module._buffers[k] = new
+        module._buffers[k] = carry_check(t, new)
     for k, p in module._parameters.items():  # dense (floating) parameters, e.g. a bias: the compute dtype
         if p is not None:
             module._parameters[k] = nn.Parameter(fn(p.data), requires_grad=False)
@@ -196,14 +198,15 @@ class MoEExperts(nn.Module):
 
     def _adopt(self, prepared) -> None:
         """Resident once: re-point the per-expert buffers at views into the prepared (stacked) tensors, so
-        the originals are freed and state_dict still sees every checkpoint-named tensor."""
+        the originals are freed and state_dict still sees every checkpoint-named tensor. A view holds the data
+        it replaces, so it keeps that tensor's codec check mark (`carry_check`)."""
         mods = {(e, p): m for e, p, m in self.packed_modules()}
         for g in prepared.stage1 + prepared.stage2:
             for e, p, views in g.views():
                 m = mods[(e, p)]
                 for k, v in views.items():
                     if k in m._buffers and m._buffers[k].shape == v.shape and m._buffers[k].dtype == v.dtype:
-                        m._buffers[k] = v
+                        m._buffers[k] = carry_check(m._buffers[k], v)
         self._state_key = None
         prep = self._prepared
         self._sync()

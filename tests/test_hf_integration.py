@@ -12,6 +12,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # read when triton wraps the kernels; only
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import moecompress
 from moecompress import api
@@ -128,39 +129,61 @@ def test_device_map_with_offload_on_cpu(q4, tmp_path):
 
 PLAIN = """
 import sys, transformers as tf
-try:
-    tf.AutoModelForCausalLM.from_pretrained(sys.argv[1])
-except Exception as e:
-    print("refused:", type(e).__name__); sys.exit(0)
-print("built"); sys.exit(1)
+for path in sys.argv[1:]:  # one transformers import for every checkpoint
+    try:
+        tf.AutoModelForCausalLM.from_pretrained(path)
+    except Exception as e:
+        print(path, "refused:", type(e).__name__)
+    else:
+        print(path, "built")
 """
+CODEC_CASES = {"int2": (dict(bits=2), "int"), "int3": (dict(bits=3), "int"), "int8": (dict(bits=8), "int"),
+               "ternary": (dict(bits=1.6, method="ternary"), "ternary"), "sub1": (dict(bits=1, method="ternary"), "sub1")}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random Mixtral (2 layers) with the demo's tokenizer: quick to quantize with every codec."""
-    import shutil
     from conftest import write_tiny
     src = str(tmp_path_factory.mktemp("tiny") / "src")
-    write_tiny(src, "Mixtral", layers=2)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(DEMO, f), src)
+    write_tiny(src, "Mixtral", layers=2)  # writes the demo's tokenizer beside it
     return src
 
 
-@pytest.mark.parametrize("kw,codec", [(dict(bits=2), "int"), (dict(bits=3), "int"), (dict(bits=8), "int"),
-                                      (dict(bits=1.6, method="ternary"), "ternary"), (dict(bits=1, method="ternary"), "sub1")],
-                         ids=["int2", "int3", "int8", "ternary", "sub1"])
-def test_plain_transformers_refuses_every_codec(tiny, tmp_path, kw, codec):
-    out = str(tmp_path / "q")
+@pytest.fixture(scope="module")
+def tiny_packed(tiny, tmp_path_factory):
+    """{case: packed checkpoint} of the tiny model in every codec: RTN for the int widths (no calibration
+    forward), one 16-token window for the ternary codecs (GPTQ-ternary; sub1's dictionary and bit budget)."""
     text = os.path.join(DEMO, "..", "text", "calib_mix.txt")
-    api.quantize(tiny, out, QuantizeConfig(group_size=32, method=kw.pop("method", "rtn"), **kw,
-                                           calib=CalibConfig((text,), nsamples=2, seqlen=16)), progress=False)
-    codecs = {e["codec"] for e in json.load(open(os.path.join(out, "moecompress.json")))["tensors"]}
-    assert codecs == {codec}
+    root = tmp_path_factory.mktemp("codecs")
+    out = {}
+    for name, (kw, _) in CODEC_CASES.items():
+        kw = dict(kw)
+        out[name] = str(root / name)
+        api.quantize(tiny, out[name], QuantizeConfig(group_size=32, method=kw.pop("method", "rtn"), **kw,
+                                                     calib=CalibConfig((text,), nsamples=1, seqlen=16)), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_transformers(tiny_packed, tmp_path_factory):
+    """{path: what plain transformers (no `import moecompress`) did with it}, one subprocess for all."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", PLAIN, out], capture_output=True, text=True, env=env, cwd=str(tmp_path))
-    assert r.returncode == 0 and "refused" in r.stdout, r.stdout + r.stderr[-2000:]
+    paths = list(tiny_packed.values())
+    r = subprocess.run([sys.executable, "-c", PLAIN, *paths], capture_output=True, text=True, env=env,
+                       cwd=str(tmp_path_factory.mktemp("plain")))
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line.split(" ", 1)[0] in paths)
+    assert set(got) == set(paths), r.stdout + r.stderr[-2000:]
+    return got
+
+
+@pytest.mark.parametrize("case", list(CODEC_CASES))
+def test_plain_transformers_refuses_every_codec(tiny_packed, plain_transformers, case):
+    out = tiny_packed[case]
+    codecs = {e["codec"] for e in json.load(open(os.path.join(out, "moecompress.json")))["tensors"]}
+    assert codecs == {CODEC_CASES[case][1]}
+    assert plain_transformers[out].startswith("refused:"), plain_transformers[out]
     m = moecompress.load(out)  # and the registered path loads it
     with torch.no_grad():
         assert torch.isfinite(m(X).logits).all()
@@ -183,6 +206,9 @@ def test_merged_checkpoint_loads_through_from_pretrained(tmp_path):
     assert d <= 1e-6, d
 
 
+TABLES = ("dictionary", "anchors")  # sub1's shared dictionary; its row anchors (one int64 per 64 rows)
+
+
 def _resident_bytes(model) -> tuple[int, int]:
     """(packed expert bytes, decode-table bytes) held by the experts modules, each storage counted once:
     per-expert buffers, and on the Triton path the prepared (stacked) operands."""
@@ -198,7 +224,7 @@ def _resident_bytes(model) -> tuple[int, int]:
             if s.data_ptr() in seen:
                 continue
             seen.add(s.data_ptr())
-            if "dictionary" in k:
+            if any(n in k for n in TABLES):
                 tables += s.nbytes()
             else:
                 packed += s.nbytes()
@@ -206,16 +232,71 @@ def _resident_bytes(model) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_packed_bytes_resident_once(q4, backend, monkeypatch):
+@pytest.mark.parametrize("case", ["int4", "sub1"])
+def test_packed_bytes_resident_once(q4, tiny_packed, case, backend, monkeypatch):
+    """After a forward the experts hold their packed bytes once (1.0x the checkpoint's, the shared sub1
+    dictionary aside) plus at most 1 MB of decode tables per layer; the Triton path gives the torch path's
+    logits. Without re-pointing the members at the stacks the Triton path holds 2.0x (int4) / 2.2x (sub1)."""
     if backend == "triton":
         pytest.importorskip("triton")
+    path = q4 if case == "int4" else tiny_packed["sub1"]
     monkeypatch.setenv("MOECOMPRESS_KERNELS", backend)
-    m = moecompress.load(q4)
+    m = moecompress.load(path)
     with torch.no_grad():
-        m(X[:, :8])
-    disk = json.load(open(os.path.join(q4, "moecompress.json")))["expert_bytes"]
+        y = m(X[:, :4]).logits
+    man = json.load(open(os.path.join(path, "moecompress.json")))
+    disk = man["expert_bytes"]  # the experts' packed tensors and the shared dictionaries
+    dicts = sum(t.numel() for f in man["files"] for k, t in load_file(os.path.join(path, f)).items()
+                if k.startswith("moecompress.sub1_dictionary."))  # stored once, held as a decode table
+    assert (dicts > 0) == (case == "sub1")
     packed, tables = _resident_bytes(m)
     if backend == "triton":
         assert all(mod._prepared is not None for mod in m.modules() if isinstance(mod, MoEExperts))
-    assert disk <= packed <= 1.05 * disk, (packed, disk)
-    assert tables <= len(m.model.layers) * (1 << 20)
+    assert disk - dicts <= packed <= 1.05 * disk, (packed, disk, dicts)
+    assert tables <= len(m.model.layers) * (1 << 20), tables
+    if backend == "triton":
+        monkeypatch.setenv("MOECOMPRESS_KERNELS", "torch")
+        with torch.no_grad():
+            want = moecompress.load(path)(X[:, :4]).logits
+        torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+
+
+def test_moved_experts_are_not_checked_again(tiny_packed, monkeypatch):
+    """`.to(device)` moves each packed buffer (Module._apply) and the Triton path's prepare re-points them at
+    views of its stacks (MoEExperts._adopt): both keep the codec check, so neither the next forward nor the
+    next prepare checks a codec again (a check reads the data on the host: a sync on CUDA). A tensor
+    swapped in by other means is checked."""
+    from moecompress.codecs import ensure_checked, get_codec, is_checked
+    from moecompress.kernels import prepare_experts
+    monkeypatch.setenv("MOECOMPRESS_KERNELS", "torch")
+    m = moecompress.load(tiny_packed["sub1"])
+    experts = [mod for mod in m.modules() if isinstance(mod, MoEExperts)]
+    calls = []
+    codec = type(get_codec("sub1"))
+    orig = codec.check
+    monkeypatch.setattr(codec, "check", lambda self, q: (calls.append(q.shape), orig(self, q))[1])
+
+    def checked():
+        return all(is_checked(w[p]) for mod in experts for w in mod.weights for p in w)
+
+    with torch.no_grad():
+        want = m(X[:, :8]).logits
+        for mod in experts:  # what the first forward checked, and the experts it did not reach
+            for w in mod.weights:
+                for p in w:
+                    ensure_checked(w[p])
+        calls.clear()
+        m._apply(lambda t: t.clone())  # what .to(other device) does to every tensor: a new one, same data
+        assert checked()
+        assert torch.equal(m(X[:, :8]).logits, want) and not calls
+        for mod in experts:  # the Triton forward's preparation (prepare, then adopt views of the stacks)
+            mod._prepared = prepare_experts(mod.weights, mod.biases)
+            mod._adopt(mod._prepared)
+        assert not calls and checked() and all(mod._prepared is not None for mod in experts)
+        assert torch.equal(m(X[:, :8]).logits, want) and not calls
+        one = experts[0]._modules["0"]._modules["gate"]
+        one._buffers["lo"] = one._buffers["lo"].clone()  # not through _apply: no mark carried
+        experts[0]._sync()
+        assert experts[0]._prepared is None
+        prepare_experts(experts[0].weights, experts[0].biases)
+    assert len(calls) == 1, calls
