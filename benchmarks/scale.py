@@ -373,6 +373,10 @@ def main() -> None:
     if a.threads is None:
         a.threads = os.cpu_count() if a.gpu else int(os.environ.get("OMP_NUM_THREADS", "1"))
     importable_checkout()
+    if a.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {a.device}: this machine has no CUDA device (run --gpu on a GPU machine)")
     names = [n.strip() for n in a.models.split(",") if n.strip()]
     bad = [n for n in names if n not in SHAPES]
     if bad:
