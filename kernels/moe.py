@@ -273,8 +273,8 @@ def _run_stage(groups: list[ExpertGroup], x: torch.Tensor, rows: torch.Tensor, r
         elif g.codec == "ternary":
             ternary_matmul(x, t["trits"], t["lo"], t["hi"], N, K, gs, **grouped)
         elif g.codec == "sub1":
-            sub1_matmul(x, t["codewords"], t["counts"], t["anchors"], t["skips"], t["dictionary"], g.attrs["dictionary_id"],
-                        t["lo"], t["hi"], N, K, gs, g.attrs["codeword_bits"], **grouped)
+            sub1_matmul(x, t["codewords"], t["counts"], t["anchors"], t["skips"], t["dictionary"],
+                        g.attrs["dictionary_id"], t["lo"], t["hi"], N, K, gs, g.attrs["codeword_bits"], **grouped)
         else:  # per-expert loop (one host sync per expert) for codecs without a grouped kernel yet
             row_blk = blk.view(-1, 1).expand(-1, r.block_m).reshape(-1)
             for j, p in enumerate(g.members):

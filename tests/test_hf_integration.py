@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 import moecompress
 from moecompress import api
-from moecompress.codecs import PackedTensor, decode
+from moecompress.codecs import decode
 from moecompress.config import CalibConfig, QuantizeConfig
-from moecompress.experts import MoEExperts, PackedWeight
+from moecompress.experts import MoEExperts
 
 DEMO = api.builtin_model_path()
 X = torch.arange(1, 65)[None]
@@ -138,7 +138,8 @@ for path in sys.argv[1:]:  # one transformers import for every checkpoint
         print(path, "built")
 """
 CODEC_CASES = {"int2": (dict(bits=2), "int"), "int3": (dict(bits=3), "int"), "int8": (dict(bits=8), "int"),
-               "ternary": (dict(bits=1.6, method="ternary"), "ternary"), "sub1": (dict(bits=1, method="ternary"), "sub1")}
+               "ternary": (dict(bits=1.6, method="ternary"), "ternary"),
+               "sub1": (dict(bits=1, method="ternary"), "sub1")}
 
 
 @pytest.fixture(scope="module")
