@@ -134,6 +134,7 @@ def _classes():
             for m in model.modules():
                 if isinstance(m, MoEExperts):
                     m._sync()
+                    _check_loaded(m)
             keep_rotary_float32(model)
             model.moecompress_manifest = self.manifest
             model._weight_conversions = []  # the packed names are ours: nothing to revert on save
@@ -226,3 +227,13 @@ def write_manifest(model, path: str) -> None:
     if guard:
         m["guard"] = sorted(guard)
     dump_json(os.path.join(path, MANIFEST), m, compact=True)
+
+
+def _check_loaded(experts) -> None:
+    """Codec checks once, at load, for every packed expert whose tensors are here (an offloaded one is
+    checked when its tensors arrive, at its first use)."""
+    from .codecs import PackedTensor, ensure_checked
+    for w in experts.weights:
+        for v in (w or {}).values():
+            if isinstance(v, PackedTensor) and all(t.device.type != "meta" for t in v.tensors.values()):
+                ensure_checked(v)
