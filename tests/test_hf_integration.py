@@ -267,7 +267,7 @@ def test_moved_experts_are_not_checked_again(tiny_packed, monkeypatch):
     views of its stacks (MoEExperts._adopt): both keep the codec check, so neither the next forward nor the
     next prepare checks a codec again (a check reads the data on the host: a sync on CUDA). A tensor
     swapped in by other means is checked."""
-    from moecompress.codecs import ensure_checked, get_codec, is_checked
+    from moecompress.codecs import get_codec, is_checked
     from moecompress.kernels import prepare_experts
     monkeypatch.setenv("MOECOMPRESS_KERNELS", "torch")
     m = moecompress.load(tiny_packed["sub1"])
