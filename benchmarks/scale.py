@@ -1,8 +1,11 @@
 """Quantize checkpoints with real MoE expert shapes, moecompress against llm-compressor, side by side.
 
-    python benchmarks/scale.py --models qwen3-30b-a3b --nsamples 128 --seqlen 512     # issue #19's bar
-    python benchmarks/scale.py --nsamples 8 --seqlen 64 --experts-cap 8                # a quick look at every shape
-    python benchmarks/scale.py --gpu                                                   # DeepSeek-V3, 32 experts, cuda
+    # issue #19's bar: the Qwen3-30B-A3B-shaped layer, 128 windows of 512 tokens, 4 bits, both tools
+    python benchmarks/scale.py --models qwen3-30b-a3b --nsamples 128 --seqlen 512 --threads 2
+    # every shape end to end, small (about 40 minutes on 2 shared cores)
+    python benchmarks/scale.py --nsamples 8 --seqlen 64 --experts-cap mixtral-8x7b=2 qwen3-30b-a3b=8 deepseek-v3=8
+    # the GPU row: DeepSeek-V3-shaped layer with 32 experts on CUDA, minutes per billion expert params
+    python benchmarks/scale.py --gpu
 
 For each shape this script writes a synthetic checkpoint to disk: random bf16 weights with the real
 expert shapes and the real attention of Mixtral-8x7B (8 experts of 14336x4096), Qwen3-30B-A3B (128 of
