@@ -168,14 +168,26 @@ def write_checkpoint(path: str, name: str, experts: int, layers: int, seed: int 
 
 # ---------------------------------------------------------------- child processes
 
-def run_child(cmd: list[str], log: str, env: dict, cwd: str = ROOT) -> dict:
-    """Run cmd to completion with stdout+stderr to `log`: wall seconds, exit code, its peak RSS in bytes."""
+def run_child(cmd: list[str], log: str, env: dict, cwd: str = ROOT, limit: float | None = None) -> dict:
+    """Run cmd to completion (or until `limit` seconds, then kill it: "stopped") with stdout+stderr to `log`:
+    wall seconds, exit code, its peak RSS in bytes."""
     t0 = time.perf_counter()
+    stopped = False
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        _, status, ru = os.wait4(p.pid, 0)
+        while True:
+            pid, status, ru = os.wait4(p.pid, os.WNOHANG if limit else 0)
+            if pid:
+                break
+            if time.perf_counter() - t0 > limit:
+                stopped = True
+                p.kill()
+                _, status, ru = os.wait4(p.pid, 0)
+                break
+            time.sleep(1)
     p.returncode = os.waitstatus_to_exitcode(status)
-    return {"seconds": time.perf_counter() - t0, "rc": p.returncode, "peak_rss_bytes": ru.ru_maxrss * 1024}
+    return {"seconds": time.perf_counter() - t0, "rc": p.returncode, "peak_rss_bytes": ru.ru_maxrss * 1024,
+            "stopped": stopped}
 
 
 def tail(log: str, n: int = 6) -> str:
@@ -245,14 +257,14 @@ def ensure_peer_venv(venv: str) -> str | None:
     return py
 
 
-def run_peer(py: str, ckpt: str, out: str, windows_file: str, a, env: dict) -> dict:
+def run_peer(py: str, ckpt: str, out: str, windows_file: str, a, env: dict, limit: float | None = None) -> dict:
     """llm-compressor in its own venv: nothing of this checkout on its path (PYTHONPATH dropped)."""
     env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
     cmd = [py, os.path.join(HERE, "scale_peer.py"), ckpt, "--out", out, "--windows", windows_file,
            "--bits", str(a.bits), "--group-size", str(a.group_size), "--device", a.device,
            "--result", out + ".json"]
     shutil.rmtree(out, ignore_errors=True)
-    r = run_child(cmd, out + ".log", env, cwd=os.path.dirname(out))
+    r = run_child(cmd, out + ".log", env, cwd=os.path.dirname(out), limit=limit)
     r["cmd"] = " ".join(cmd)
     r["log"] = out + ".log"
     r["result"] = json.load(open(out + ".json")) if os.path.exists(out + ".json") else {}
@@ -295,8 +307,9 @@ def row(name: str, experts: int, params: int, ours: dict, peer: dict | None, dev
     if peer is not None:
         r.update(peer_ok=peer["rc"] == 0, peer_seconds=peer["seconds"], peer_s_per_b=peer["seconds"] / (params / 1e9),
                  peer_peak_rss=peer["peak_rss_bytes"], peer_phases=peer["result"].get("phases"),
-                 peer_versions=peer["result"].get("versions"), peer_cmd=peer["cmd"],
-                 speed_ratio=peer["seconds"] / ours["seconds"] if peer["rc"] == 0 and ours["rc"] == 0 else None)
+                 peer_versions=peer["result"].get("versions"), peer_cmd=peer["cmd"], peer_stopped=peer["stopped"],
+                 speed_ratio=peer["seconds"] / ours["seconds"] if (peer["rc"] == 0 or peer["stopped"]) and ours["rc"] == 0
+                 else None)
     return r
 
 
@@ -315,9 +328,10 @@ def print_table(rows: list[dict], gpu: bool) -> None:
         lines.append((r["shape"], f"{r['experts']} of {r['real_experts']}", f"{r['expert_params'] / 1e9:.3f}B",
                       fmt(r["ours_seconds"]) + ("" if r["ours_ok"] else " FAILED"),
                       fmt(speed, "{:.2f}"), stages, rss, gb(r["peak_device_bytes"]),
-                      fmt(r.get("peer_seconds")) + ("" if r.get("peer_ok", True) else " FAILED"),
+                      (">" if r.get("peer_stopped") else "") + fmt(r.get("peer_seconds"))
+                      + ("" if r.get("peer_ok", True) or r.get("peer_stopped") else " FAILED"),
                       fmt(r.get("peer_s_per_b")), gb(r.get("peer_peak_rss")),
-                      fmt(r.get("speed_ratio"), "{:.2f}x")))
+                      (">" if r.get("peer_stopped") else "") + fmt(r.get("speed_ratio"), "{:.2f}x")))
     widths = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
     for n, l in enumerate(lines):
         print(" | ".join(str(c).ljust(w) for c, w in zip(l, widths)))
@@ -363,6 +377,9 @@ def main() -> None:
                     help="how to start moecompress (default: this venv's entry point, else the checkout); e.g. "
                     "'torchrun --nproc-per-node 2 -m moecompress'")
     ap.add_argument("--skip-peer", action="store_true", help="do not run llm-compressor")
+    ap.add_argument("--peer-limit", type=float, default=0, metavar="F",
+                    help="stop llm-compressor after F times moecompress's seconds and report its time and the speed "
+                         "ratio as lower bounds ('>'); 0: let it finish (default)")
     ap.add_argument("--peer-venv", default="/work/llmc-venv", help="llm-compressor's virtual environment")
     ap.add_argument("--workdir", default="/tmp/moecompress-scale", help="checkpoints and outputs")
     ap.add_argument("--keep", action="store_true", help="keep checkpoints and outputs (default: delete them)")
@@ -416,7 +433,8 @@ def main() -> None:
         if peer_py:
             wf = os.path.join(a.workdir, f"{name}-windows.safetensors")
             write_windows(ckpt, a, wf)
-            peer = run_peer(peer_py, ckpt, os.path.join(a.workdir, f"{name}-llmc"), wf, a, env)
+            limit = a.peer_limit * ours["seconds"] if a.peer_limit else None
+            peer = run_peer(peer_py, ckpt, os.path.join(a.workdir, f"{name}-llmc"), wf, a, env, limit)
             print(f"  llm-compressor: {peer['seconds']:.1f}s, peak RSS {gb(peer['peak_rss_bytes'])}, rc {peer['rc']}"
                   f"{', phases ' + json.dumps(peer['result'].get('phases')) if peer['result'] else ''}", flush=True)
             if peer["rc"] != 0:
@@ -432,7 +450,8 @@ def main() -> None:
     for r in rows:
         if r["shape"] == "Qwen3-30B-A3B" and r.get("speed_ratio") is not None:
             bar = a.nsamples == 128 and a.seqlen == 512 and a.bits == 4 and r["experts"] == r["real_experts"]
-            print(f"Qwen3-30B-A3B speed ratio {r['speed_ratio']:.2f}x (bar >= 3x"
+            low = "more than " if r.get("peer_stopped") else ""  # llm-compressor stopped at --peer-limit
+            print(f"Qwen3-30B-A3B speed ratio {low}{r['speed_ratio']:.2f}x (bar >= 3x"
                   f"{'' if bar else '; not the bar settings: 128 x 512, 4 bits, 128 experts'})")
         if r["rss_ratio"] is not None:
             print(f"{r['shape']}: peak RSS / (weights + Hessians + activations) = {r['rss_ratio']:.2f} (bar <= 1.3)")
