@@ -58,12 +58,10 @@ def grid_for(spec: QuantSpec):
 GPTQ_BUDGET = 256 << 20  # working memory of one batched GPTQ call
 
 
-def _sub_batches(experts: list[int], N: int, K: int) -> list[list[int]]:
-    """Experts per batched GPTQ call: all of them unless their working set (~6 (N, K) float copies plus
-    Hessian, its factor and a copy) passes GPTQ_BUDGET; large layers then run in a few batches."""
-    per = 6 * N * K * 4 + 3 * K * K * 4
-    n = max(1, GPTQ_BUDGET // per)
-    return [experts[i:i + n] for i in range(0, len(experts), n)]
+def _unit_size(N: int, K: int) -> int:
+    """Experts per batched GPTQ call of (N, K) weights: as many as fit GPTQ_BUDGET with their working set
+    (~6 (N, K) float copies plus the Hessian, its factor and a copy), at least one."""
+    return max(1, GPTQ_BUDGET // (6 * N * K * 4 + 3 * K * K * 4))
 
 
 def _quantize_group(W: torch.Tensor, Hs: torch.Tensor | None, spec: QuantSpec, method: str, gcfg: GPTQConfig,
@@ -97,8 +95,7 @@ def gptq_units(specs: dict, rows: dict[str, int], K: dict[str, int]) -> list[lis
         by_spec.setdefault(specs[e], []).append(e)
     units = []
     for members in by_spec.values():
-        n = min(len(_sub_batches(members, rows["gate"] + rows["up"], K["gate"])[0]),
-                len(_sub_batches(members, rows["down"], K["down"])[0]))
+        n = min(_unit_size(rows["gate"] + rows["up"], K["gate"]), _unit_size(rows["down"], K["down"]))
         units += [members[i:i + n] for i in range(0, len(members), n)]
     return units
 
