@@ -54,6 +54,15 @@ class HessianCollector:
     def stacked(self, experts: list[int]) -> torch.Tensor:
         return torch.stack([self.H[e] for e in experts])
 
+    def take(self, experts: list[int]) -> torch.Tensor:
+        """(G, K, K): the experts' Hessians, handed over (the collector keeps no copy; one expert: no copy)."""
+        if len(experts) == 1:
+            return self.H.pop(experts[0])[None]
+        out = torch.stack([self.H[e] for e in experts])
+        for e in experts:
+            del self.H[e]
+        return out
+
     def mean_weight(self, e: int) -> float:
         """A routed token's average Hessian weight for expert e: its mean gate weight with affinity, else 1."""
         n = int(self.tokens[e])

@@ -202,7 +202,7 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
                 W = torch.stack([torch.cat([ex.weights[e][p] for p in projs]) for e in group]).float()  # (G, N, K)
                 Hs = None
                 if need_h:
-                    Hs = col.stacked(group)
+                    Hs = col.take(group)
                     for j, e in enumerate(group):
                         P = prior_of.prior_hessian(e, ex.expert_forward) if prior_of else None
                         if e in fallback and (P is None or not P.trace() > 0):
