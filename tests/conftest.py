@@ -108,3 +108,23 @@ def interrupt_at(monkeypatch, layer: int):
         return real(*a, **k)
     monkeypatch.setattr(q, "quantize_moe_layer", stop)
     return real
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): bytes depend on the
+    thread count, and on a shared 2-core box tiny tensors only gain contention from more."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_int(N, K, bits, g, seed=0):
+    """Random "int" PackedTensor with realistic magnitudes (|W| ~ 1/sqrt(K))."""
+    from moecompress.codecs import QuantSpec, get_codec
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 1 << bits, (N, K), generator=gen)
+    s = (torch.rand(N, K // g, generator=gen) + 0.5) * 2 / ((1 << bits) - 1) / K ** 0.5
+    z = torch.randint(0, 1 << bits, (N, K // g), generator=gen).float()
+    return get_codec("int").encode(q, s, z, QuantSpec("int", bits, g))

@@ -17,8 +17,9 @@ import sys
 import pytest
 import torch
 
-from moecompress.codecs import PackedTensor, QuantSpec, decode, ensure_checked, get_codec, is_checked
+from moecompress.codecs import PackedTensor, decode, ensure_checked, get_codec, is_checked
 from moecompress.errors import MoeCompressError, PackedFormatError
+from conftest import make_int
 
 HAS_CUDA = torch.cuda.is_available()
 cuda = pytest.mark.cuda
@@ -27,14 +28,6 @@ TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 
 # ---------------------------------------------------------------- packed tensors of every codec
-
-def make_int(N, K, bits, g, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 1 << bits, (N, K), generator=gen)
-    s = (torch.rand(N, K // g, generator=gen) + 0.5) * 2 / ((1 << bits) - 1) / K ** 0.5
-    z = torch.randint(0, 1 << bits, (N, K // g), generator=gen).float()
-    return get_codec("int").encode(q, s, z, QuantSpec("int", bits, g))
-
 
 def _levels(N, K, g, gen):
     G = K // (g or K)

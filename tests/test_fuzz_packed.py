@@ -38,12 +38,7 @@ FUZZ = settings(max_examples=int(os.environ.get("MOECOMPRESS_FUZZ_EXAMPLES", 30)
 RSS_BUDGET_MB = 1024  # peak RSS growth allowed over the whole fuzz; the packed checkpoint is ~200 KB
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared box
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,7 @@ DEMO = api.builtin_model_path()
 X = torch.arange(1, 65)[None]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def _quantize(out, **kw):

@@ -17,25 +17,17 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be checked")
 
 from moecompress import kernels as mk  # noqa: E402
-from moecompress.codecs import CODECS, PackedTensor, QuantSpec, decode, get_codec  # noqa: E402
+from moecompress.codecs import CODECS, PackedTensor, decode, get_codec  # noqa: E402
 from moecompress.errors import MoeCompressError  # noqa: E402
 from moecompress.kernels.intq_triton import LaunchConfig, int_matmul  # noqa: E402
 from moecompress.kernels.moe import route  # noqa: E402
+from conftest import make_int  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _triton_backend(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("MOECOMPRESS_KERNELS", "triton")
-
-
-def make_int(N, K, bits, g, seed=0):
-    """Random "int" PackedTensor with realistic magnitudes (|W| ~ 1/sqrt(K))."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 1 << bits, (N, K), generator=gen)
-    s = (torch.rand(N, K // g, generator=gen) + 0.5) * 2 / ((1 << bits) - 1) / K ** 0.5
-    z = torch.randint(0, 1 << bits, (N, K // g), generator=gen).float()
-    return get_codec("int").encode(q, s, z, QuantSpec("int", bits, g))
 
 
 def check_product(y, x, packed):

@@ -41,13 +41,7 @@ def _tiny(path: str, layers: int = LAYERS, shard: str | None = None) -> str:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: bytes depend on the thread count, and on a shared 2-core box 1 thread is ~10x faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -238,9 +239,7 @@ def test_reader_dequantizes_on_its_device(sources):
 def test_bad_sources_are_refused(sources, tmp_path):
     qdir, _, _ = sources["DeepseekV3"]
     d = tmp_path / "bad"
-    d.mkdir()
-    for f in os.listdir(qdir):
-        (d / f).write_bytes(open(os.path.join(qdir, f), "rb").read())
+    shutil.copytree(qdir, d)
     shard = str(d / "model-00002-of-00002.safetensors")
     t = load_file(shard)
     k = next(k for k in t if k.endswith("o_proj.weight_scale_inv"))
@@ -267,9 +266,7 @@ def test_validate_accepts_sources_and_scans_dequantized_values(sources, tmp_path
         assert rep.tensors == len(CheckpointReader(sources[family][0]).tensors) == rep.checked_values
     qdir = sources["DeepseekV3"][0]
     d = tmp_path / "nan"
-    d.mkdir()
-    for f in os.listdir(qdir):
-        (d / f).write_bytes(open(os.path.join(qdir, f), "rb").read())
+    shutil.copytree(qdir, d)
     shard = str(d / "model-00001-of-00002.safetensors")
     t = load_file(shard)
     k = next(k for k in t if ".experts.3.up_proj" in k)

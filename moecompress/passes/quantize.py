@@ -26,7 +26,6 @@ from .calibrate import PRIOR_TOKENS, HessianCollector
 from .encoder import LayerEncoder, _Sizer
 
 log = logging.getLogger("moecompress")
-HESSIAN_BUDGET = 1 << 30
 
 
 @dataclass
