@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "see on all of the layer's tokens: rarely routed experts lean on typical inputs instead of a "
                         f"handful of their own, and those under --min-tokens are GPTQ'd on it instead of rounded "
                         f"(default {Q.hessian_prior}: off)")
+    q.add_argument("--all-tokens", type=float, default=Q.all_tokens, metavar="L",
+                   help="blend into each expert's GPTQ Hessian every calibration token, weighted by the router's score "
+                        "for that expert before top-k (softmax; DeepSeek-V3: sigmoid + correction bias); L = 1 gives "
+                        "the all-token terms the layer's routed weight in total. Rarely or never routed experts get a "
+                        "real Hessian (no round-to-nearest fallback); costs E expert forwards over all tokens "
+                        f"(default {Q.all_tokens:g}: off)")
     q.add_argument("--min-tokens", type=int, default=Q.min_tokens,
                    help=f"experts with fewer routed calibration tokens fall back to round-to-nearest, or with "
                         f"--hessian-prior to GPTQ on their few tokens plus the prior (default {Q.min_tokens})")
@@ -130,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--symmetric", action="store_true",
                    help="symmetric integer grids (zero point at the grid's midpoint, scale from max|w|) for the routed "
                         "and shared experts: what `moecompress export --format compressed-tensors` needs")
+    q.add_argument("--grid", choices=("minmax", "mse"), default=Q.grid,
+                   help="how integer grids fit each group's range: min/max, or mse (the clipping of least squared "
+                        "rounding error, searched per group row; same format and size) (default %(default)s)")
+    q.add_argument("--rotate", action="store_true",
+                   help="incoherence processing: quantize the routed experts in a randomized Hadamard basis of their "
+                        "input dimension (signs stored per layer, ~no extra bytes; layers with ternary/sub1 experts "
+                        "stay unrotated; not exportable to compressed-tensors)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     q.add_argument("--dry-run", action="store_true",
                    help="print the calibration coverage table and the run's predicted peak memory and decoder-layer "
@@ -196,8 +209,8 @@ def cmd_quantize(a) -> int:
     calib = calib_config(a)
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, method=a.method, allocation=a.allocation,
                          percdamp=a.percdamp, act_order=a.act_order, affinity=a.affinity, min_tokens=a.min_tokens,
-                         hessian_prior=a.hessian_prior,
-                         router_bits=a.router_bits, shared_bits=a.shared_bits, symmetric=a.symmetric,
+                         hessian_prior=a.hessian_prior, all_tokens=a.all_tokens,
+                         router_bits=a.router_bits, shared_bits=a.shared_bits, symmetric=a.symmetric, grid=a.grid, rotate=a.rotate,
                          ternary_threshold=a.ternary_threshold, candidates=a.candidates, budget_scope=a.budget_scope,
                          min_bits=a.min_bits, max_bits=a.max_bits, top_two=a.top_two, alpha=a.alpha, beta=a.beta,
                          calib=calib)

@@ -49,7 +49,7 @@ def plan_specs(reader, config: QuantizeConfig) -> dict:
             spec = QuantSpec("sub1", 1, 0, (("threshold", config.ternary_threshold),))
     else:
         from .quant.grids import int_options
-        spec = QuantSpec("int", int(config.bits), gs, int_options(config.symmetric))
+        spec = QuantSpec("int", int(config.bits), gs, int_options(config.symmetric, config.grid))
     for i in reader.moe_layers:  # shapes first: every option priced before a weight is read
         for p, shape in reader.expert_shapes(i).items():
             nbytes(shape, spec)

@@ -13,6 +13,7 @@ METHODS = ("gptq", "rtn", "ternary")
 SAMPLERS = ("random", "balanced", "ebss")
 BALANCE_OBJECTIVES = ("sqrt", "entropy", "log")  # --sampler balanced: calibration/samplers.py
 ALLOCATIONS = ("uniform", "lp")
+GRIDS = ("minmax", "mse")  # --grid (quant/grids.py GRIDS)
 CANDIDATES = (2, 3, 4, 8, "sub1")  # --allocation lp widths; sub1: ternary experts coded to 1 bit/weight, all counted
 
 
@@ -64,9 +65,15 @@ class QuantizeConfig:
     affinity: bool = False           # AGQ: weight each token's Hessian term by its gate weight
     min_tokens: int = 16             # fewer routed tokens than this: round-to-nearest (GPTQ on the prior with hessian_prior)
     hessian_prior: float = 0.0       # a > 0: each expert's Hessian + a * K tokens' worth of its all-token statistics
+    all_tokens: float = 0.0          # L > 0: each expert's Hessian + L x (layer-normalized) every token weighted by
+    # its router score before top-k (passes/calibrate.py); 0: routed tokens only
     router_bits: int | None = None   # MoEQuant: GPTQ the router too (2/3/4/8), routing recomputed with it
     symmetric: bool = False          # symmetric integer grids (zero at 2^(b-1), scale from max|w|): routed and
     # shared experts; what compressed-tensors' symmetric pack-quantized stores (`moecompress export`)
+    grid: str = "minmax"             # how integer grids fit each group's range: "minmax", or "mse" (the clipping
+    # of least squared rounding error, quant/grids.py); same format and size
+    rotate: bool = False             # --rotate: randomized Hadamard rotation of the routed experts' input dimension
+    # before GPTQ (incoherence processing, quant/hadamard.py); signs stored per layer in the packed checkpoint
     shared_bits: int | None = None   # shared experts' width (2/3/4/8; 0 keeps them dense); None: --bits when
     # that is a uniform integer width, else 4 (passes/shared.py)
     ternary_threshold: float | None = None  # --method ternary: dead zone |w| < t * (hi - lo) codes to 0;
@@ -109,11 +116,21 @@ class QuantizeConfig:
             raise MoeCompressError(f"--router-bits must be 2, 3, 4 or 8, got {self.router_bits}")
         if not self.hessian_prior >= 0:
             raise MoeCompressError(f"--hessian-prior must be >= 0, got {self.hessian_prior}")
+        if not (self.all_tokens >= 0 and self.all_tokens < float("inf")):
+            raise MoeCompressError(f"--all-tokens must be a finite weight >= 0, got {self.all_tokens}")
         if self.min_tokens < 0:
             raise MoeCompressError(f"--min-tokens must be >= 0, got {self.min_tokens}")
         if self.symmetric and (self.method == "ternary" or self.allocation != "uniform"):
             raise MoeCompressError("--symmetric applies to uniform integer widths (--method gptq or rtn, --bits 2/3/4/8 "
                                    "without --allocation lp); drop --symmetric or those options")
+        if self.grid not in GRIDS:
+            raise MoeCompressError(f"unknown --grid {self.grid!r}; choose one of {', '.join(GRIDS)}")
+        if self.grid != "minmax" and (self.method == "ternary" or self.allocation != "uniform"):
+            raise MoeCompressError(f"--grid {self.grid} applies to uniform integer widths (--method gptq or rtn, --bits "
+                                   "2/3/4/8 without --allocation lp); drop --grid or those options")
+        if self.rotate and self.method == "ternary":
+            raise MoeCompressError("--rotate applies to integer codes (ternary codes live on the zeros a rotation would "
+                                   "spread): use --method gptq or rtn, or drop --rotate")
         if self.allocation == "lp" and self.method == "ternary":
             raise MoeCompressError("--allocation lp chooses among integer widths: use --method gptq or rtn")
         if self.budget_scope not in ("model", "layer"):

@@ -68,7 +68,12 @@ def finish_run(writer, reader, config: QuantizeConfig, specs: dict, windows: tor
         "expert_bytes": expert_bytes, "fallback_experts": fallback,
         "expert_bits": {f"{i}.{e}": s.label for (i, e), s in sorted(specs.items())},
         "int_grids": sorted({"symmetric" if s.option("sym") else "asymmetric" for s in specs.values() if s.codec == "int"}),
+        "int_grid_fit": sorted({"mse" if s.option("grid") == "mse" else "minmax" for s in specs.values() if s.codec == "int"}),
     }
+    if config.rotate:  # --rotate: which MoE layers carry sign vectors `<experts>.rotation_{gate_up,down}`
+        rotated = sorted(r.layer for r in records if r.rotated)
+        manifest["rotation"] = {"method": "randomized-hadamard", "layers": rotated,
+                                "unrotated": sorted(r.layer for r in records if not r.rotated)}
     summary = {"expert_bits_per_param": round(bits, 4), "source_bytes": reader.total_bytes, "packed_bytes": total_bytes,
                "compression": round(reader.total_bytes / total_bytes, 3), "seconds": round(seconds, 1),
                "fallback_experts": len(fallback), "out": os.path.abspath(writer.out)}

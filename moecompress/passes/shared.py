@@ -42,7 +42,8 @@ def shared_spec(config, group_size: int) -> QuantSpec:
     if bits is None:
         uniform_int = config.allocation == "uniform" and config.method in ("gptq", "rtn") and config.bits in INT_BITS
         bits = int(config.bits) if uniform_int else DEFAULT_BITS
-    return QuantSpec("int", int(bits), group_size, int_options(getattr(config, "symmetric", False)))
+    return QuantSpec("int", int(bits), group_size, int_options(getattr(config, "symmetric", False),
+                                                            getattr(config, "grid", "minmax")))
 
 
 def shared_experts(layer: nn.Module, arch) -> list[tuple[str, nn.Module, nn.Module | None]]:
