@@ -39,6 +39,7 @@ import sys
 import time
 
 from common import HERE  # also puts the project root on sys.path
+from peer import ensure_peer_venv, run_child, run_peer, tail, write_windows
 
 ROOT = os.path.abspath(os.path.join(HERE, ".."))
 DEMO = os.path.join(ROOT, "moecompress", "data", "demo-model")
@@ -168,33 +169,6 @@ def write_checkpoint(path: str, name: str, experts: int, layers: int, seed: int 
 
 # ---------------------------------------------------------------- child processes
 
-def run_child(cmd: list[str], log: str, env: dict, cwd: str = ROOT, limit: float | None = None) -> dict:
-    """Run cmd to completion (or until `limit` seconds, then kill it: "stopped") with stdout+stderr to `log`:
-    wall seconds, exit code, its peak RSS in bytes."""
-    t0 = time.perf_counter()
-    stopped = False
-    with open(log, "w") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        while True:
-            pid, status, ru = os.wait4(p.pid, os.WNOHANG if limit else 0)
-            if pid:
-                break
-            if time.perf_counter() - t0 > limit:
-                stopped = True
-                p.kill()
-                _, status, ru = os.wait4(p.pid, 0)
-                break
-            time.sleep(1)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    return {"seconds": time.perf_counter() - t0, "rc": p.returncode, "peak_rss_bytes": ru.ru_maxrss * 1024,
-            "stopped": stopped}
-
-
-def tail(log: str, n: int = 6) -> str:
-    with open(log, errors="replace") as f:
-        return "".join(f.readlines()[-n:])
-
-
 # a checkout that is not pip-installed (a GPU machine): calibration/ and kernels/ are found as
 # moecompress.calibration and moecompress.kernels (what pyproject's package-dir does on install)
 BOOTSTRAP = ("import sys; sys.path.insert(0, {root!r}); import moecompress; moecompress.__path__.append({root!r}); "
@@ -236,48 +210,6 @@ def run_ours(ckpt: str, out: str, a, env: dict, has_device: bool) -> dict:
     mpath = os.path.join(out, "run", "metrics.json")
     r["metrics"] = json.load(open(mpath)) if r["rc"] == 0 and os.path.exists(mpath) else {}
     return r
-
-
-def ensure_peer_venv(venv: str) -> str | None:
-    """The peer's python, creating the venv (under flock, shared with other users) if missing; None and a
-    printed reason when it cannot be made."""
-    py = os.path.join(venv, "bin", "python")
-    probe = [py, "-c", "import llmcompressor, transformers, datasets"]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    if os.path.exists(py) and subprocess.run(probe, capture_output=True, env=env, cwd="/").returncode == 0:
-        return py
-    print(f"creating {venv} (torch==2.13.0 + llmcompressor) ...", flush=True)
-    script = (f"if ! {py} -c 'import llmcompressor' 2>/dev/null; then python3 -m venv {venv} && "
-              f"{venv}/bin/pip install -q torch==2.13.0 llmcompressor; fi")
-    r = subprocess.run(["flock", "/tmp/llmc-venv.lock", "bash", "-c", script], capture_output=True, text=True,
-                       env=env, cwd="/")
-    if r.returncode != 0 or subprocess.run(probe, capture_output=True, env=env, cwd="/").returncode != 0:
-        print(f"llm-compressor skipped: could not create {venv}: {(r.stderr or r.stdout).strip()[-300:]}")
-        return None
-    return py
-
-
-def run_peer(py: str, ckpt: str, out: str, windows_file: str, a, env: dict, limit: float | None = None) -> dict:
-    """llm-compressor in its own venv: nothing of this checkout on its path (PYTHONPATH dropped)."""
-    env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
-    cmd = [py, os.path.join(HERE, "scale_peer.py"), ckpt, "--out", out, "--windows", windows_file,
-           "--bits", str(a.bits), "--group-size", str(a.group_size), "--device", a.device,
-           "--result", out + ".json"]
-    shutil.rmtree(out, ignore_errors=True)
-    r = run_child(cmd, out + ".log", env, cwd=os.path.dirname(out), limit=limit)
-    r["cmd"] = " ".join(cmd)
-    r["log"] = out + ".log"
-    r["result"] = json.load(open(out + ".json")) if os.path.exists(out + ".json") else {}
-    return r
-
-
-def write_windows(ckpt: str, a, path: str) -> None:
-    """moecompress's own calibration windows for these arguments, as int64 input_ids in a safetensors file."""
-    from safetensors.torch import save_file
-    from moecompress.api import calibration_windows
-    from moecompress.config import CalibConfig
-    w = calibration_windows(ckpt, CalibConfig(sources=(a.calib,), nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed))
-    save_file({"input_ids": w.contiguous()}, path)
 
 
 # ---------------------------------------------------------------- table

@@ -11,11 +11,23 @@ lm_head (the routed and shared experts: what moecompress quantizes) at `--bits` 
 weights in groups of `--group-size` along the input, on the token windows in W.safetensors (`input_ids`,
 (N, L) int64: the exact windows moecompress calibrates on) with oneshot's defaults otherwise, and saves
 the compressed model. --result gets the seconds of each phase and the versions.
+
+--dense DIR also writes what that compressed model stores as a dense float32 checkpoint of the original
+layout (for benchmarks/quality.py, which evaluates it with `moecompress eval`, the code that evaluates
+moecompress's own output): every quantized Linear is decompressed from the saved files by
+compressed-tensors' own PackedQuantizationCompressor.decompress with float32 scales, checked against the
+weights llm-compressor holds in memory after oneshot (its fake-quantized bf16 weights: within bf16
+rounding, or the script fails), and written under the original checkpoint's tensor name (Mixtral's
+w1/w3/w2 for gate/up/down_proj); all other tensors are the original checkpoint's, upcast to float32.
+phases["total"] stops before this step.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shutil
 import time
 
 T0 = time.perf_counter()
@@ -30,6 +42,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--result")
+    ap.add_argument("--dense", help="also write the compressed result as a dense float32 checkpoint here")
     a = ap.parse_args()
 
     import compressed_tensors
@@ -66,6 +79,8 @@ def main() -> None:
     oneshot(model=model, tokenizer=tok, dataset=ds, recipe=recipe, num_calibration_samples=n, max_seq_length=seqlen)
     phases["oneshot"] = time.perf_counter() - t
 
+    qdq = {n: m.weight.detach().float().cpu().clone() for n, m in model.named_modules()
+           if getattr(m, "quantization_scheme", None) is not None} if a.dense else None
     t = time.perf_counter()
     model.save_pretrained(a.out, save_compressed=True)
     tok.save_pretrained(a.out)
@@ -76,10 +91,75 @@ def main() -> None:
            "quantized_linears": quantized,
            "versions": {"llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
                         "transformers": transformers.__version__, "torch": torch.__version__}}
+    if a.dense:
+        t = time.perf_counter()
+        res["dense"] = write_dense(a.model, a.out, a.dense, scheme, qdq)
+        res["phases"]["dense"] = round(time.perf_counter() - t, 1)
     print(json.dumps(res))
     if a.result:
         with open(a.result, "w") as f:
             json.dump(res, f, indent=1)
+
+
+def write_dense(model: str, compressed: str, dense: str, scheme, qdq: dict) -> dict:
+    """The compressed checkpoint in `compressed`, decompressed into a dense float32 checkpoint in `dense`
+    with the tensor names of the original `model` (see the module docstring); -> what was checked."""
+    import torch
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from safetensors.torch import load_file, save_file
+
+    def norm(name: str) -> str:  # transformers 5 calls Mixtral's block_sparse_moe "mlp" in memory, not on disk
+        return re.sub(r"\.(mlp|block_sparse_moe)\.", ".", name)
+
+    mem = {norm(k): v for k, v in qdq.items()}
+    ct = {}
+    for f in sorted(os.listdir(compressed)):
+        if f.endswith(".safetensors"):
+            ct.update(load_file(os.path.join(compressed, f)))
+    dec, worst = {}, 0.0
+    for name in sorted(k[: -len(".weight_packed")] for k in ct if k.endswith(".weight_packed")):
+        sd = {k.rsplit(".", 1)[-1]: v for k, v in ct.items() if k.rsplit(".", 1)[0] == name}
+        sd["weight_scale"] = sd["weight_scale"].float()
+        w = PackedQuantizationCompressor.decompress(sd, scheme)["weight"].float()
+        ref = mem.get(norm(name))
+        if ref is None or ref.shape != w.shape:
+            raise SystemExit(f"--dense: {name} is in the saved checkpoint but not a quantized module in memory")
+        # llm-compressor keeps (q - z) * s rounded to bf16: at most half a bf16 ulp (2^-9 relative) apart
+        err = ((w - ref).abs() / ref.abs().clamp_min(1e-30)).masked_fill((w - ref) == 0, 0).max().item()
+        if err > 2 ** -8:
+            raise SystemExit(f"--dense: {name} decompresses {err:.3g} (relative) away from llm-compressor's weights")
+        worst = max(worst, err)
+        dec[norm(name)] = w
+    rename = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # Mixtral's disk names
+    out, used = {}, set()
+    for f in sorted(os.listdir(model)):
+        if not f.endswith(".safetensors"):
+            continue
+        for k, v in load_file(os.path.join(model, f)).items():
+            base = norm(k[: -len(".weight")]) if k.endswith(".weight") else None
+            m = re.match(r"(.*\.experts\.\d+)\.(\w+)$", base or "")
+            cands = [base] + ([f"{m.group(1)}.{rename[m.group(2)]}"] if m and m.group(2) in rename else [])
+            hit = next((c for c in cands if c in dec), None)
+            if hit is not None:
+                if dec[hit].shape != v.shape:
+                    raise SystemExit(f"--dense: {hit} has shape {tuple(dec[hit].shape)}, {k} {tuple(v.shape)}")
+                out[k] = dec[hit]
+                used.add(hit)
+            else:
+                out[k] = v.float() if v.is_floating_point() else v
+    if used != set(dec):
+        raise SystemExit(f"--dense: no tensor of {model} for {sorted(set(dec) - used)[0]}")
+    os.makedirs(dense, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(dense, "model.safetensors"))
+    for f in os.listdir(model):
+        if not f.endswith((".safetensors", ".safetensors.index.json")) and os.path.isfile(os.path.join(model, f)):
+            shutil.copyfile(os.path.join(model, f), os.path.join(dense, f))
+    cfg = json.load(open(os.path.join(dense, "config.json")))
+    cfg.pop("quantization_config", None)
+    cfg["dtype"] = "float32"
+    json.dump(cfg, open(os.path.join(dense, "config.json"), "w"), indent=2)
+    return {"decompressed_linears": len(dec), "max_rel_diff_vs_llmc_memory": worst,
+            "dtype": str(torch.float32)}
 
 
 if __name__ == "__main__":
