@@ -36,6 +36,9 @@ class ArchSpec:
     fused_on_disk: bool = False             # the family's own save format is fused (GPT-OSS)
     shared_expert_paths: tuple[str, ...] = field(default_factory=tuple)
     shared_gate_paths: tuple[str, ...] = field(default_factory=tuple)  # the sigmoid gate of each shared expert, if any
+    router_score: str = "softmax"           # each expert's score before top-k, from the router's logits (all experts):
+    # "softmax" over the logits, or "sigmoid_bias" (DeepSeek-V3: sigmoid(logit) + e_score_correction_bias, the
+    # score its top-k selects on); passes/moe_cache.py `router_scores`, used by `--all-tokens`
 
     def num_experts(self, config: dict) -> int:
         for k in self.expert_count_keys:
@@ -92,7 +95,8 @@ register_arch(ArchSpec("Qwen2-MoE", ("qwen2_moe",), _COUNT, shared_expert_paths=
 register_arch(ArchSpec("Qwen3-MoE", ("qwen3_moe",), _COUNT))
 register_arch(ArchSpec("OLMoE", ("olmoe",), _COUNT))
 register_arch(ArchSpec("DeepSeek-V2", ("deepseek_v2",), _COUNT, shared_expert_paths=("mlp.shared_experts",)))
-register_arch(ArchSpec("DeepSeek-V3", ("deepseek_v3",), _COUNT, shared_expert_paths=("mlp.shared_experts",)))
+register_arch(ArchSpec("DeepSeek-V3", ("deepseek_v3",), _COUNT, shared_expert_paths=("mlp.shared_experts",),
+                       router_score="sigmoid_bias"))
 register_arch(ArchSpec("GPT-OSS", ("gpt_oss",), _COUNT, router_mem="mlp.router", glu="gptoss",
                        fused_on_disk=True))
 

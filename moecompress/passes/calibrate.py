@@ -8,17 +8,35 @@ With `prior=True` the collector also gathers what every expert of the layer woul
 the prior of `--hessian-prior`: for gate/up the average x x^T over all routed rows (each token counts
 once per routed expert, so this is the all-token average), for down a sample of about `PRIOR_TOKENS`
 tokens' inputs, through which `prior_hessian` runs the expert to average its h h^T.
+
+Router-weighted all-token Hessians (`--all-tokens L`, `all_scale` > 0): every calibration token t feeds
+every expert e, weighted by the router's score s_te for e before top-k selection (softmax of the logits,
+DeepSeek-V3's sigmoid + correction bias; passes/moe_cache.py), and the expert's Hessian becomes
+    H_e = H_routed_e + c * A_e,   A_e = sum_t s_te v_t v_t^T,   c = L * R / S
+with v_t = x_t for gate/up and h_e(x_t) from the expert's quantized gate/up for down (all tokens, so E
+expert forwards over the whole cache: opt-in). R = sum_e sum_{t routed to e} c_t is the layer's total
+routed weight (tokens x k, or the summed gate weights with affinity) and S = sum_e sum_t s_te its total
+score mass (the token count under softmax). The normalization is layer-wide, not per expert: at L = 1
+the all-token terms of the layer weigh as much, in total, as its routed terms, and each expert's share
+follows its router scores, so an expert routed no token still gets c * A_e (a real, full-rank Hessian)
+while one the router favours keeps a Hessian dominated by the tokens it is actually sent. A per-expert
+ratio (n_e / S_e) would give a never-routed expert nothing. GPTQ is invariant to a Hessian's scale, so
+only the blend matters. MoEQuant's affinity weighting is the routed term with --affinity;
+calibrate-all-experts (llm-compressor) is the all-token term with uniform scores, here weighted by
+the router instead.
 """
 from __future__ import annotations
 
 import torch
+
+from ..errors import MoeCompressError
 
 PRIOR_TOKENS = 1024  # tokens sampled per collector for the down projections' prior
 
 
 class HessianCollector:
     def __init__(self, num_experts: int, dim: int, which: str, subset=None, affinity: bool = False,
-                 prior: bool = False, sample_every: int = 1, device=None):
+                 prior: bool = False, sample_every: int = 1, device=None, all_scale: float = 0.0):
         assert which in ("x", "h")
         self.device = device = torch.device("cpu") if device is None else device
         self.which, self.affinity, self.dim = which, affinity, dim
@@ -31,6 +49,23 @@ class HessianCollector:
         self.pool_rows = 0
         self.sample: list[torch.Tensor] = []  # which == "h": sampled routed inputs x
         self._sample_x: torch.Tensor | None = None  # their concatenation, built once after the pass
+        self.all_scale = float(all_scale)  # c of the module docstring; 0: routed tokens only
+        self.score_sum = torch.zeros(num_experts, dtype=torch.float64)  # sum_t s_te over the all-token pass
+
+    def collect_all(self, cache, compute_h=None) -> None:
+        """Add c * A_e to the subset's Hessians from the whole MoE cache (its router scores), after the routed
+        replay (so no second (K, K) per expert); compute_h(e, x) gives the down projection's input."""
+        assert self.all_scale > 0
+        cache.replay_all(sorted(self.H), self.add_all, compute_h if self.which == "h" else None)
+
+    def add_all(self, e: int, v: torch.Tensor, s: torch.Tensor) -> None:
+        self.score_sum[e] += float(s.double().sum())
+        u = v.float() * s.float().clamp(min=0).sqrt()[:, None]
+        self.H[e].addmm_(u.t(), u, alpha=self.all_scale)
+
+    def all_mass(self, e: int) -> float:
+        """sum_t s_te: the router mass behind expert e's all-token term (0 without one)."""
+        return float(self.score_sum[e]) if self.all_scale else 0.0
 
     def __call__(self, e: int, tok: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
         self.tokens[e] += tok.numel()
@@ -81,6 +116,21 @@ class HessianCollector:
         with torch.no_grad():
             h = expert_forward(e, self._sample_x)[0].float()
         return h.t() @ h / h.shape[0]
+
+
+def all_token_scale(cache, tokens: torch.Tensor, gate_sum: torch.Tensor, affinity: bool, lam: float) -> float:
+    """c = L * R / S of the module docstring: R the layer's routed weight (routing statistics of the whole
+    cache), S its router score mass, summed chunk by chunk in window order (the same on every rank)."""
+    R = float(gate_sum.sum()) if affinity else float(tokens.sum())
+    S = 0.0
+    for c in cache.chunks:
+        if c.s is None:
+            raise MoeCompressError("the MoE cache holds no router scores: it was captured without --all-tokens")
+        S += float(c.s.double().sum())
+    if not (S > 0 and R > 0):
+        raise MoeCompressError(f"--all-tokens: the layer's router scores sum to {S:g} and its routed weight to {R:g}; "
+                               "nothing to weight the all-token Hessians by")
+    return lam * R / S
 
 
 def expert_chunks(experts: list[int], dim: int, budget_bytes: int) -> list[list[int]]:

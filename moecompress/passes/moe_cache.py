@@ -8,18 +8,47 @@ recorder (`capture`), which keeps for every accumulation chunk c (a fixed number
     X_c (T_c, H)   the experts' input (the MoE block's normalized hidden states)
     idx_c, w_c     (T_c, k) the routing: top-k expert indices and gate weights
     S_c            the shared experts' input, when it is not X_c itself
+    s_c (T_c, E)   with `--all-tokens` only: every expert's router score before top-k selection, by the
+                   family's rule (`router_scores`), for the all-token Hessians (passes/calibrate.py)
 
 and every later step reads the cache instead of re-running attention: a chunk of experts gathers its
 tokens (`replay`), an expert's down-projection inputs are recomputed from its own quantized gate/up.
 Replay visits the chunks in window order and, within a chunk, the experts in index order with their
 tokens in position order: exactly the order in which one process's forward would have fed an observer,
-so Hessians are summed in the same order whatever the number of expert chunks or ranks.
+so Hessians are summed in the same order whatever the number of expert chunks or ranks. `replay_all`
+visits every token of every chunk for each expert, in the same chunk and expert order.
+
+Router scores (`router_scores`, the rule named by `ArchSpec.router_score`), from the router's own logits z_t:
+    softmax       s_t = softmax(z_t) over all E experts (Mixtral, Qwen2/3-MoE, OLMoE, Phi-MoE, DeepSeek-V2,
+                  and GPT-OSS, whose router takes the softmax over the top-k logits only: the score here is
+                  the pre-top-k softmax over all of them, same ranking, and every expert gets one)
+    sigmoid_bias  s_t = max(0, sigmoid(z_t) + b) with b the router's e_score_correction_bias (DeepSeek-V3):
+                  the score its top-k selection ranks experts by (its gate weight is sigmoid(z) alone,
+                  renormalized over the top k); clamped at 0 so it can weight a Hessian
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+from ..errors import MoeCompressError
+
+ALL_TOKEN_ROWS = 2048  # rows per step of `replay_all` (bounds the (rows, I) intermediate activations of one expert)
+
+
+def router_scores(rule: str, logits: torch.Tensor, router=None) -> torch.Tensor:
+    """(T, E) float32: every expert's score before top-k selection (module docstring), from (..., E) logits."""
+    z = logits.reshape(-1, logits.shape[-1]).float()
+    if rule == "softmax":
+        return torch.softmax(z, dim=-1)
+    if rule == "sigmoid_bias":
+        s = torch.sigmoid(z)
+        bias = getattr(router, "e_score_correction_bias", None)
+        if bias is not None:
+            s = s + bias.to(s.device, torch.float32)
+        return s.clamp(min=0)
+    raise MoeCompressError(f"unknown router score rule {rule!r}")
 
 
 @dataclass
@@ -28,21 +57,25 @@ class CacheChunk:
     idx: torch.Tensor                    # (T_c, k) routed experts
     w: torch.Tensor                      # (T_c, k) gate weights
     shared: dict[str, torch.Tensor] = field(default_factory=dict)  # shared expert path -> its input, if not x
+    s: torch.Tensor | None = None        # (T_c, E) router scores before top-k (--all-tokens only)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.x, self.idx, self.w, *self.shared.values()))
+        ts = (self.x, self.idx, self.w, *self.shared.values()) + (() if self.s is None else (self.s,))
+        return sum(t.numel() * t.element_size() for t in ts)
 
     def to_tensors(self, j: int) -> dict[str, torch.Tensor]:
         d = {f"{j}.x": self.x, f"{j}.idx": self.idx, f"{j}.w": self.w}
         d.update({f"{j}.shared.{p}": t for p, t in self.shared.items()})
+        if self.s is not None:
+            d[f"{j}.s"] = self.s
         return d
 
     @staticmethod
     def from_tensors(d: dict[str, torch.Tensor], j: int) -> "CacheChunk":
         pre = f"{j}.shared."
         return CacheChunk(d[f"{j}.x"], d[f"{j}.idx"], d[f"{j}.w"],
-                          {k[len(pre):]: v for k, v in d.items() if k.startswith(pre)})
+                          {k[len(pre):]: v for k, v in d.items() if k.startswith(pre)}, d.get(f"{j}.s"))
 
 
 class MoECache:
@@ -93,6 +126,20 @@ class MoECache:
                 h = compute_h(e, xe) if compute_h is not None and e in want else None
                 observer(e, tok, xe, h, wf[sel])
 
+    def replay_all(self, experts, observer, compute_h=None) -> None:
+        """Feed `observer(e, v, s)` every calibration token for each expert in `experts` (index order), chunk by
+        chunk in window order, in fixed steps of ALL_TOKEN_ROWS rows: v the inputs x, or compute_h(e, x)
+        (the down projection's input) when given, s (rows,) the tokens' router scores for e."""
+        for c in self.chunks:
+            if c.s is None:
+                raise MoeCompressError("the MoE cache holds no router scores: it was captured without --all-tokens")
+            X = c.x.to(self.device, non_blocking=True)
+            S = c.s.to(self.device, non_blocking=True)
+            for e in sorted(experts):
+                for r in range(0, X.shape[0], ALL_TOKEN_ROWS):
+                    x = X[r:r + ALL_TOKEN_ROWS]
+                    observer(e, x if compute_h is None else compute_h(e, x), S[r:r + ALL_TOKEN_ROWS, e])
+
 
 class Capture:
     """Records what the experts module of a layer receives; installed as `MoEExperts.capture`.
@@ -106,7 +153,15 @@ class Capture:
         self.chunks: list[CacheChunk] = []
         self._shared: dict[str, torch.Tensor] = {}
         self._routed = None
+        self._scores: torch.Tensor | None = None
         self.compute_outputs = False  # True: the experts still compute (the layer's output is wanted too)
+
+    def router_hook(self, rule: str):
+        """A forward hook for the layer's router (--all-tokens): its logits (output[0]) -> every expert's score."""
+        def hook(mod, args, out):
+            logits = out[0] if isinstance(out, (tuple, list)) else out
+            self._scores = router_scores(rule, logits, mod)
+        return hook
 
     def shared_hook(self, path: str):
         def hook(mod, args, kwargs):
@@ -122,9 +177,13 @@ class Capture:
         x, idx, w = self._routed
         shared = {p: s for p, s in self._shared.items()  # a shared expert fed the experts' own input: no copy
                   if not (s.data_ptr() == x.data_ptr() and s.shape == x.shape)}
-        self._routed, self._shared = None, {}
+        scores = self._scores
+        if scores is not None and scores.shape[0] != x.shape[0]:
+            raise MoeCompressError(f"the router scored {scores.shape[0]} tokens but the experts received {x.shape[0]}")
+        self._routed, self._shared, self._scores = None, {}, None
         n = self.chunk_tokens
         for s in range(0, x.shape[0], n):
             self.chunks.append(CacheChunk(self.store(x[s:s + n].clone()), self.store(idx[s:s + n].clone()),
                                           self.store(w[s:s + n].clone()),
-                                          {p: self.store(t[s:s + n].clone()) for p, t in shared.items()}))
+                                          {p: self.store(t[s:s + n].clone()) for p, t in shared.items()},
+                                          None if scores is None else self.store(scores[s:s + n].clone())))

@@ -87,9 +87,11 @@ class LayerRunner:
                 out[j] = y if x.device == y.device else y.to(x.device)
         return out
 
-    def capture(self, layer, i: int, acts: dict[int, torch.Tensor], shared_paths=(), outputs: bool = False):
+    def capture(self, layer, i: int, acts: dict[int, torch.Tensor], shared_paths=(), outputs: bool = False,
+                scores: tuple | None = None):
         """Run layer i once with its experts recording -> the MoE cache, identical on every rank. With
-        outputs=True the experts also compute, and the layer's outputs come back too: (cache, acts)."""
+        outputs=True the experts also compute, and the layer's outputs come back too: (cache, acts).
+        scores=(ArchSpec, rule) (--all-tokens): the cache also keeps every expert's router score."""
         _, ex = find_experts(layer)
         place = self._placer()
         cap = Capture(self.chunk * self.seqlen, place)
@@ -97,6 +99,9 @@ class LayerRunner:
         outs = {}
         hooks = [layer.get_submodule(p).register_forward_pre_hook(cap.shared_hook(p), with_kwargs=True)
                  for p in shared_paths]
+        if scores is not None:
+            from .router import router_module
+            hooks.append(router_module(layer, scores[0]).register_forward_hook(cap.router_hook(scores[1])))
         ex.capture = cap
         self.forwards[i] += 1
         per_batch: dict[int, list[CacheChunk]] = {}
@@ -123,8 +128,8 @@ class LayerRunner:
             keys = sorted({int(k.split(".")[0]) for k in got})
             chunks = [CacheChunk.from_tensors(got, k) for k in keys]
             place = self._placer()
-            chunks = [CacheChunk(*(place(t) for t in (c.x, c.idx, c.w)), {p: place(t) for p, t in c.shared.items()})
-                      for c in chunks]
+            chunks = [CacheChunk(*(place(t) for t in (c.x, c.idx, c.w)), {p: place(t) for p, t in c.shared.items()},
+                                 None if c.s is None else place(c.s)) for c in chunks]
         self._spilled(place)
         cache = MoECache(chunks, self.device)
         return (cache, outs) if outputs else cache
@@ -200,21 +205,23 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
                 path = find_experts(layer)[0]
                 found = shared_experts(layer, arch) if config.shared_bits != 0 else []
                 shared_paths = [p for p, _, _ in found]
-                cache = runner.capture(layer, i, acts, shared_paths)
+                scores = (arch, arch.router_score) if config.all_tokens > 0 and config.method != "rtn" else None
+                cache = runner.capture(layer, i, acts, shared_paths, scores=scores)
                 if config.router_bits:  # before the experts: they are calibrated on the quantized routing
                     from .router import quantize_router
                     router_w, router_rec = quantize_router(
                         layer, cache, arch, config.router_bits,
                         resolve_group_size(config.group_size, [reader.expert_shapes(i)["gate"][1]]), gcfg)
                     del cache
-                    cache = runner.capture(layer, i, acts, shared_paths)
+                    cache = runner.capture(layer, i, acts, shared_paths, scores=scores)
                 mem["activation_cache_bytes"] = max(mem["activation_cache_bytes"],
                                                     cache.nbytes + runner.hidden_bytes(acts))
                 stats: dict = {}
                 packed, rec = qpass.quantize_moe_layer(
                     find_experts(layer)[1], cache, layer_idx=i, specs=layer_specs, method=config.method, gcfg=gcfg,
                     affinity=config.affinity, min_tokens=config.min_tokens, dtype=streamer.dtype, encoder=encoder,
-                    hessian_prior=config.hessian_prior, dist=dist, budget=workspace_bytes(device), stats=stats)
+                    hessian_prior=config.hessian_prior, dist=dist, budget=workspace_bytes(device), stats=stats,
+                    all_tokens=config.all_tokens)
                 mem["hessian_bytes_peak"] = max(mem["hessian_bytes_peak"], stats.get("hessian_bytes_peak", 0))
                 for (e, p), pt in sorted(packed.items()):
                     name = f"{reader.prefix}.{i}.{path}.{e}.{p}"

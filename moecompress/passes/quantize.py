@@ -22,7 +22,7 @@ import torch
 from ..codecs import PackedTensor, QuantSpec
 from ..quant.gptq import GPTQConfig, GPTQResult, gptq, rtn
 from ..quant.grids import int_grid
-from .calibrate import PRIOR_TOKENS, HessianCollector
+from .calibrate import PRIOR_TOKENS, HessianCollector, all_token_scale
 from .encoder import LayerEncoder, _Sizer
 
 log = logging.getLogger("moecompress")
@@ -39,6 +39,7 @@ class LayerRecord:
     ternary: list = field(default_factory=list)  # sub1 budgets: per batch of experts, the threshold chosen
     router: dict | None = None  # --router-bits: the quantized router's record (passes/router.py)
     shared: list = field(default_factory=list)  # shared experts: one record each (passes/shared.py)
+    all_tokens: dict | None = None  # --all-tokens: {"lambda", "scale", "score_sum"} (passes/calibrate.py)
 
 
 TERNARY_CODECS = ("ternary", "sub1")
@@ -132,7 +133,8 @@ def memory_chunks(units: list[list[int]], K: int, budget: int) -> list[list[list
 
 def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, gcfg: GPTQConfig, affinity: bool,
                        min_tokens: int, dtype=torch.float32, encoder: LayerEncoder | None = None,
-                       hessian_prior: float = 0.0, dist=None, budget: int | None = None, stats: dict | None = None):
+                       hessian_prior: float = 0.0, dist=None, budget: int | None = None, stats: dict | None = None,
+                       all_tokens: float = 0.0):
     """Quantize the experts `ex` (a layer's `MoEExperts`) in place from the layer's MoE cache.
 
     specs: {expert: QuantSpec}. Returns ({(expert, proj): PackedTensor}, LayerRecord).
@@ -150,6 +152,9 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
     So the prior replaces round-to-nearest where the user asked for it, and is not the default fallback.)
     The prior is collected once per stage, by the first memory chunk's replay of the cache.
     stats: filled with {"hessian_bytes_peak", "memory_chunks"} for the run's metrics.
+    all_tokens = L > 0 (`--all-tokens`): each expert's Hessian also gets every cached token, weighted by its
+    router score before top-k (passes/calibrate.py: H_e + c * sum_t s_te v_t v_t^T, c = L * routed weight /
+    score mass of the layer); an expert under min_tokens with score mass is then GPTQ'd, not rounded.
     """
     from ..experts import _linear
     t0 = time.time()
@@ -164,6 +169,7 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
     record = LayerRecord(layer_idx, tokens.tolist(), [round(float(g), 6) for g in gate_sum], fallback, 0.0)
     need_h = method != "rtn"
     want_prior = need_h and hessian_prior > 0
+    all_scale = all_token_scale(cache, tokens, gate_sum, affinity, all_tokens) if need_h and all_tokens > 0 else 0.0
     w0 = ex.weights[live[0]]
     rows = {p: w0[p].shape[0] for p in ("gate", "up", "down")}
     widths = {p: w0[p].shape[1] for p in ("gate", "up", "down")}
@@ -191,9 +197,12 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
             subset = [e for u in chunk for e in u]
             if need_h:
                 col = HessianCollector(E, K, which, subset=subset, affinity=affinity,
-                                       prior=want_prior and prior_of is None, sample_every=sample_every, device=device)
+                                       prior=want_prior and prior_of is None, sample_every=sample_every, device=device,
+                                       all_scale=all_scale)
                 prior_of = prior_of or (col if col.prior else None)
                 cache.replay(E, col, hidden_of if which == "h" else None, h_for=subset, only=None if col.prior else subset)
+                if all_scale:  # every token, router-weighted, for this chunk's experts
+                    col.collect_all(cache, hidden_of)
                 stats["hessian_bytes_peak"] = max(stats.get("hessian_bytes_peak", 0), len(subset) * K * K * 4)
                 stats["memory_chunks"] = max(stats.get("memory_chunks", 0), len(memory_chunks(mine, K, budget)))
             for group in chunk:
@@ -204,7 +213,7 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
                     Hs = col.take(group)
                     for j, e in enumerate(group):
                         P = prior_of.prior_hessian(e, ex.expert_forward) if prior_of else None
-                        if e in fallback and (P is None or not P.trace() > 0):
+                        if e in fallback and not col.all_mass(e) > 0 and (P is None or not P.trace() > 0):
                             Hs[j] = torch.eye(K, device=Hs.device)  # identity Hessian == round-to-nearest
                             rounded.add(e)
                         elif P is not None:
@@ -247,6 +256,9 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
     packed.update(encoder.finish_layer())
     if need_h:
         record.fallback = sorted(rounded)
+    if all_scale:
+        record.all_tokens = {"lambda": all_tokens, "scale": round(all_scale, 8),
+                             "score_sum": [round(v, 6) for v in _score_sums(cache, E)]}
     record.seconds = round(time.time() - t0, 3)
     record.specs = {e: specs[e].label for e in live}
     record.ternary = searched
@@ -258,8 +270,19 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
         log.warning("layer %d: expert%s %s got fewer than %d calibration tokens (%s): quantized %s",
                     layer_idx, "s" if len(fallback) > 1 else "", ", ".join(map(str, fallback)), min_tokens,
                     ", ".join(str(record.tokens[e]) for e in fallback),
-                    "by round-to-nearest" if rounded else "by GPTQ on them plus the --hessian-prior")
+                    "by round-to-nearest" if rounded else
+                    "by GPTQ on them plus " + " and ".join(n for n, on in (("the --hessian-prior", want_prior),
+                                                                        ("all tokens (--all-tokens)", all_scale > 0)) if on))
     return packed, record
+
+
+def _score_sums(cache, E: int) -> list[float]:
+    """Each expert's router score mass sum_t s_te over the cache (--all-tokens), for the layer record."""
+    out = torch.zeros(E, dtype=torch.float64)
+    for c in cache.chunks:
+        for e in range(E):
+            out[e] += float(c.s[:, e].double().sum())
+    return out.tolist()
 
 
 def _routing_stats(cache, E: int) -> tuple[torch.Tensor, torch.Tensor]:
