@@ -6,7 +6,7 @@ Public API (nothing here imports triton; kernels load on first use):
     packed_linear(x (B, K), packed) -> (B, N)     y = x @ W^T without a dense W (x's dtype)
     decode(packed), decode_int(packed) -> (N, K)  Triton decode, bit-exact with codecs.decode
     prepare_experts(experts, biases) -> PreparedExperts     group by format and stack, once per layer
-    moe_experts_forward(hidden, top_k_index, top_k_weights, experts, glu, biases) -> (T, H)
+    moe_experts_forward(hidden, top_k_index, top_k_weights, experts, glu, biases, rotation) -> (T, H)
     moe_reference(...)                            the torch reference of the same
 
 Kernels accelerate the codecs' torch reference, they never define it; tests run them on the CPU under
@@ -76,14 +76,14 @@ def prepare_experts(experts, biases=None):
     return _fn(experts, biases)
 
 
-def moe_experts_forward(hidden, top_k_index, top_k_weights, experts, glu=None, biases=None):
+def moe_experts_forward(hidden, top_k_index, top_k_weights, experts, glu=None, biases=None, rotation=None):
     from .moe import moe_experts_forward as _fn
-    return _fn(hidden, top_k_index, top_k_weights, experts, glu, biases)
+    return _fn(hidden, top_k_index, top_k_weights, experts, glu, biases, rotation)
 
 
-def moe_reference(hidden, top_k_index, top_k_weights, experts, glu=None, biases=None):
+def moe_reference(hidden, top_k_index, top_k_weights, experts, glu=None, biases=None, rotation=None):
     from .moe import moe_reference as _fn
-    return _fn(hidden, top_k_index, top_k_weights, experts, glu, biases)
+    return _fn(hidden, top_k_index, top_k_weights, experts, glu, biases, rotation)
 
 
 __all__ = ["backend", "packed_linear", "decode", "decode_int", "prepare_experts", "moe_experts_forward",

@@ -28,6 +28,11 @@ rows, `sub1_triton.row_anchors`), so each member's `codewords` is a byte range o
 that its gate and up are launched as two groups (at column offsets 0 and I) rather than fused: a fused
 member would be a re-packed copy of two streams.
 
+Rotated layers (`quantize --rotate`, moecompress/quant/hadamard.py): `rotation` = (s_x (H,), s_h (I,)) int8
+signs; the kernels decode the stored W' as for any layer, and the activations are rotated around them:
+hidden once before stage 1 (x' = R_x x), the activation before stage 2 (h' = R_h h), both in float32 and
+rounded to hidden's dtype (same in the reference).
+
 Numerics (same in the reference): stage-1 outputs are rounded to hidden's dtype, the activation
 runs in hidden's dtype, the down projection and the weighted sum accumulate in fp32.
 """
@@ -41,6 +46,7 @@ import torch.nn.functional as F
 
 from moecompress.codecs import PackedTensor, decode as reference_decode
 from moecompress.errors import MoeCompressError
+from moecompress.quant.hadamard import rotate
 
 from .dispatch import _check_packed, _check_triton_device, backend, packed_linear
 
@@ -284,17 +290,17 @@ def _run_stage(groups: list[ExpertGroup], x: torch.Tensor, rows: torch.Tensor, r
 
 
 def moe_experts_forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                        experts, glu: Glu | None = None, biases: list | None = None) -> torch.Tensor:
+                        experts, glu: Glu | None = None, biases: list | None = None, rotation=None) -> torch.Tensor:
     """Routed experts on packed weights: (T, H) -> (T, H) in hidden's dtype.
 
     experts: list of {"gate", "up", "down"} PackedTensor dicts (None = pruned) or `prepare_experts(...)`
     (prepare once per layer: the list form stacks the weights on every call). biases: optional list of
-    {"gate": (I,), "up": (I,), "down": (H,)} per expert.
+    {"gate": (I,), "up": (I,), "down": (H,)} per expert. rotation: (s_x, s_h) signs of a rotated layer, or None.
     """
     glu = glu or silu_glu
     _check_moe_inputs(hidden, top_k_index, top_k_weights, experts)
     if backend(hidden.device) == "torch":
-        return moe_reference(hidden, top_k_index, top_k_weights, experts, glu, biases)
+        return moe_reference(hidden, top_k_index, top_k_weights, experts, glu, biases, rotation)
     _check_triton_device(hidden)
     px = prepare_experts(experts, biases)
     T, H = hidden.shape
@@ -304,10 +310,13 @@ def moe_experts_forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_w
     r = route(top_k_index, E, _block_m(top_k_index.numel(), E, hidden.is_cuda))
     P = r.rows1.numel()
     h = torch.zeros((P, 2 * I), dtype=hidden.dtype, device=hidden.device)
-    _run_stage(px.stage1, hidden.contiguous(), r.rows1, r, h, E)
+    x = hidden if rotation is None else rotate(hidden, rotation[0])  # x' = R_x x, once per layer
+    _run_stage(px.stage1, x.contiguous(), r.rows1, r, h, E)
     if px.bias1 is not None:
         h += px.bias1[r.row_expert].to(h.dtype)
     act = glu(h[:, :I], h[:, I:]).contiguous()  # (P, 2I) -> (P, I)
+    if rotation is not None:
+        act = rotate(act, rotation[1])  # h' = R_h h, per routed row
     y = torch.zeros((P, H), dtype=torch.float32, device=hidden.device)
     _run_stage(px.stage2, act, r.rows2, r, y, E)
     if px.bias2 is not None:
@@ -337,7 +346,8 @@ def _check_moe_inputs(hidden, idx, w, experts) -> None:
             raise MoeCompressError(msg) from None
 
 
-def moe_reference(hidden, top_k_index, top_k_weights, experts, glu: Glu | None = None, biases=None) -> torch.Tensor:
+def moe_reference(hidden, top_k_index, top_k_weights, experts, glu: Glu | None = None, biases=None,
+                  rotation=None) -> torch.Tensor:
     """Torch reference: decode each routed expert, matmul, gate-weighted sum with index_add."""
     glu = glu or silu_glu
     if isinstance(experts, PreparedExperts):
@@ -350,7 +360,8 @@ def moe_reference(hidden, top_k_index, top_k_weights, experts, glu: Glu | None =
         if ex is None:
             continue
         tok, slot = torch.nonzero(top_k_index == e, as_tuple=True)
-        x = hidden[tok].float()
+        x = hidden[tok] if rotation is None else rotate(hidden[tok], rotation[0])
+        x = x.float()
         b = (biases[e] if biases is not None else None) or {}
         gate = (x @ reference_decode(ex["gate"]).to(x.device).T).to(dt)
         up = (x @ reference_decode(ex["up"]).to(x.device).T).to(dt)
@@ -358,7 +369,8 @@ def moe_reference(hidden, top_k_index, top_k_weights, experts, glu: Glu | None =
             gate = gate + b["gate"].to(dt)
         if b.get("up") is not None:
             up = up + b["up"].to(dt)
-        y = glu(gate, up).float() @ reference_decode(ex["down"]).to(x.device).T
+        act = glu(gate, up) if rotation is None else rotate(glu(gate, up), rotation[1])
+        y = act.float() @ reference_decode(ex["down"]).to(x.device).T
         if b.get("down") is not None:
             y = y + b["down"].float()
         out.index_add_(0, tok, y * top_k_weights[tok, slot, None].float())

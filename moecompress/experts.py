@@ -9,6 +9,11 @@ that received tokens:
 
 An optional observer sees each expert's routed inputs, intermediate activations and gate weights (that
 is how calibration collects Hessians and routing statistics without a second copy of the math).
+
+A layer quantized with `--rotate` holds its experts as W' = W R^T (quant/hadamard.py) and two int8 sign
+vectors, buffers `rotation_gate_up` (H,) and `rotation_down` (I,): the layer's input is rotated once
+(x' = R_x x, shared by every expert's gate/up), each expert's intermediate activation per token before its
+down projection (h' = R_h h). Observers still see x and h in the original basis.
 """
 from __future__ import annotations
 
@@ -120,7 +125,7 @@ class MoEExperts(nn.Module):
     buffers under their checkpoint names, split per expert on use."""
 
     def __init__(self, weights: list[dict | None], glu: Callable, biases: list[dict] | None = None,
-                 fused_biases: dict[str, torch.Tensor] | None = None):
+                 fused_biases: dict[str, torch.Tensor] | None = None, rotation: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.num_experts = len(weights)
         self.weights = weights
@@ -130,6 +135,8 @@ class MoEExperts(nn.Module):
         self._register()
         for k, t in (fused_biases or {}).items():
             self.register_buffer(k, t)
+        for k, t in (rotation or {}).items():  # --rotate: {"gate_up": (H,), "down": (I,)} int8 signs
+            self.register_buffer(f"rotation_{k}", t)
         self._sync()
 
     def _register(self):
@@ -212,16 +219,37 @@ class MoEExperts(nn.Module):
         self._sync()
         self._prepared = prep
 
+    def rotation(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gate/up signs (H,), down signs (I,)) of a rotated layer, else None."""
+        s_x, s_h = self._buffers.get("rotation_gate_up"), self._buffers.get("rotation_down")
+        return None if s_x is None else (s_x, s_h)
+
+    def effective_weight(self, e: int, proj: str) -> torch.Tensor:
+        """Expert e's proj as the dense (out, in) matrix it applies to unrotated inputs: decode(W') R when rotated."""
+        w = self.weights[e][proj]
+        w = decode(ensure_checked(w)) if isinstance(w, PackedTensor) else w
+        rot = self.rotation()
+        if rot is None:
+            return w
+        from .quant.hadamard import unrotate
+        return unrotate(w.float(), rot[1] if proj == "down" else rot[0]).to(w.dtype)
+
     def set_dense(self, e: int, proj: str, weight: torch.Tensor) -> None:
         self.weights[e][proj] = weight
         self.register_buffer(f"e{e}_{proj}", weight, persistent=False)
 
-    def expert_forward(self, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (T_e, H) -> (intermediate (T_e, I), output (T_e, H)), before the gate weight."""
+    def expert_forward(self, e: int, x: torch.Tensor, xr: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (T_e, H) -> (intermediate (T_e, I), output (T_e, H)), before the gate weight. A rotated layer
+        takes xr = R_x x when the caller has it (rotated once per layer), else rotates x here."""
         w = self.weights[e]
         b = self.biases[e] if self.biases else {}
-        h = self.glu(_linear(x, w["gate"], b.get("gate")), _linear(x, w["up"], b.get("up")))
-        return h, _linear(h, w["down"], b.get("down"))
+        rot = self.rotation()
+        if rot is not None:
+            from .quant.hadamard import rotate
+            xr = rotate(x, rot[0]) if xr is None else xr
+        xi = x if rot is None else xr
+        h = self.glu(_linear(xi, w["gate"], b.get("gate")), _linear(xi, w["up"], b.get("up")))
+        return h, _linear(h if rot is None else rotate(h, rot[1]), w["down"], b.get("down"))
 
     def _packed_only(self) -> bool:
         return all(w is None or all(isinstance(w[p], PackedTensor) for p in PROJS) for w in self.weights)
@@ -238,13 +266,18 @@ class MoEExperts(nn.Module):
             if getattr(self, "_prepared", None) is None:
                 self._prepared = prepare_experts(self.weights, self.biases)
                 self._adopt(self._prepared)
-            return moe_experts_forward(hidden_states, top_k_index, top_k_weights, self._prepared, self.glu, self.biases)
+            return moe_experts_forward(hidden_states, top_k_index, top_k_weights, self._prepared, self.glu, self.biases,
+                                       self.rotation())
         T, k = top_k_index.shape
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)  # group the (token, slot) pairs by expert
         counts = torch.bincount(flat.clamp(0, self.num_experts), minlength=self.num_experts + 1)
         # each (token, slot) pair owns one row: plain writes, then a sum over the k slots (no index_add_)
         Y = hidden_states.new_zeros(T * k, hidden_states.shape[-1])
+        rot = self.rotation()
+        if rot is not None:  # the layer's input, rotated once for every expert's gate/up
+            from .quant.hadamard import rotate
+            xr_all = rotate(hidden_states, rot[0])
         start = 0
         for e, n in enumerate(counts.tolist()[: self.num_experts]):
             if n == 0:
@@ -256,7 +289,7 @@ class MoEExperts(nn.Module):
             tok = sel // k  # (n,) token of each routed pair
             x = hidden_states[tok]
             w = top_k_weights.reshape(-1)[sel]
-            h, y = self.expert_forward(e, x)
+            h, y = self.expert_forward(e, x, None if rot is None else xr_all[tok])
             if self.observer is not None:
                 self.observer(e, tok, x, h, w)
             Y[sel] = (y * w[:, None].to(y.dtype)).to(Y.dtype)

@@ -199,6 +199,7 @@ class Validated(NamedTuple):
     by_layer: dict  # {layer: {expert: {proj: PackedTensor}}}
     modules: dict  # {(layer, module path): PackedTensor}
     skip: set  # stored names transformers must not look for in the model (guard, shared dictionaries)
+    rotations: dict = {}  # --rotate: {layer: {"gate_up": (H,), "down": (I,)} int8 signs}, see `_rotations`
 
 
 def validate(path: str, verify: bool = True, dtype: torch.dtype = torch.float32) -> Validated:
@@ -233,7 +234,8 @@ def validate(path: str, verify: bool = True, dtype: torch.dtype = torch.float32)
         _check_expert_shapes(i, experts, config.hidden_size)
     _resize_routers(layers, arch, counts, set(by_layer), num_experts, top_k)
     skip = guard | {k for k in tensors if k.startswith("moecompress.")}
-    v = Validated(path, manifest, tensors, arch, config, counts, dict(by_layer), modules, skip)
+    rotations = _rotations(manifest, tensors, layers, by_layer)
+    v = Validated(path, manifest, tensors, arch, config, counts, dict(by_layer), modules, skip, rotations)
     _check_biases(v)
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         qcfg = json.load(f).get("quantization_config")
@@ -243,6 +245,37 @@ def validate(path: str, verify: bool = True, dtype: torch.dtype = torch.float32)
     state = {arch.to_mem(k): t for k, t in tensors.items() if k not in skip}
     _check_shapes(model, state, bool(getattr(config, "tie_word_embeddings", False)))
     return v
+
+
+def _rotations(manifest: dict, tensors: dict, layers, by_layer: dict) -> dict:
+    """{layer: {"gate_up": (H,), "down": (I,)}} of a `quantize --rotate` checkpoint: the manifest's "rotation"
+    names the rotated layers, each stores int8 +-1 signs `<experts path>.rotation_{gate_up,down}` of its
+    experts' input widths, and only integer experts are rotated. A sign tensor in a layer the manifest does not
+    name is left to `_check_shapes`, which refuses it as unexpected."""
+    from .quant.hadamard import check_signs
+    rot = manifest.get("rotation")
+    if rot is None:
+        return {}
+    layer_ids = rot.get("layers") if isinstance(rot, dict) else None
+    if (rot.get("method") if isinstance(rot, dict) else None) != "randomized-hadamard" or not isinstance(layer_ids, list) \
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in layer_ids):
+        raise PackedFormatError("moecompress.json: malformed 'rotation' (method randomized-hadamard, a list of layers)")
+    out = {}
+    for i in layer_ids:
+        if i not in by_layer or i in out:
+            raise PackedFormatError(f"moecompress.json: rotation names layer {i}, which has no packed experts (or twice)")
+        experts = by_layer[i]
+        first = experts[min(experts)]
+        if any(pt.codec != "int" for projs in experts.values() for pt in projs.values()):
+            raise PackedFormatError(f"layer {i} is rotated but holds non-integer experts: damaged packed checkpoint")
+        out[i] = {}
+        for stage, K in (("gate_up", first["gate"].shape[1]), ("down", first["down"].shape[1])):
+            name = f"model.layers.{i}.{find_experts(layers[i])[0]}.rotation_{stage}"
+            why = check_signs(tensors.get(name), K) if name in tensors else "are missing"
+            if why:
+                raise PackedFormatError(f"layer {i}: rotation signs {name} {why}")
+            out[i][stage] = tensors[name]
+    return out
 
 
 def _check_biases(v: Validated) -> None:
@@ -284,7 +317,8 @@ def install(model, v: Validated, meta: bool) -> None:
         bk = f"model.layers.{i}.mlp.experts"
         fused = {n: place(v.tensors[f"{bk}.{n}"].to(dtype)) for n in ("gate_up_proj_bias", "down_proj_bias")
                  if f"{bk}.{n}" in v.tensors}
-        set_submodule(layers[i], path, MoEExperts(weights, glu, fused_biases=fused or None))
+        rotation = {k: place(t) for k, t in v.rotations.get(i, {}).items()}  # int8 signs, filled by name
+        set_submodule(layers[i], path, MoEExperts(weights, glu, fused_biases=fused or None, rotation=rotation or None))
 
 
 def _num_experts(layers) -> int:

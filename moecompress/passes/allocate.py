@@ -95,8 +95,12 @@ class LayerSensitivity:
 
 
 def layer_eps(ex, obs: LayerSensitivity, chunk: list[int], candidates, method: str, gcfg, fallback: set,
-              eps: np.ndarray) -> None:
-    """eps[e, c] for experts in `chunk` of one materialized layer (experts module `ex`), every candidate."""
+              eps: np.ndarray, rotation: dict | None = None) -> None:
+    """eps[e, c] for experts in `chunk` of one materialized layer (experts module `ex`), every candidate.
+    rotation (--rotate: the layer's signs, passes.quantize.layer_rotation): integer candidates are quantized in
+    the rotated basis as the quantize pass does, and measured through their effective weights deq(W') R.
+    (A layer that ends up with a sub1 expert stays unrotated: its integer experts were measured rotated.)"""
+    from ..quant.hadamard import rotate, rotate_hessian, unrotate
     H = ex.weights[0]["gate"].shape[1]
     I = ex.weights[0]["gate"].shape[0]
     Wgu = torch.stack([torch.cat([ex.weights[e]["gate"], ex.weights[e]["up"]]) for e in chunk]).float()  # (G, 2I, H)
@@ -109,8 +113,15 @@ def layer_eps(ex, obs: LayerSensitivity, chunk: list[int], candidates, method: s
                 Hx[j], Hh[j] = torch.eye(H, device=Hx.device), torch.eye(I, device=Hh.device)
     for c, spec in enumerate(candidates):
         budgeted = spec.option("target_bits", None) is not None  # sub1: search the threshold that fits
-        gu = _quantize_group(Wgu, Hx, spec, method, gcfg, EstimateSizer(spec, [I, I]) if budgeted else None)[0].deq
-        dn = _quantize_group(Wd, Hh, spec, method, gcfg, EstimateSizer(spec, [H]) if budgeted else None)[0].deq
+        if rotation is not None and spec.codec == "int":
+            sx, sh = rotation["gate_up"].to(Wgu.device), rotation["down"].to(Wd.device)
+            gu = unrotate(_quantize_group(rotate(Wgu, sx), None if Hx is None else rotate_hessian(Hx, sx), spec, method,
+                                          gcfg)[0].deq, sx)
+            dn = unrotate(_quantize_group(rotate(Wd, sh), None if Hh is None else rotate_hessian(Hh, sh), spec, method,
+                                          gcfg)[0].deq, sh)
+        else:
+            gu = _quantize_group(Wgu, Hx, spec, method, gcfg, EstimateSizer(spec, [I, I]) if budgeted else None)[0].deq
+            dn = _quantize_group(Wd, Hh, spec, method, gcfg, EstimateSizer(spec, [H]) if budgeted else None)[0].deq
         for j, e in enumerate(chunk):
             b = ex.biases[e] if ex.biases else {}
             dense = (ex.weights[e]["gate"], ex.weights[e]["up"], ex.weights[e]["down"])
@@ -129,6 +140,7 @@ def sensitivity_pass(reader, config: QuantizeConfig, candidates, windows: torch.
     from ..layerwise import LayerStreamer, find_experts
     from ..quant.gptq import GPTQConfig
     from .pipeline import LayerRunner
+    from ..quant.hadamard import random_signs
     t0 = time.time()
     device = torch.device("cpu") if device is None else device
     streamer = LayerStreamer(reader, device=device)
@@ -160,7 +172,10 @@ def sensitivity_pass(reader, config: QuantizeConfig, candidates, windows: torch.
                 if n == 0:
                     tokens[l], mass[l] = obs.tokens.numpy(), obs.gate_sum.numpy()
                 fallback = {e for e in chunk if tokens[l, e] < config.min_tokens}
-                layer_eps(ex, obs, chunk, candidates, config.method, gcfg, fallback, eps[l])
+                rotation = None
+                if config.rotate:  # the signs the quantize pass will use (passes.quantize.layer_rotation)
+                    rotation = {st: random_signs(K, config.calib.seed, i, st) for st, K in (("gate_up", H), ("down", I))}
+                layer_eps(ex, obs, chunk, candidates, config.method, gcfg, fallback, eps[l], rotation)
                 del obs
             del cache
         if i < last:

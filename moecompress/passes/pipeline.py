@@ -217,11 +217,16 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
                 mem["activation_cache_bytes"] = max(mem["activation_cache_bytes"],
                                                     cache.nbytes + runner.hidden_bytes(acts))
                 stats: dict = {}
+                rotation = (qpass.layer_rotation(layer_specs, i, config.calib.seed, reader.expert_shapes(i))
+                            if config.rotate else None)  # --rotate: this layer's signs, stored beside its experts
+                for stage, signs in (rotation or {}).items():
+                    tensors[f"{reader.prefix}.{i}.{path}.rotation_{stage}"] = signs
+                    layer_bytes += tensor_bytes({stage: signs})
                 packed, rec = qpass.quantize_moe_layer(
                     find_experts(layer)[1], cache, layer_idx=i, specs=layer_specs, method=config.method, gcfg=gcfg,
                     affinity=config.affinity, min_tokens=config.min_tokens, dtype=streamer.dtype, encoder=encoder,
                     hessian_prior=config.hessian_prior, dist=dist, budget=workspace_bytes(device), stats=stats,
-                    all_tokens=config.all_tokens)
+                    all_tokens=config.all_tokens, rotation=rotation)
                 mem["hessian_bytes_peak"] = max(mem["hessian_bytes_peak"], stats.get("hessian_bytes_peak", 0))
                 for (e, p), pt in sorted(packed.items()):
                     name = f"{reader.prefix}.{i}.{path}.{e}.{p}"

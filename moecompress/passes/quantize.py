@@ -40,6 +40,7 @@ class LayerRecord:
     router: dict | None = None  # --router-bits: the quantized router's record (passes/router.py)
     shared: list = field(default_factory=list)  # shared experts: one record each (passes/shared.py)
     all_tokens: dict | None = None  # --all-tokens: {"lambda", "scale", "score_sum"} (passes/calibrate.py)
+    rotated: bool = False  # --rotate: gate/up and down quantized in a randomized Hadamard basis (quant/hadamard.py)
 
 
 TERNARY_CODECS = ("ternary", "sub1")
@@ -131,10 +132,23 @@ def memory_chunks(units: list[list[int]], K: int, budget: int) -> list[list[list
     return chunks
 
 
+def layer_rotation(specs: dict, layer_idx: int, seed: int, shapes: dict[str, tuple[int, int]]) -> dict | None:
+    """--rotate: layer `layer_idx`'s sign vectors {"gate_up": (H,), "down": (I,)} int8 (quant/hadamard.py), or
+    None when one of its experts uses a ternary codec: ternary and sub1 codes live on the zeros a rotation would
+    spread, so such a layer stays unrotated (logged; the layer record says rotated false)."""
+    from ..quant.hadamard import random_signs
+    if not all(s.codec == "int" for s in specs.values()):
+        log.warning("layer %d: not rotated (--rotate): it has ternary/sub1 experts, whose zeros a rotation would "
+                    "spread", layer_idx)
+        return None
+    return {"gate_up": random_signs(shapes["gate"][1], seed, layer_idx, "gate_up"),
+            "down": random_signs(shapes["down"][1], seed, layer_idx, "down")}
+
+
 def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, gcfg: GPTQConfig, affinity: bool,
                        min_tokens: int, dtype=torch.float32, encoder: LayerEncoder | None = None,
                        hessian_prior: float = 0.0, dist=None, budget: int | None = None, stats: dict | None = None,
-                       all_tokens: float = 0.0):
+                       all_tokens: float = 0.0, rotation: dict | None = None):
     """Quantize the experts `ex` (a layer's `MoEExperts`) in place from the layer's MoE cache.
 
     specs: {expert: QuantSpec}. Returns ({(expert, proj): PackedTensor}, LayerRecord).
@@ -155,8 +169,12 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
     all_tokens = L > 0 (`--all-tokens`): each expert's Hessian also gets every cached token, weighted by its
     router score before top-k (passes/calibrate.py: H_e + c * sum_t s_te v_t v_t^T, c = L * routed weight /
     score mass of the layer); an expert under min_tokens with score mass is then GPTQ'd, not rounded.
+    rotation (`layer_rotation`, --rotate): {"gate_up": s_x, "down": s_h} sign vectors; each stage's weights are
+    quantized as W' = W R^T against H' = R H R^T (R = Hd diag(s)), the packed codes are W''s, and the dense
+    weights put back for the following stages are the effective unrotated deq(W') R.
     """
     from ..experts import _linear
+    from ..quant.hadamard import rotate, rotate_hessian, unrotate
     t0 = time.time()
     encoder = encoder or LayerEncoder()
     E = ex.num_experts
@@ -166,7 +184,8 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
     sample_every = max(1, tokens_all // PRIOR_TOKENS)
     tokens, gate_sum = _routing_stats(cache, E)
     fallback = [e for e in live if int(tokens[e]) < min_tokens]
-    record = LayerRecord(layer_idx, tokens.tolist(), [round(float(g), 6) for g in gate_sum], fallback, 0.0)
+    record = LayerRecord(layer_idx, tokens.tolist(), [round(float(g), 6) for g in gate_sum], fallback, 0.0,
+                         rotated=rotation is not None)
     need_h = method != "rtn"
     want_prior = need_h and hessian_prior > 0
     all_scale = all_token_scale(cache, tokens, gate_sum, affinity, all_tokens) if need_h and all_tokens > 0 else 0.0
@@ -192,6 +211,7 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
         return ex.glu(_linear(x, w["gate"], b.get("gate")), _linear(x, w["up"], b.get("up")))
     for projs, which in ((("gate", "up"), "x"), (("down",), "h")):
         K = widths[projs[0]]
+        signs = None if rotation is None else rotation["gate_up" if which == "x" else "down"].to(device)
         prior_of = None  # the first chunk's collector, which gathered the layer's prior statistics
         for chunk in memory_chunks(mine, K, budget):
             subset = [e for u in chunk for e in u]
@@ -218,6 +238,9 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
                             rounded.add(e)
                         elif P is not None:
                             Hs[j] += (hessian_prior * K * col.mean_weight(e)) * P
+                if signs is not None:  # quantize W' = W R^T against H' = R H R^T
+                    W = rotate(W, signs)
+                    Hs = None if Hs is None else rotate_hessian(Hs, signs)
                 nrows = [rows[p] for p in projs]
                 res, search = _quantize_group(W, Hs, spec, method, gcfg, encoder.sizer(spec, nrows))
                 del W, Hs
@@ -235,7 +258,8 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
                         pt = encoder.add((e, p), spec, part["codes"], part["scale"], part["zero"])
                         if pt is not None:
                             packed[(e, p)] = pt
-                        deq = res.deq[j, sl].to(dtype, copy=True)
+                        deq = res.deq[j, sl] if signs is None else unrotate(res.deq[j, sl], signs)  # deq(W') R
+                        deq = deq.to(dtype, copy=True)
                         ex.set_dense(e, p, deq)
                         if split:
                             results.update({f"{e}.{p}.{f}": t for f, t in part.items()})
