@@ -4,6 +4,7 @@ Each family's pre-top-k score against its own transformers router, the cache's r
 layer's router, the blended Hessian against a brute-force sum, the bytes of L = 0 and of any working
 budget, GPTQ (not round-to-nearest) for never-routed experts, and 2-bit perplexity on the demo model."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -161,56 +162,98 @@ def test_options_are_checked(tmp_path, capsys):
 
 
 def _cfg(**kw):
+    """3 forward calls of 8 windows of 32 tokens: what two ranks split (tests/test_scale.py)."""
     from moecompress.config import CalibConfig, QuantizeConfig
-    return QuantizeConfig(bits=kw.pop("bits", 3), group_size=16,
-                          calib=CalibConfig((CALIB,), nsamples=8, seqlen=32, forward_tokens=4096), **kw)
+    return QuantizeConfig(bits=3, group_size=16, affinity=True,
+                          calib=CalibConfig((CALIB,), nsamples=24, seqlen=32, forward_tokens=256), **kw)
 
 
-def test_bytes_do_not_depend_on_the_working_budget_with_all_tokens(tmp_path, monkeypatch):
-    """One expert per GPTQ call and per Hessian chunk gives the bytes all experts at once give, and L = 0
-    writes exactly what the default writes (no scores recorded, no router hook)."""
-    import moecompress.passes.moe_cache as mc
+RANKS = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_all_tokens import _cfg
+from moecompress.api import quantize
+quantize({src!r}, {out!r}, _cfg(all_tokens=0.5), progress=False, device="cpu")
+"""
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory, one_thread):
+    """A tiny Qwen2-MoE (8 routed experts and a shared one per layer) and its one-process --all-tokens 0.5 run."""
+    from moecompress.api import quantize
+    root = tmp_path_factory.mktemp("qwen")
+    src = str(root / "src")
+    write_tiny(src, "Qwen2Moe")
+    quantize(src, str(root / "one"), _cfg(all_tokens=0.5), progress=False, device="cpu")
+    return root, src, digest(str(root / "one"))
+
+
+def test_all_tokens_record(qwen):
+    root, _, _ = qwen
+    rec = json.load(open(root / "one" / "run" / "calibration.json"))["layers"]
+    assert rec and all(r["all_tokens"]["lambda"] == 0.5 and r["all_tokens"]["scale"] > 0 for r in rec)
+    assert all(len(r["all_tokens"]["score_sum"]) == 8 and r["fallback"] == [] for r in rec)
+
+
+def test_bytes_do_not_depend_on_the_working_budget_with_all_tokens(qwen, tmp_path, monkeypatch):
+    """One expert per GPTQ call and per Hessian chunk gives the bytes all experts at once give."""
     import moecompress.passes.quantize as q
     from moecompress.api import quantize
-    src = str(tmp_path / "qwen")
-    write_tiny(src, "Qwen2Moe")  # 8 routed experts and a shared expert per layer
-    config = _cfg(affinity=True, all_tokens=0.5)
-
-    def run(name, cfg):
-        quantize(src, str(tmp_path / name), cfg, progress=False, device="cpu")
-        return digest(str(tmp_path / name))
-    free = run("all", config)
-    rec = json.load(open(tmp_path / "all" / "run" / "calibration.json"))["layers"]
-    assert all(r["all_tokens"]["lambda"] == 0.5 and r["all_tokens"]["scale"] > 0 for r in rec)
-    assert all(len(r["all_tokens"]["score_sum"]) == 8 and r["fallback"] == [] for r in rec)
+    _, src, free = qwen
     monkeypatch.setenv("MOECOMPRESS_WORKSPACE", "1")  # one unit per chunk
     monkeypatch.setattr(q, "GPTQ_BUDGET", 1)  # one expert per unit
-    assert run("one", config) == free
-    monkeypatch.delenv("MOECOMPRESS_WORKSPACE")
-    monkeypatch.undo()
-    default = run("default", _cfg(affinity=True))
+    quantize(src, str(tmp_path / "tight"), _cfg(all_tokens=0.5), progress=False, device="cpu")
+    assert digest(str(tmp_path / "tight")) == free
+
+
+def test_zero_writes_the_default_bytes_and_records_no_scores(qwen, tmp_path, monkeypatch):
+    import moecompress.passes.moe_cache as mc
+    from moecompress.api import quantize
+    _, src, with_all = qwen
+    quantize(src, str(tmp_path / "default"), _cfg(), progress=False, device="cpu")
 
     def no_hook(self, rule):
         raise AssertionError("router scores recorded at L = 0")
     monkeypatch.setattr(mc.Capture, "router_hook", no_hook)
-    assert run("zero", _cfg(affinity=True, all_tokens=0.0)) == default != free
+    quantize(src, str(tmp_path / "zero"), _cfg(all_tokens=0.0), progress=False, device="cpu")
+    assert digest(str(tmp_path / "zero")) == digest(str(tmp_path / "default")) != with_all
     rec = json.load(open(tmp_path / "zero" / "run" / "calibration.json"))["layers"]
     assert all(r["all_tokens"] is None for r in rec)
 
 
+def test_two_gloo_ranks_write_the_bytes_of_one_process(qwen, tmp_path):
+    """Windows and experts split across 2 ranks: the router scores travel with the cache, same bytes."""
+    _, src, one = qwen
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS.format(tests=os.path.dirname(__file__), src=src, out=str(tmp_path / "two")))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script)], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert digest(str(tmp_path / "two")) == one
+
+
 @pytest.fixture(scope="module")
-def demo_runs(tmp_path_factory):
-    """The demo model at 2 bits, 8 x 256 calibration tokens: routed only (L = 0) and with --all-tokens 1."""
+def demo_runs(tmp_path_factory, one_thread):
+    """The demo model at 2 bits, 8 x 256 calibration tokens (`quantize --bits 2 --group-size 64 --nsamples 8`):
+    routed only (L = 0) and with --all-tokens 1; -> {L: (packed dir, the run's warnings)}."""
+    from moecompress.api import quantize
+    from moecompress.config import CalibConfig, QuantizeConfig
     root = tmp_path_factory.mktemp("demo")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    log = logging.getLogger("moecompress")
     out = {}
     for lam in ("0", "1"):
         d = str(root / f"L{lam}")
-        r = subprocess.run([sys.executable, "-m", "moecompress", "-q", "quantize", TRAINED, "--out", d, "--bits", "2",
-                            "--group-size", "64", "--nsamples", "8", "--calib", CALIB, "--all-tokens", lam,
-                            "--device", "cpu"], capture_output=True, text=True, env=env, cwd=str(root))
-        assert r.returncode == 0, r.stderr[-2000:]
-        out[lam] = (d, r.stderr)
+        seen = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = lambda r: seen.append(r.getMessage())
+        log.addHandler(handler)
+        try:
+            quantize(TRAINED, d, QuantizeConfig(bits=2, group_size=64, all_tokens=float(lam),
+                                                calib=CalibConfig((CALIB,), nsamples=8)), progress=False, device="cpu")
+        finally:
+            log.removeHandler(handler)
+        out[lam] = (d, "\n".join(seen))
     return out
 
 
@@ -231,10 +274,10 @@ def test_never_routed_experts_get_gptq_not_round_to_nearest(demo_runs):
 
 
 def test_two_bit_perplexity_with_all_tokens_is_not_worse(demo_runs):
-    """Measured 49.58 (L = 1) against 51.37 (routed only) on these 16,384 tokens; the bound allows 1%."""
+    """Measured 56.93 (L = 1) against 58.46 (routed only) on these 8,192 tokens; the bound allows 1% worse."""
     from moecompress.api import evaluate
     text = os.path.join(TEXT, "eval_mix.txt")
-    ppl = {lam: evaluate(d, [text], max_tokens=16384, progress=False, device="cpu")[text]
+    ppl = {lam: evaluate(d, [text], max_tokens=8192, progress=False, device="cpu")[text]
            for lam, (d, _) in demo_runs.items()}
     ppl = {lam: float(v["perplexity"] if isinstance(v, dict) else v) for lam, v in ppl.items()}
     assert ppl["1"] <= 1.01 * ppl["0"], ppl
