@@ -16,8 +16,8 @@ the compressed model. --result gets the seconds of each phase and the versions.
 layout (for benchmarks/quality.py, which evaluates it with `moecompress eval`, the code that evaluates
 moecompress's own output): every quantized Linear is decompressed from the saved files by
 compressed-tensors' own PackedQuantizationCompressor.decompress with float32 scales, checked against the
-weights llm-compressor holds in memory after oneshot (its fake-quantized bf16 weights: within bf16
-rounding, or the script fails), and written under the original checkpoint's tensor name (Mixtral's
+weights llm-compressor holds in memory after oneshot (its fake-quantized bf16 weights: within two bf16
+ulps, or the script fails), and written under the original checkpoint's tensor name (Mixtral's
 w1/w3/w2 for gate/up/down_proj); all other tensors are the original checkpoint's, upcast to float32.
 phases["total"] stops before this step.
 """
@@ -124,9 +124,10 @@ def write_dense(model: str, compressed: str, dense: str, scheme, qdq: dict) -> d
         ref = mem.get(norm(name))
         if ref is None or ref.shape != w.shape:
             raise SystemExit(f"--dense: {name} is in the saved checkpoint but not a quantized module in memory")
-        # llm-compressor keeps (q - z) * s rounded to bf16: at most half a bf16 ulp (2^-9 relative) apart
+        # llm-compressor keeps (q - z) * s rounded to bf16 (measured: up to 1/260 relative apart at 3 and 4
+        # bits, 0 at 2); two bf16 ulps (2^-7) is far below one code step at these widths
         err = ((w - ref).abs() / ref.abs().clamp_min(1e-30)).masked_fill((w - ref) == 0, 0).max().item()
-        if err > 2 ** -8:
+        if err > 2 ** -7:
             raise SystemExit(f"--dense: {name} decompresses {err:.3g} (relative) away from llm-compressor's weights")
         worst = max(worst, err)
         dec[norm(name)] = w
