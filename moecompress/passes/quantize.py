@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..codecs import PackedTensor, QuantSpec
-from ..quant.gptq import GPTQConfig, GPTQResult, gptq, rtn
+from ..quant.gptq import GPTQConfig, GPTQResult, Owned, gptq, rtn, tensor_of
 from ..quant.grids import int_grid
 from .calibrate import PRIOR_TOKENS, HessianCollector, all_token_scale
 from .encoder import LayerEncoder, _Sizer
@@ -67,8 +67,11 @@ def _unit_size(N: int, K: int) -> int:
 
 def _quantize_group(W: torch.Tensor, Hs: torch.Tensor | None, spec: QuantSpec, method: str, gcfg: GPTQConfig,
                     sizer: _Sizer | None = None):
-    """-> (GPTQResult, ternary_budget.Search or None). With a sizer, the ternary threshold is searched."""
+    """-> (GPTQResult, ternary_budget.Search or None). With a sizer, the ternary threshold is searched.
+    W and Hs may be `Owned` (quant/gptq.py): GPTQ then consumes them instead of copying."""
     gs = spec.group_size or W.shape[-1]  # 0: one group per row (ternary, as QMoE)
+    if sizer is not None or method == "rtn" or Hs is None:  # several runs, or none that takes ownership
+        W, Hs = tensor_of(W), tensor_of(Hs)
     if spec.codec in TERNARY_CODECS:  # error feedback fills the dead zone back in: damp it (measured trade-off)
         gcfg = GPTQConfig(max(gcfg.percdamp, float(spec.option("percdamp", TERNARY_PERCDAMP))), gcfg.block_size, gcfg.act_order)
 
@@ -242,8 +245,10 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
                     W = rotate(W, signs)
                     Hs = None if Hs is None else rotate_hessian(Hs, signs)
                 nrows = [rows[p] for p in projs]
-                res, search = _quantize_group(W, Hs, spec, method, gcfg, encoder.sizer(spec, nrows))
-                del W, Hs
+                handed = Owned(W), (None if Hs is None else Owned(Hs))
+                del W, Hs  # GPTQ frees them as soon as it is done with them (at most two (K, K) in flight)
+                res, search = _quantize_group(*handed, spec, method, gcfg, encoder.sizer(spec, nrows))
+                del handed
                 if search is not None:
                     searched.append({"experts": group, "projs": list(projs), "threshold": search.threshold,
                                      "bits": round(8 * search.nbytes / res.codes.numel(), 4), "fits": search.fits})

@@ -15,12 +15,15 @@ loop serves integer and ternary codes.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from .grids import GridParams
+
+log = logging.getLogger("moecompress")
 
 
 @dataclass(frozen=True)
@@ -44,68 +47,105 @@ class GPTQResult(NamedTuple):
     loss: torch.Tensor    # (E,) sum over columns of err^2 / [H^-1]_jj / 2 (GPTQ's proxy loss)
 
 
-def _prepare_hessian(W: torch.Tensor, H: torch.Tensor, percdamp: float):
-    """Dead inputs (H_jj == 0) get H_jj = 1 and W[:, j] = 0; then relative damping."""
-    H = H.clone()
-    E, K, _ = H.shape
+class Owned:
+    """A tensor handed over to `gptq` for it to consume: it is modified in place and freed as soon as it is
+    used, so a caller that kept no other reference saves a copy. gptq(W, H) without it copies both."""
+    __slots__ = ("_t",)
+
+    def __init__(self, t: torch.Tensor):
+        self._t = t
+
+    @property
+    def shape(self):
+        return self._t.shape
+
+    def take(self) -> torch.Tensor:
+        t, self._t = self._t, None
+        assert t is not None, "an Owned tensor is consumed once"
+        return t
+
+
+def tensor_of(x):
+    """The tensor itself, from a tensor or an `Owned` (which gives it up)."""
+    return x.take() if isinstance(x, Owned) else x
+
+
+def _prepare_hessian(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """In place: dead inputs (H_jj == 0) get H_jj = 1 (the caller zeroes W[:, j]); then relative damping.
+    -> the dead mask (E, K)."""
     diag = torch.diagonal(H, dim1=1, dim2=2)  # (E, K) view
     dead = diag == 0
     diag[dead] = 1.0
-    W = W.masked_fill(dead[:, None, :], 0.0)
     damp = percdamp * diag.mean(-1)  # (E,)
     diag += damp[:, None]
-    return W, H
+    return dead
 
 
-def _inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1, batched; on failure add more damping and retry. At most three
-    (E, K, K) matrices live at once (H, a factor, the inverse): at K = 14336 each is 0.8 GB."""
+def _inverse_cholesky(h: Owned) -> torch.Tensor:
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), batched, consuming H. At most two (E, K, K) matrices
+    live at once (at K = 14336 each is 0.8 GB per expert): H and its factor L; then L alone, inverted in place;
+    then H^-1 and U. When a factorization fails, more damping is added (extra * mean diag H, logged) and the
+    factorization retried; H is kept until its factor exists, and rebuilt from H^-1 if U's factorization fails."""
+    H = h.take()
+    mean = torch.diagonal(H, dim1=1, dim2=2).mean(-1)[:, None]  # (E, 1)
+    added = 0.0
     for extra in (0.0, 1e-4, 1e-3, 1e-2, 1e-1):
         if extra:
-            eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-            Hd = H + extra * torch.diagonal(H, dim1=1, dim2=2).mean(-1)[:, None, None] * eye
-            del eye
-        else:
-            Hd = H
-        L, info = torch.linalg.cholesky_ex(Hd)
-        del Hd
-        if int(info.abs().sum()) == 0:
-            Hinv = torch.cholesky_inverse(L)
+            log.warning("GPTQ: a Hessian is not positive definite; retrying with extra damping %g x mean diag", extra)
+            torch.diagonal(H, dim1=1, dim2=2).add_((extra - added) * mean)
+            added = extra
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info.abs().sum()):
             del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            del Hinv
-            if int(info.abs().sum()) == 0:
-                return U
+            continue
+        del H
+        Hinv = torch.cholesky_inverse(L, out=L)  # in place: L's storage now holds H^-1
+        del L
+        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        if int(info.abs().sum()) == 0:
+            return U
+        del U
+        H = torch.linalg.inv(Hinv)  # rare: rebuild (approximately) the damped H for the next try
+        del Hinv
     raise FloatingPointError("Hessian is not positive definite even after extra damping")
 
 
-def gptq(W: torch.Tensor, H: torch.Tensor, grid, group_size: int, config: GPTQConfig = GPTQConfig()) -> GPTQResult:
-    """Quantize W: (E, N, K) against Hessians H: (E, K, K) with `grid`, groups of `group_size` along K."""
+def gptq(W, H, grid, group_size: int, config: GPTQConfig = GPTQConfig()) -> GPTQResult:
+    """Quantize W: (E, N, K) against Hessians H: (E, K, K) with `grid`, groups of `group_size` along K.
+    W and H may be handed over as `Owned` (consumed, no copies kept); plain tensors are left untouched."""
+    own_w, own_h = isinstance(W, Owned), isinstance(H, Owned)
+    W, H = tensor_of(W), tensor_of(H)
     E, N, K = W.shape
     assert K % group_size == 0, (K, group_size)
     G = K // group_size
-    W = W.float()
-    W, H = _prepare_hessian(W, H.float(), config.percdamp)
+    H = H.to(torch.float32, copy=not own_h)
+    dead = _prepare_hessian(H, config.percdamp)
+    # Work on W^T: (E, K, N), so a column of W is a contiguous row and the rank-1 updates stream memory.
+    Wt = W.float().transpose(1, 2).contiguous()  # (E, N, K) -> (E, K, N), a copy
+    del W  # the caller's W, if it was handed over, is freed here
+    Wt.masked_fill_(dead[:, :, None], 0.0)
+    del dead
 
     if config.act_order:
         perm = torch.argsort(torch.diagonal(H, dim1=1, dim2=2), dim=-1, descending=True, stable=True)  # (E, K)
         # static groups: grids fitted on the original columns before any error feedback
-        static = [grid.fit(W[:, :, g * group_size:(g + 1) * group_size]) for g in range(G)]
+        static = [grid.fit(Wt[:, g * group_size:(g + 1) * group_size].transpose(1, 2)) for g in range(G)]
         static_scale = torch.stack([p.scale for p in static])  # (G, E, N)
         static_zero = torch.stack([p.zero for p in static])
-        W = torch.gather(W, 2, perm[:, None, :].expand(E, N, K))
-        H = torch.gather(torch.gather(H, 1, perm[:, :, None].expand(E, K, K)), 2, perm[:, None, :].expand(E, K, K))
-    U = _inverse_cholesky(H)  # (E, K, K) upper
-    del H  # GPTQ needs only U from here on
+        del static
+        Wt = torch.gather(Wt, 1, perm[:, :, None].expand(E, K, N))
+        for e in range(E):  # in place, one (K, K) temporary at a time
+            H[e] = H[e].index_select(0, perm[e])
+            H[e] = H[e].index_select(1, perm[e])
+    h = Owned(H)
+    del H
+    U = _inverse_cholesky(h)  # (E, K, K) upper; H is gone
 
-    dev = W.device  # every work tensor where W is (the run's device)
+    dev = Wt.device  # every work tensor where W is (the run's device)
     scale = torch.zeros(E, N, G, device=dev)
     zero = torch.zeros(E, N, G, device=dev)
-    # Work on W^T: (E, K, N), so a column of W is a contiguous row and the rank-1 updates stream memory.
-    Wt = W.transpose(1, 2).contiguous()  # (E, N, K) -> (E, K, N)
-    del W
-    Qt = torch.zeros_like(Wt)
-    codes_t = torch.zeros(E, K, N, dtype=torch.int32, device=dev)
+    Q = torch.zeros(E, N, K, device=dev)  # results in (E, N, K), written block by block
+    codes = torch.zeros(E, N, K, dtype=torch.int32, device=dev)
     loss = torch.zeros(E, device=dev)
     # blocks hold whole groups so each group's grid is fitted on error-updated columns
     B = max(config.block_size // group_size, 1) * group_size
@@ -114,6 +154,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid, group_size: int, config: GPTQCo
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
         W1 = Wt[:, i1:i2].clone()  # (E, b, N)
+        Q1 = torch.zeros_like(W1)
+        C1 = torch.zeros(W1.shape, dtype=torch.int32, device=dev)
         Err1 = torch.zeros_like(W1)
         U1 = U[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -131,22 +173,23 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid, group_size: int, config: GPTQCo
                     zero[:, :, j // group_size] = params.zero
                 p = params
             q, wq = grid.quantize(w, p)
-            Qt[:, j] = wq
-            codes_t[:, j] = q
+            Q1[:, i] = wq
+            C1[:, i] = q
             err = (w - wq) / d[:, None]  # (E, N)
             loss += ((w - wq) ** 2 / d[:, None] ** 2).sum(-1) / 2
             W1[:, i:] -= U1[:, i, i:, None] * err[:, None, :]  # (E, b-i, N)
             Err1[:, i] = err
         Wt[:, i2:] -= torch.bmm(U[:, i1:i2, i2:].transpose(1, 2), Err1)  # (E, K-i2, b) @ (E, b, N)
-    del Wt
-    Q = Qt.transpose(1, 2).contiguous()  # (E, K, N) -> (E, N, K)
-    codes = codes_t.transpose(1, 2).contiguous()
-    del Qt, codes_t
+        if config.act_order:  # columns i1:i2 of the permuted order go back to their original places
+            at = perm[:, None, i1:i2].expand(E, N, i2 - i1)
+            Q.scatter_(2, at, Q1.transpose(1, 2))
+            codes.scatter_(2, at, C1.transpose(1, 2))
+        else:
+            Q[:, :, i1:i2] = Q1.transpose(1, 2)
+            codes[:, :, i1:i2] = C1.transpose(1, 2)
+    del Wt, U
 
     if config.act_order:
-        inv = torch.argsort(perm, dim=-1)
-        Q = torch.gather(Q, 2, inv[:, None, :].expand(E, N, K))
-        codes = torch.gather(codes, 2, inv[:, None, :].expand(E, N, K))
         scale = static_scale.permute(1, 2, 0).contiguous()  # (G, E, N) -> (E, N, G)
         zero = static_zero.permute(1, 2, 0).contiguous()
     return GPTQResult(codes, scale, zero, Q, loss)
