@@ -252,7 +252,7 @@ def _rotations(manifest: dict, tensors: dict, layers, by_layer: dict) -> dict:
     names the rotated layers, each stores int8 +-1 signs `<experts path>.rotation_{gate_up,down}` of its
     experts' input widths, and only integer experts are rotated. A sign tensor in a layer the manifest does not
     name is left to `_check_shapes`, which refuses it as unexpected."""
-    from .quant.hadamard import check_signs
+    from .quant.hadamard import CONSTRUCTION, check_signs
     rot = manifest.get("rotation")
     if rot is None:
         return {}
@@ -260,6 +260,9 @@ def _rotations(manifest: dict, tensors: dict, layers, by_layer: dict) -> dict:
     if (rot.get("method") if isinstance(rot, dict) else None) != "randomized-hadamard" or not isinstance(layer_ids, list) \
             or not all(isinstance(i, int) and not isinstance(i, bool) for i in layer_ids):
         raise PackedFormatError("moecompress.json: malformed 'rotation' (method randomized-hadamard, a list of layers)")
+    if rot.get("hadamard") != CONSTRUCTION:
+        raise PackedFormatError(f"moecompress.json: rotation by Hadamard construction {str(rot.get('hadamard'))[:40]!r}; "
+                                f"this moecompress builds {CONSTRUCTION!r} only")
     out = {}
     for i in layer_ids:
         if i not in by_layer or i in out:

@@ -72,7 +72,8 @@ def finish_run(writer, reader, config: QuantizeConfig, specs: dict, windows: tor
     }
     if config.rotate:  # --rotate: which MoE layers carry sign vectors `<experts>.rotation_{gate_up,down}`
         rotated = sorted(r.layer for r in records if r.rotated)
-        manifest["rotation"] = {"method": "randomized-hadamard", "layers": rotated,
+        from ..quant.hadamard import CONSTRUCTION
+        manifest["rotation"] = {"method": "randomized-hadamard", "hadamard": CONSTRUCTION, "layers": rotated,
                                 "unrotated": sorted(r.layer for r in records if not r.rotated)}
     summary = {"expert_bits_per_param": round(bits, 4), "source_bytes": reader.total_bytes, "packed_bytes": total_bytes,
                "compression": round(reader.total_bytes / total_bytes, 3), "seconds": round(seconds, 1),
