@@ -87,6 +87,7 @@ class QuantizeConfig:
     top_two: bool = False            # MC-MoE: every layer keeps an expert at each of its two widest widths
     alpha: float = 1.0               # cost = phi^alpha * w^beta * eps(b)
     beta: float = 1.5
+    cost: str = "legacy"             # "fisher": loss-weighted costs (allocation/fisher.py); "legacy": phi^alpha w^beta eps
     calib: CalibConfig = field(default_factory=CalibConfig)
     format_version: int = FORMAT_VERSION
 
@@ -133,6 +134,8 @@ class QuantizeConfig:
                                    "spread): use --method gptq or rtn, or drop --rotate")
         if self.allocation == "lp" and self.method == "ternary":
             raise MoeCompressError("--allocation lp chooses among integer widths: use --method gptq or rtn")
+        if self.cost not in ("fisher", "legacy"):
+            raise MoeCompressError(f"--cost must be fisher or legacy, got {self.cost!r}")
         if self.budget_scope not in ("model", "layer"):
             raise MoeCompressError(f"--budget-scope must be model or layer, got {self.budget_scope!r}")
         if not self.candidates or any(isinstance(b, bool) or b not in CANDIDATES for b in self.candidates):

@@ -37,6 +37,7 @@ import torch
 
 from ..allocation import (AllocationConfig, Allocation, allocate, build_problem, expert_costs, overhead_bits,
                           price_candidates)
+from ..allocation.fisher import weighted_output_error
 from ..allocation.importance import contribution_error
 from ..allocation.plan import read_plan, validate_plan
 from ..arch import PROJS
@@ -95,7 +96,7 @@ class LayerSensitivity:
 
 
 def layer_eps(ex, obs: LayerSensitivity, chunk: list[int], candidates, method: str, gcfg, fallback: set,
-              eps: np.ndarray, rotation: dict | None = None) -> None:
+              eps: np.ndarray, rotation: dict | None = None, fisher: tuple | None = None) -> None:
     """eps[e, c] for experts in `chunk` of one materialized layer (experts module `ex`), every candidate.
     rotation (--rotate: the layer's signs, passes.quantize.layer_rotation): integer candidates are quantized in
     the rotated basis as the quantize pass does, and measured through their effective weights deq(W') R.
@@ -128,10 +129,13 @@ def layer_eps(ex, obs: LayerSensitivity, chunk: list[int], candidates, method: s
             quant = (gu[j, :I], gu[j, I:], dn[j])  # (2I, H) -> (I, H), (I, H)
             eps[e, c] = contribution_error(obs.X[e], obs.g[e], dense, quant, ex.glu,
                                            tuple(b.get(p) for p in PROJS))
+            if fisher is not None:  # --cost fisher: (F_l (H,), out (E, C)) -> allocation/fisher.py
+                fisher[1][e, c] = weighted_output_error(obs.X[e], obs.g[e], dense, quant, ex.glu,
+                                                        tuple(b.get(p) for p in PROJS), fisher[0])
 
 
 def sensitivity_pass(reader, config: QuantizeConfig, candidates, windows: torch.Tensor, *,
-                     sample_tokens: int = SAMPLE_TOKENS, progress: bool = True, device=None) -> dict:
+                     sample_tokens: int = SAMPLE_TOKENS, progress: bool = True, device=None, fisher=None) -> dict:
     """Stream the original model on `device`; returns {"tokens", "gate_mass": (L, E), "eps": (L, E, C), "seconds"}.
     Each MoE layer runs twice (the MoE cache, then its output for the next layer); expert chunks replay
     the cache (passes/moe_cache.py)."""
@@ -150,6 +154,7 @@ def sensitivity_pass(reader, config: QuantizeConfig, candidates, windows: torch.
     L, E, C = len(moe), reader.layer_num_experts(moe[0]), len(candidates)
     tokens, mass = np.zeros((L, E)), np.zeros((L, E))
     eps = np.full((L, E, C), np.nan)
+    feps = None if fisher is None else np.full((L, E, C), np.nan)  # (L, H) Fisher weights -> weighted errors
     acts = runner.embed()
     last = moe[-1]
     for i in _progress(range(last + 1), desc="allocation: sensitivity", enabled=progress):
@@ -175,13 +180,14 @@ def sensitivity_pass(reader, config: QuantizeConfig, candidates, windows: torch.
                 rotation = None
                 if config.rotate:  # the signs the quantize pass will use (passes.quantize.layer_rotation)
                     rotation = {st: random_signs(K, config.calib.seed, i, st) for st, K in (("gate_up", H), ("down", I))}
-                layer_eps(ex, obs, chunk, candidates, config.method, gcfg, fallback, eps[l], rotation)
+                layer_eps(ex, obs, chunk, candidates, config.method, gcfg, fallback, eps[l], rotation,
+                          None if fisher is None else (torch.as_tensor(fisher[l]), feps[l]))
                 del obs
             del cache
         if i < last:
             acts = runner.forward(layer, i, acts)
         del layer
-    return {"tokens": tokens, "gate_mass": mass, "eps": eps, "seconds": time.time() - t0}
+    return {"tokens": tokens, "gate_mass": mass, "eps": eps, "fisher_eps": feps, "seconds": time.time() - t0}
 
 
 def _num_experts(reader) -> int:
@@ -234,10 +240,19 @@ class Allocator:
             return dict(self.plan_specs)
         r, cfg, acfg = self.reader, self.config, self.acfg
         moe = list(r.moe_layers)
-        sens = sensitivity_pass(r, cfg, acfg.candidates, windows, progress=progress, device=self.device)
+        fis = None
+        if cfg.cost == "fisher":  # loss-weighted costs (allocation/fisher.py): one backward sweep first
+            from ..allocation.fisher import fisher_costs, fisher_pass
+            fis = fisher_pass(r, cfg, windows, progress=progress, device=self.device)
+        sens = sensitivity_pass(r, cfg, acfg.candidates, windows, progress=progress, device=self.device,
+                                fisher=None if fis is None else fis.weights)
         costs = expert_costs(sens["eps"], sens["tokens"], sens["gate_mass"], acfg.alpha, acfg.beta,
                              acfg.importance_floor)
-        alloc = allocate(acfg, costs.cost, self.pricing)
+        legacy = costs
+        if fis is not None:
+            costs = fisher_costs(sens["fisher_eps"], sens["tokens"], fis.tokens, acfg.importance_floor)
+        from ..allocation.guard import uniform_guard
+        alloc, guard = uniform_guard(build_problem(acfg, costs.cost, self.pricing), allocate(acfg, costs.cost, self.pricing))
         self.allocation = alloc
         labels = [c.label for c in acfg.candidates]
         self.record = {
@@ -251,7 +266,14 @@ class Allocator:
             "eps": {lab: _nan_none(sens["eps"][..., c]) for c, lab in enumerate(labels)},
             "cost": {lab: costs.cost[..., c].tolist() for c, lab in enumerate(labels)},
             "unmeasured": costs.unmeasured, "allocation": alloc.to_json(),
+            "cost_model": cfg.cost, "uniform_guard": guard,
         }
+        if fis is not None:  # the legacy costs stay recorded next to the Fisher ones (benchmarks/cost_model.py)
+            self.record.update({
+                "fisher_seconds": round(fis.seconds, 3), "fisher_tokens": fis.tokens, "fisher_loss": fis.loss,
+                "fisher_weights": fis.weights.tolist(),
+                "fisher_eps": {lab: _nan_none(sens["fisher_eps"][..., c]) for c, lab in enumerate(labels)},
+                "cost_legacy": {lab: legacy.cost[..., c].tolist() for c, lab in enumerate(labels)}})
         log.info("allocation: sensitivity %.1f s, solve %.2f s (%s), %.4f stored bits/param predicted",
                  sens["seconds"], alloc.solve_seconds, alloc.status, alloc.average_bits)
         return {(i, e): alloc.spec(l, e) for l, i in enumerate(moe) for e in range(len(alloc.choice[l]))}
