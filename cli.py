@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="symmetric integer grids (zero point at the grid's midpoint, scale from max|w|) for the routed "
                         "and shared experts: what `moecompress export --format compressed-tensors` needs")
     q.add_argument("--grid", choices=("minmax", "mse"), default=Q.grid,
-                   help="how integer grids fit each group's range: min/max, or mse (the clipping of least squared "
-                        "rounding error, searched per group row; same format and size) (default %(default)s)")
+                   help="how integer grids fit each group's range: min/max, or mse (the clipping of least rounding "
+                        "error, |w - w_hat|^4, searched per group row; same format and size) (default %(default)s)")
     q.add_argument("--rotate", action="store_true",
                    help="incoherence processing: quantize the routed experts in a randomized Hadamard basis of their "
                         "input dimension (signs stored per layer, ~no extra bytes; layers with ternary/sub1 experts "

@@ -71,7 +71,7 @@ class QuantizeConfig:
     symmetric: bool = False          # symmetric integer grids (zero at 2^(b-1), scale from max|w|): routed and
     # shared experts; what compressed-tensors' symmetric pack-quantized stores (`moecompress export`)
     grid: str = "minmax"             # how integer grids fit each group's range: "minmax", or "mse" (the clipping
-    # of least squared rounding error, quant/grids.py); same format and size
+    # of least rounding error, quant/grids.py); same format and size
     rotate: bool = False             # --rotate: randomized Hadamard rotation of the routed experts' input dimension
     # before GPTQ (incoherence processing, quant/hadamard.py); signs stored per layer in the packed checkpoint
     shared_bits: int | None = None   # shared experts' width (2/3/4/8; 0 keeps them dense); None: --bits when
