@@ -26,7 +26,7 @@ def _bits(s: str) -> float:
 
 def _widths(s: str) -> tuple:
     try:
-        return tuple(x.strip() if x.strip() == "sub1" else int(x) for x in s.split(",") if x.strip())
+        return tuple(x.strip() if x.strip() in ("sub1", "prune") else int(x) for x in s.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of bit widths: {s!r} (e.g. 2,3,4 or sub1,2,3)") from None
 
@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--candidates", type=_widths, default=Q.candidates, metavar="B,B,...",
                    help="--allocation lp: the widths an expert may get, from 2,3,4,8 and sub1 (ternary experts "
                         "dictionary-coded to 1 bit/weight, everything counted) (default " + ",".join(map(str, Q.candidates)) + ")")
+    q.add_argument("--budget", default=None, metavar="SIZE",
+                   help="--allocation lp: the whole checkpoint on disk (24GB, 800MB, 1.5GiB or bytes); with prune among "
+                        "--candidates, --bits is instead stored bits per routed-expert parameter (pruned experts at 0)")
     q.add_argument("--budget-scope", choices=["model", "layer"], default=Q.budget_scope,
                    help="--allocation lp: one byte budget for all experts (model) or one per MoE layer (default model)")
     q.add_argument("--min-bits", type=float, default=Q.min_bits, help="--allocation lp: narrowest width in every layer")
@@ -214,7 +217,7 @@ def cmd_quantize(a) -> int:
                          percdamp=a.percdamp, act_order=a.act_order, affinity=a.affinity, min_tokens=a.min_tokens,
                          hessian_prior=a.hessian_prior, all_tokens=a.all_tokens,
                          router_bits=a.router_bits, shared_bits=a.shared_bits, symmetric=a.symmetric, grid=a.grid, rotate=a.rotate,
-                         ternary_threshold=a.ternary_threshold, candidates=a.candidates, budget_scope=a.budget_scope,
+                         ternary_threshold=a.ternary_threshold, candidates=a.candidates, budget_scope=a.budget_scope, budget=a.budget,
                          min_bits=a.min_bits, max_bits=a.max_bits, top_two=a.top_two, alpha=a.alpha, beta=a.beta,
                          cost=a.cost, calib=calib)
     if a.dry_run:

@@ -137,8 +137,8 @@ def _quantize(model: str | None, out: str, config: QuantizeConfig, *, plan: str 
     reader = CheckpointReader(model)
     allocator = None
     if config.allocation == "lp" or plan:
-        from .passes.allocate import Allocator  # LP bit allocation / replayed plan: checked from shapes here
-        allocator = Allocator(reader, config, plan, device)
+        from .passes.joint import make_allocator  # LP widths (and pruning) / replayed plan: checked from shapes here
+        allocator = make_allocator(reader, config, plan, device)
     else:
         specs = plan_specs(reader, config)
     check_shared_widths(reader, config)  # the shared experts' group size, from shapes, before any weight is read
@@ -148,6 +148,10 @@ def _quantize(model: str | None, out: str, config: QuantizeConfig, *, plan: str 
     windows = calibration_windows(model, config.calib, device)
     if allocator is not None:  # LP: sensitivity pass on the original weights, then the integer program
         specs = allocator.specs(windows, progress)
+        if "prune" in specs.values():  # joint plan: the pruned experts leave, the rest are packed (passes/joint.py)
+            from .passes.joint import quantize_pruned
+            return quantize_pruned(reader, out, config, specs, windows, plan=plan, allocator=allocator,
+                                   progress=progress, dist=dist, device=device)
     return quantize_checkpoint(reader, out, config, specs, windows,
                                fingerprints=run_fingerprints(reader, config, specs, windows, plan),
                                allocator=allocator, resume=resume, progress=progress, dist=dist, device=device)

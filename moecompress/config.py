@@ -14,7 +14,7 @@ SAMPLERS = ("random", "balanced", "ebss")
 BALANCE_OBJECTIVES = ("sqrt", "entropy", "log")  # --sampler balanced: calibration/samplers.py
 ALLOCATIONS = ("uniform", "lp")
 GRIDS = ("minmax", "mse")  # --grid (quant/grids.py GRIDS)
-CANDIDATES = (2, 3, 4, 8, "sub1")  # --allocation lp widths; sub1: ternary experts coded to 1 bit/weight, all counted
+CANDIDATES = (2, 3, 4, 8, "sub1", "prune")  # --allocation lp widths; sub1: ternary experts coded to 1 bit/weight, all counted
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,8 @@ class QuantizeConfig:
     # weight; the byte budget adds the int codec's scale/zero overhead at the group size (2.5 @ g64 -> 3.0 stored)
     candidates: tuple = (2, 3, 4)    # ints and/or "sub1"
     budget_scope: str = "model"      # "model": one budget for all experts; "layer": one per MoE layer
+    budget: str | None = None        # --budget 24GB: the whole checkpoint on disk (passes/joint.py); with "prune"
+    # among the candidates --bits is stored bits per routed-expert parameter, pruned experts at 0
     min_bits: float | None = None    # per-layer bounds on an expert's width
     max_bits: float | None = None
     top_two: bool = False            # MC-MoE: every layer keeps an expert at each of its two widest widths
@@ -138,6 +140,12 @@ class QuantizeConfig:
             raise MoeCompressError(f"--cost must be fisher or legacy, got {self.cost!r}")
         if self.budget_scope not in ("model", "layer"):
             raise MoeCompressError(f"--budget-scope must be model or layer, got {self.budget_scope!r}")
+        if (self.budget is not None or "prune" in self.candidates) and (self.allocation != "lp" or self.budget_scope != "model"):
+            raise MoeCompressError("--budget and the prune candidate need --allocation lp with one model-wide budget "
+                                   "(--budget-scope model)")
+        if self.budget is not None:
+            from .allocation.joint import parse_size
+            parse_size(self.budget)  # one line on a bad size, before anything is read
         if not self.candidates or any(isinstance(b, bool) or b not in CANDIDATES for b in self.candidates):
             raise MoeCompressError(f"--candidates must list widths from 2, 3, 4, 8 or sub1 (ternary, dictionary-coded "
                                    f"to 1 bit per weight with everything counted), e.g. sub1,2,3; got {self.candidates}")

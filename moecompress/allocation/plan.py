@@ -50,7 +50,7 @@ def plan_entries(plan: dict) -> dict:
     for n, d in enumerate(plan["experts"]):
         try:
             key = (int(d["layer"]), int(d["expert"]))
-            spec = QuantSpec.from_json(d)
+            spec = "prune" if d.get("codec") == "prune" else QuantSpec.from_json(d)  # prune: joint plans (passes/joint.py)
         except MoeCompressError as e:
             raise MoeCompressError(f"plan entry {n} (layer {d.get('layer')} expert {d.get('expert')}): {e}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -83,7 +83,7 @@ def validate_plan(plan: dict, fingerprint: str, experts: dict, shapes: dict) -> 
                                f"{extra[0][0]} expert {extra[0][1]}); remove them")
     seen = set()
     for (l, e), spec in sorted(specs.items()):
-        if (l, spec) in seen:
+        if (l, spec) in seen or spec == "prune":
             continue
         seen.add((l, spec))
         for p, shape in shapes[l].items():
@@ -115,8 +115,24 @@ def plan_table(path: str) -> str:
     alloc_file = os.path.join(os.path.dirname(plan["_path"]), "allocation.json")
     if os.path.isfile(alloc_file):
         with open(alloc_file) as f:
-            return allocation_table(Allocation.from_json(json.load(f)["allocation"]))
+            rec = json.load(f)
+        if rec.get("joint"):  # pruning and widths together (passes/joint.py)
+            from ..passes.joint import joint_table
+            return joint_table(rec)
+        return allocation_table(Allocation.from_json(rec["allocation"]))
     specs = plan_entries(plan)
+    if "prune" in specs.values():  # a joint plan without its run record: widths and "--" (pruned) per cell
+        layers, E = sorted({l for l, _ in specs}), max(e for _, e in specs) + 1
+        lab = {k: ("--" if s == "prune" else s.label) for k, s in specs.items()}
+        w = max(len(v) for v in lab.values())
+        rows = [f"{l:>5} | " + " ".join(f"{lab.get((l, e), ''):>{w}}" for e in range(E)) for l in layers]
+        n = sum(s == "prune" for s in specs.values())
+        return "\n".join([f"layer | " + " ".join(f"{e:>{w}}" for e in range(E))] + rows
+                         + [f"plan: {n} experts pruned (--), {len(specs) - n} kept"])
+    return plan_table_of(specs)
+
+
+def plan_table_of(specs: dict) -> str:
     alloc = plan_allocation(specs)
     lines = allocation_table(alloc).splitlines()[:-1]
     hist = ", ".join(f"{k}: {v}" for k, v in alloc.histogram().items())

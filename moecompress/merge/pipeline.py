@@ -69,13 +69,14 @@ def _layer_stats(cache, router, experts, max_router_samples, max_output_tokens=4
 def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float | None = None,
               method: str = "msmoe", calib: CalibConfig = CalibConfig(nsamples=64), max_router_samples: int = 8192,
               progress: bool = True, router_mode: str | None = None, refit: bool | None = None,
-              device: str = "auto") -> dict | None:
+              device: str = "auto", keep: dict | None = None) -> dict | None:
     """Reduce every MoE layer of checkpoint `source` to `experts` experts (or `ratio` of all, adaptively).
     router_mode / refit override the method's defaults (merged router rows; least-squares down refit,
     merge.DEFAULT_REFIT: on for reap, msmoe and hcsmoe); the benchmark measures them. The layers run on
     `device`, through the quantize pass's layer loop (passes/pipeline.py: the MoE cache, forwards split
     across torchrun ranks); every rank reduces each layer from the same cache (the statistics are not split
-    across ranks), rank 0 writes and returns the summary, the others None."""
+    across ranks), rank 0 writes and returns the summary, the others None. keep ({layer: kept expert indices},
+    instead of experts/ratio): prune exactly those sets (REAP's router rows and refit; quantize's joint plans)."""
     from ..distributed import from_env
     from ..passes.pipeline import LayerRunner
     dist, dev = from_env(device)
@@ -87,7 +88,7 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
     from .writer import MergedWriter
 
     t0 = time.time()
-    if (experts is None) == (ratio is None):
+    if keep is None and (experts is None) == (ratio is None):
         raise MoeCompressError("give exactly one of --experts K (per layer) or --ratio R (of all experts)")
     if method not in METHODS:
         raise MoeCompressError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -114,6 +115,8 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
     runner = LayerRunner(streamer, windows, calib, dist, dev)
 
     counts = {i: experts for i in layers} if experts is not None else None
+    if keep is not None:
+        counts = {i: len(keep[i]) for i in layers}
     if counts is None:  # pass 1: importance per layer on the original model, then per-layer counts
         acts, shares = runner.embed(), []
         for i in _progress(range(streamer.num_layers), desc="routing statistics", enabled=progress and dist.main):
@@ -146,8 +149,15 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
             del cache
             gu, dn = _stack(ex)
             bias = getattr(router, "bias", None)
-            red = reduce_layer(method, gu, dn, router.weight.data, None if bias is None else bias.data, st, counts[i],
-                               top_k=top_k, router_mode=router_mode, refit=refit)
+            if keep is not None:
+                from .prune import PRUNE_RIDGE
+                from .reduction import merge_groups
+                red = merge_groups(gu, dn, router.weight.data, None if bias is None else bias.data,
+                                   [(e,) for e in keep[i]], method=method, stats=st, router_mode="dominant",
+                                   refit=True if refit is None else refit, top_k=top_k, ridge=PRUNE_RIDGE)
+            else:
+                red = reduce_layer(method, gu, dn, router.weight.data, None if bias is None else bias.data, st,
+                                   counts[i], top_k=top_k, router_mode=router_mode, refit=refit)
         red.record["layer"] = i
         records.append(red.record)
         # the reduced layer feeds the next one
@@ -183,7 +193,8 @@ def run_merge(source: str, out: str, *, experts: int | None = None, ratio: float
     run = {
         "run/run_config.json": {"source": reader.path, "fingerprint": reader.fingerprint, "method": method,
                                 "experts": experts, "ratio": ratio, "calib": asdict(calib),
-                                "router_mode": router_mode, "refit": refit, "format_version": FORMAT_VERSION},
+                                "router_mode": router_mode, "refit": refit, "format_version": FORMAT_VERSION,
+                                "keep": None if keep is None else {str(i): list(k) for i, k in keep.items()}},
         "run/merge_record.json": {"format_version": FORMAT_VERSION, "source_fingerprint": reader.fingerprint,
                                   "layers": records},
         "run/metrics.json": dict(summary, layer_forwards=sum(runner.forwards.values()),

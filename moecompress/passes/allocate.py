@@ -135,7 +135,8 @@ def layer_eps(ex, obs: LayerSensitivity, chunk: list[int], candidates, method: s
 
 
 def sensitivity_pass(reader, config: QuantizeConfig, candidates, windows: torch.Tensor, *,
-                     sample_tokens: int = SAMPLE_TOKENS, progress: bool = True, device=None, fisher=None) -> dict:
+                     sample_tokens: int = SAMPLE_TOKENS, progress: bool = True, device=None, fisher=None,
+                     prune=None) -> dict:
     """Stream the original model on `device`; returns {"tokens", "gate_mass": (L, E), "eps": (L, E, C), "seconds"}.
     Each MoE layer runs twice (the MoE cache, then its output for the next layer); expert chunks replay
     the cache (passes/moe_cache.py)."""
@@ -183,6 +184,8 @@ def sensitivity_pass(reader, config: QuantizeConfig, candidates, windows: torch.
                 layer_eps(ex, obs, chunk, candidates, config.method, gcfg, fallback, eps[l], rotation,
                           None if fisher is None else (torch.as_tensor(fisher[l]), feps[l]))
                 del obs
+            if prune is not None:  # the prune candidate's cost on the same layer (passes/prune_cost.PruneMeter)
+                prune.observe(i, layer, cache, ex)
             del cache
         if i < last:
             acts = runner.forward(layer, i, acts)

@@ -1,0 +1,280 @@
+"""`quantize --allocation lp --candidates prune,sub1,2,3,4`: pruning and bit widths under one byte budget.
+
+Budget (one, model-wide):
+  --bits B       B stored bits per routed-expert parameter of the ORIGINAL model (codes, scales, zeros,
+                 dictionaries counted; a pruned expert counts 0): the routed experts get floor(B P / 8) bytes.
+                 (Without `prune` among the candidates, --bits keeps its LP meaning: code bits + overhead.)
+  --budget SIZE  the whole checkpoint on disk (24GB, 800MB, 1.5GiB, or bytes): the routed experts get SIZE
+                 minus everything else as it will be stored (attention, norms, embeddings and routers as in
+                 the source, shared experts at their packed size, every router row counted).
+A budget no plan can meet fails from shapes, before a weight is read, naming the smallest reachable size.
+
+Phases: `JointAllocator(reader, config)` prices from shapes and checks feasibility; `specs(windows)` runs the
+sensitivity pass (passes/allocate.py) with a `PruneMeter` (passes/prune_cost.py) hooked in, turns widths'
+eps and eps_prune into costs with the same importance weights (allocation.expert_costs), and solves the
+joint program with re-measured pruned sets (allocation/joint.py). `quantize_pruned` writes the output: the
+pruned experts leave the model exactly as `moecompress prune` removes them (merge.pipeline.run_merge with
+explicit keep sets: router rows dropped, kept experts' down projections refitted, per-layer counts in
+config.json's "moecompress_merge"), into a temporary reduced checkpoint beside the output, which the
+normal quantize pass then packs at the planned widths. run/plan.json keeps the plan against the ORIGINAL
+checkpoint ({"codec": "prune"} entries), so `--plan out/` replays it; run/merge_record.json feeds the
+report's layer x expert picture.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import torch
+
+from ..allocation import AllocationConfig, build_problem, expert_costs, price_candidates
+from ..allocation.joint import PRUNE, build_joint, fmt_size, parse_size, smallest_bytes, solve_joint
+from ..arch import PROJS
+from ..codecs import QuantSpec, nbytes
+from ..config import resolve_group_size
+from ..errors import MoeCompressError
+from .allocate import Allocator, SAMPLE_TOKENS, _nan_none, _num_experts, candidate_spec, sensitivity_pass
+
+log = logging.getLogger("moecompress")
+
+
+def is_joint(config) -> bool:
+    return PRUNE in config.candidates or getattr(config, "budget", None) is not None
+
+
+def make_allocator(reader, config, plan=None, device=None):
+    """JointAllocator for prune candidates or --budget, else the bit-width Allocator (plans: the Allocator,
+    which reads prune entries too)."""
+    if plan or not is_joint(config):
+        return Allocator(reader, config, plan, device)
+    return JointAllocator(reader, config, device)
+
+
+def routing_shape(config: dict) -> tuple[int, int, int]:
+    """(top_k, n_group, per_group) of a model config: grouped routers (DeepSeek-V3) keep per_group per group."""
+    from ..merge.counts import routing_floor
+    top_k = int(config.get("num_experts_per_tok") or config.get("moe_topk") or 1)
+    floor, multiple = routing_floor(config, top_k)
+    return top_k, multiple, (floor // multiple if multiple > 1 else 0)
+
+
+def fixed_bytes(reader, config, group_size: int) -> tuple[int, dict[int, int]]:
+    """(bytes of everything but the routed experts as the packed checkpoint stores it, {layer: router bytes
+    per expert row}) — the same sum the quantize pass reports as total_bytes (passes/outputs.finish_run)."""
+    from .shared import shared_spec
+    total = sum(reader.tensors[k].nbytes for k in reader.tensors
+                if not reader.is_expert_tensor(k) or k.endswith("_bias"))
+    if config.shared_bits != 0:
+        arch = reader.arch
+        for i in reader.moe_layers:
+            for path in arch.shared_expert_paths:
+                keys = [arch.to_disk(f"{reader.prefix}.{i}.{path}.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj")]
+                keys = [k for k in keys if k in reader.tensors]
+                if not keys:
+                    continue
+                gs = resolve_group_size(config.group_size, [reader.tensors[k].shape[1] for k in keys])
+                spec = shared_spec(config, gs)
+                total += sum(int(nbytes(tuple(reader.tensors[k].shape), spec)) - reader.tensors[k].nbytes for k in keys)
+    rows = {}
+    for i in reader.moe_layers:
+        E = reader.layer_num_experts(i)
+        pre = f"{reader.prefix}.{i}.{reader.arch.router_mem}."
+        rows[i] = sum(reader.tensors[k].nbytes // E for k in reader.layer_keys(i)
+                      if reader.arch.to_mem(k).startswith(pre) and reader.tensors[k].shape
+                      and reader.tensors[k].shape[0] == E)
+    return int(total), rows
+
+
+class JointAllocator:
+    """Shapes-first joint allocation (module docstring); `specs(windows)` -> {(layer, expert): QuantSpec | PRUNE}."""
+
+    plan_specs = None
+
+    def __init__(self, reader, config, device=None):
+        self.reader, self.config = reader, config
+        self.device = torch.device("cpu") if device is None else device
+        self.record, self.allocation, self.result = None, None, None
+        moe = list(reader.moe_layers)
+        if not moe:
+            raise MoeCompressError("the checkpoint has no MoE layers: nothing to allocate")
+        if getattr(config, "cost", "legacy") != "legacy" and PRUNE in config.candidates:
+            raise MoeCompressError("the prune candidate is priced with the default cost model; drop --cost")
+        shapes = {i: reader.expert_shapes(i) for i in moe}
+        gs = resolve_group_size(config.group_size, [shapes[i][p][1] for i in moe for p in PROJS])
+        layer_shapes = [tuple(shapes[i][p] for p in PROJS) for i in moe]
+        E = _num_experts(reader)
+        self.prune = PRUNE in config.candidates
+        widths = [c for c in config.candidates if c != PRUNE]
+        if not widths:
+            raise MoeCompressError("--candidates needs at least one width besides prune, e.g. prune,2,3,4")
+        cands = tuple(sorted({candidate_spec(c, gs) for c in widths}, key=lambda q: (q.bits, q.codec)))
+        self.pricing = price_candidates(cands, layer_shapes, len(moe), E)
+        P = int(self.pricing.params.sum())
+        self.fixed, self.router_rows = fixed_bytes(reader, config, gs)
+        budget = getattr(config, "budget", None)
+        if budget is not None:
+            self.budget_total = parse_size(budget)
+            expert_budget = self.budget_total - self.fixed
+            if expert_budget <= 0:
+                raise MoeCompressError(f"--budget {budget} is infeasible: everything but the routed experts already "
+                                       f"takes {fmt_size(self.fixed)} ({self.fixed} bytes)")
+            stored = 8 * expert_budget / P
+        else:
+            self.budget_total = None
+            if not self.prune:
+                raise MoeCompressError("internal: the joint allocator needs prune or --budget")
+            stored = float(config.bits)
+        self.acfg = AllocationConfig(candidates=cands, group_size=gs, alpha=config.alpha, beta=config.beta,
+                                     budget_bits=max(stored, 1e-6), budget_scope="model", min_bits=config.min_bits,
+                                     max_bits=config.max_bits, top_two_each=config.top_two, seed=config.calib.seed)
+        self.top_k, self.n_group, self.per_group = routing_shape(reader.config)
+        probe = self._problem(np.zeros(self.pricing.bytes.shape), np.zeros((len(moe), E)))
+        need = smallest_bytes(probe)[0]
+        cap = int(probe.base.budget[0])
+        if need > cap:
+            total = self.fixed + need
+            what = (f"--budget {budget}" if budget is not None else f"--bits {config.bits:g}")
+            raise MoeCompressError(
+                f"{what} is infeasible: the smallest plan{' (pruning to top-k per layer)' if self.prune else ''} takes "
+                f"{fmt_size(total)} on disk ({total} bytes; {8 * need / P:.4f} stored bits per routed-expert "
+                f"parameter); use --budget {int(np.ceil(total / 1e3))}KB or --bits {np.ceil(8e4 * need / P) / 1e4:g} or more")
+
+    def _problem(self, cost, prune_cost):
+        from ..allocation.problem import AllocationProblem
+        from ..allocation.pricing import budget_bytes
+        acfg = self.acfg
+        try:
+            base = build_problem(acfg, cost, self.pricing)
+        except MoeCompressError as e:  # infeasible without pruning: rebuild unchecked, the joint check decides
+            if "infeasible" not in str(e):
+                raise
+            L, E, C = self.pricing.bytes.shape
+            allowed = np.array([[acfg.layer_bounds(l, L)[0] <= s.bits <= acfg.layer_bounds(l, L)[1]
+                                 for s in acfg.candidates] for l in range(L)])
+            base = AllocationProblem(acfg.candidates, np.asarray(cost, float), self.pricing.bytes, self.pricing.params,
+                                     allowed, None, budget_bytes(self.pricing.params, acfg.budget_bits, "model"), "model")
+        if not self.prune:  # --budget without prune: every expert stays
+            E = base.shape[1]
+            jp = build_joint(base, prune_cost, E)
+            return jp
+        return build_joint(base, prune_cost, self.top_k, self.n_group, self.per_group)
+
+    def specs(self, windows: torch.Tensor, progress: bool = True) -> dict:
+        from .prune_cost import PruneMeter
+        r, cfg, acfg = self.reader, self.config, self.acfg
+        moe = list(r.moe_layers)
+        meter = PruneMeter(r, self.top_k) if self.prune else None
+        sens = sensitivity_pass(r, cfg, acfg.candidates, windows, progress=progress, device=self.device, prune=meter)
+        eps = sens["eps"]
+        if meter is not None:
+            eps = np.concatenate([eps, meter.eps[..., None]], axis=2)
+        costs = expert_costs(eps, sens["tokens"], sens["gate_mass"], acfg.alpha, acfg.beta, acfg.importance_floor)
+        C = len(acfg.candidates)
+        pc = costs.cost[..., C] if meter is not None else np.zeros(costs.cost.shape[:2])
+        prob = self._problem(costs.cost[..., :C], pc)
+        res = solve_joint(prob, meter.ratio if meter is not None else None, mip_gap=acfg.mip_gap,
+                          time_limit_s=acfg.time_limit_s, seed=acfg.seed)
+        self.result = res
+        labels = [c.label for c in acfg.candidates] + [PRUNE]
+        pruned = {i: res.pruned(l) for l, i in enumerate(moe)}
+        rows_saved = sum(self.router_rows[i] * len(p) for i, p in pruned.items())
+        predicted_total = self.fixed - rows_saved + res.predicted_bytes
+        P = int(self.pricing.params.sum())
+        self.record = {
+            "format_version": 1, "joint": True, "config": acfg.to_json(), "moe_layers": moe,
+            "candidates": labels, "budget": getattr(cfg, "budget", None), "budget_total_bytes": self.budget_total,
+            "budget_stored_bits": acfg.budget_bits, "budget_bytes": int(prob.base.budget[0]),
+            "fixed_bytes": self.fixed, "router_row_bytes": {str(i): b for i, b in self.router_rows.items()},
+            "predicted_bytes": res.predicted_bytes, "predicted_total_bytes": predicted_total,
+            "predicted_bits_per_param": 8 * res.predicted_bytes / P, "expert_params": P,
+            "sensitivity_seconds": round(sens["seconds"], 3), "prune_cost_seconds": round(meter.seconds, 3) if meter else 0.0,
+            "solve_seconds": round(res.seconds, 3), "status": res.status, "rounds": res.rounds,
+            "choice": [[labels[c] for c in row] for row in res.choice.tolist()],
+            "pruned": {str(i): p for i, p in pruned.items()},
+            "top_k": self.top_k, "n_group": self.n_group, "per_group": self.per_group,
+            "sample_tokens": SAMPLE_TOKENS, "tokens": sens["tokens"].astype(int).tolist(),
+            "eps": {lab: _nan_none(eps[..., c]) for c, lab in enumerate(labels[:eps.shape[2]])},
+            "cost": {lab: costs.cost[..., c].tolist() for c, lab in enumerate(labels[:eps.shape[2]])},
+            "objective": res.objective,
+        }
+        log.info("joint allocation: %d experts pruned, %.4f stored bits per routed-expert parameter, %s predicted on disk",
+                 sum(map(len, pruned.values())), 8 * res.predicted_bytes / P, fmt_size(predicted_total))
+        out = {}
+        for l, i in enumerate(moe):
+            for e in range(res.choice.shape[1]):
+                c = int(res.choice[l, e])
+                out[(i, e)] = PRUNE if c == C else acfg.candidates[c]
+        return out
+
+
+def joint_table(record: dict) -> str:
+    """Layer x expert picture of a joint plan: each cell the width label, or `--` where pruned."""
+    ch, moe = record["choice"], record["moe_layers"]
+    short = {lab: ("--" if lab == PRUNE else lab.replace("int", "").replace("g" + str(record["config"]["group_size"]), ""))
+             for row in ch for lab in row}
+    w = max(2, max(len(v) for v in short.values()), len(str(len(ch[0]) - 1)))
+    out = [f"layer | " + " ".join(f"{e:>{w}}" for e in range(len(ch[0]))) + " | kept"]
+    out.append("-" * len(out[0]))
+    for i, row in zip(moe, ch):
+        out.append(f"{i:>5} | " + " ".join(f"{short[v]:>{w}}" for v in row) + f" | {sum(v != PRUNE for v in row)}")
+    hist = {}
+    for row in ch:
+        for v in row:
+            hist[v] = hist.get(v, 0) + 1
+    out.append(f"joint ({record['status']}): {record['predicted_bits_per_param']:.4f} stored bits per routed-expert "
+               f"parameter, {fmt_size(record['predicted_total_bytes'])} on disk predicted; experts per choice: "
+               + ", ".join(f"{k}: {v}" for k, v in sorted(hist.items())) + " (-- = pruned)")
+    return "\n".join(out)
+
+
+def quantize_pruned(reader, out: str, config, specs: dict, windows: torch.Tensor, *, plan, allocator, progress: bool,
+                    dist, device) -> dict:
+    """Prune (with the prune pass's refit) into a temporary reduced checkpoint, pack it at the planned widths,
+    and record the plan against the original checkpoint (module docstring)."""
+    from ..api import run_fingerprints
+    from ..checkpoint import CheckpointReader
+    from ..merge.pipeline import run_merge
+    from .pipeline import quantize_checkpoint
+    if dist.world > 1:
+        raise MoeCompressError("a plan that prunes experts runs in one process; drop torchrun")
+    keep = {i: [e for e in range(reader.layer_num_experts(i)) if specs[(i, e)] != PRUNE] for i in reader.moe_layers}
+    tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(os.path.abspath(out))}.pruned")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    try:
+        run_merge(reader.path, tmp, keep=keep, method="reap", calib=config.calib, progress=progress, device=str(device))
+        reduced = CheckpointReader(tmp)
+        new = {(i, k): specs[(i, e)] for i, ks in keep.items() for k, e in enumerate(ks)}
+        summary = quantize_checkpoint(reduced, out, config, new, windows,
+                                      fingerprints=run_fingerprints(reduced, config, new, windows, plan),
+                                      allocator=allocator, resume=False, progress=progress, dist=dist, device=device)
+        run = os.path.join(out, "run")
+        entries = [{"layer": i, "expert": e, **({"codec": PRUNE, "bits": 0, "group_size": 0, "options": {}}
+                                                 if s == PRUNE else s.to_json())} for (i, e), s in sorted(specs.items())]
+        _replace_json(os.path.join(run, "plan.json"), {"format_version": 1, "source_fingerprint": reader.fingerprint,
+                                                       "experts": entries})
+        with open(os.path.join(run, "run_config.json")) as f:
+            rc = json.load(f)
+        rc.update({"model": reader.path, "pruned_checkpoint_fingerprint": reduced.fingerprint,
+                   "kept_experts": {str(i): k for i, k in keep.items()}})
+        _replace_json(os.path.join(run, "run_config.json"), rc)
+        shutil.copy2(os.path.join(tmp, "run", "merge_record.json"), os.path.join(run, "merge_record.json"))
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    summary["pruned_experts"] = sum(reader.layer_num_experts(i) - len(k) for i, k in keep.items())
+    rec = getattr(allocator, "record", None) or {}
+    if "predicted_total_bytes" in rec:
+        summary["predicted_total_bytes"] = rec["predicted_total_bytes"]
+    return summary
+
+
+def _replace_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
