@@ -84,8 +84,10 @@ def factors(K: int) -> tuple[int, int]:
     return 0, block_size(K)
 
 
-def _paley_factor(n: int, like: torch.Tensor) -> torch.Tensor:
-    return (paley(n) / math.sqrt(n)).to(device=like.device, dtype=like.dtype)
+@lru_cache(maxsize=None)
+def _paley_factor(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """P_n / sqrt(n) where the activations are: made once per device and dtype, not copied per forward."""
+    return (paley(n) / math.sqrt(n)).to(device=device, dtype=dtype)
 
 
 def fwht(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -105,7 +107,7 @@ def fwht(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         h *= 2
     y = y.reshape(-1, K // b, b) * (1.0 / math.sqrt(b))
     if n > 1:  # (P_n / sqrt(n)) Y: (n, n) @ (M, n, b)
-        P = _paley_factor(n, y)
+        P = _paley_factor(n, y.device, y.dtype)
         y = torch.matmul(P.T if transpose else P, y)
     return y.reshape(*lead, K).to(x.dtype)
 
