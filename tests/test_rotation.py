@@ -235,3 +235,58 @@ def test_kernels_apply_the_rotation(monkeypatch):
     dense = MoEExperts([{p: packed.effective_weight(e, p) for p in ("gate", "up", "down")} for e in range(E)], glu)
     assert (y_triton - y_torch).abs().max().item() <= 1e-5 * scale
     assert (y_torch - dense(x, idx, w)).abs().max().item() <= 1e-5 * scale
+
+
+# ---------------------------------------------------------------- every family, and the LP allocator
+
+@pytest.mark.parametrize("family,layout", [("Mixtral", "native"), ("Qwen2Moe", "native"), ("GptOss", "native"),
+                                           ("DeepseekV3", "fused")])
+def test_rotated_families_match_unrotated(tiny_dir, tmp_path, family, layout):
+    """8-bit GPTQ with and without --rotate on tiny checkpoints of several families (shared experts, GPT-OSS's
+    biases and clamped GLU, DeepSeek's dense first layer): both close to the source's logits, the rotated one
+    about as close as the unrotated one."""
+    import transformers as tf
+
+    import moecompress
+    from conftest import TEXT
+    src = tiny_dir(family, layout)
+    ids = torch.tensor([[3, 17, 40, 9, 77, 5, 12, 60]])
+    ref = tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()(ids).logits
+    err = {}
+    for rot in (False, True):
+        out = str(tmp_path / f"q{int(rot)}")
+        api.quantize(src, out, QuantizeConfig(bits=8, group_size=32, rotate=rot, calib=CalibConfig(
+            (os.path.join(TEXT, "calib_mix.txt"),), nsamples=4, seqlen=32)), progress=False)
+        m = moecompress.load(out)
+        err[rot] = ((m(ids).logits - ref).norm() / ref.norm()).item()
+    man = json.load(open(os.path.join(out, "moecompress.json")))
+    moe = sorted({t["layer"] for t in man["tensors"] if "expert" in t})
+    assert man["rotation"]["layers"] == moe and man["rotation"]["unrotated"] == []
+    assert err[False] < 0.01 and err[True] < 1.5 * err[False], err  # measured: rotated within 7% of unrotated
+
+
+def test_lp_allocation_measures_rotated(tiny_dir, tmp_path):
+    """--allocation lp --rotate: the sensitivity pass quantizes integer candidates in the rotated basis; with sub1
+    among the candidates, a layer holding a sub1 expert stays unrotated (and is recorded so)."""
+    from conftest import TEXT
+
+    import moecompress
+    calib = CalibConfig((os.path.join(TEXT, "calib_mix.txt"),), nsamples=4, seqlen=32)
+    runs = {}
+    for rot in (False, True):
+        out = str(tmp_path / f"lp{int(rot)}")
+        api.quantize(tiny_dir("Mixtral"), out, QuantizeConfig(bits=2.5, group_size=32, allocation="lp", rotate=rot,
+                                                               candidates=(2, 3), calib=calib), progress=False)
+        runs[rot] = json.load(open(os.path.join(out, "run", "allocation.json")))
+    e0, e1 = (torch.tensor([runs[r]["eps"][k] for k in sorted(runs[r]["eps"])], dtype=torch.float64)
+              for r in (False, True))  # {width: (L, E)} -> (C, L, E)
+    assert e0.shape == e1.shape and torch.isfinite(e1).all() and not torch.equal(e0, e1)  # measured in another basis
+    assert 0.7 < (e1 / e0).median().item() < 1.3  # measured 0.96: rotated codes measured through deq(W') R
+    out = str(tmp_path / "sub1")
+    api.quantize(tiny_dir("Mixtral"), out, QuantizeConfig(bits=1.5, group_size=32, allocation="lp", rotate=True,
+                                                           candidates=("sub1", 2), calib=calib), progress=False)
+    man = json.load(open(os.path.join(out, "moecompress.json")))
+    with_sub1 = sorted({t["layer"] for t in man["tensors"] if t["codec"] in ("sub1", "ternary")})
+    assert with_sub1 and set(man["rotation"]["unrotated"]) == set(with_sub1)
+    assert set(man["rotation"]["layers"]).isdisjoint(with_sub1)
+    moecompress.load(out)  # loads: rotated integer layers beside unrotated ternary ones
