@@ -133,12 +133,13 @@ def solve_once(prob: JointProblem, pc: np.ndarray, mip_gap: float = 1e-4, time_l
         mean = float(cost[layers][np.broadcast_to(allowed[layers][:, None, :], sub.shape)].mean())
         coef = cost[layers] / (mean if mean > 0 else 1.0)
         lp = pulp.LpProblem("moe_joint_allocation", pulp.LpMinimize)
+        new_var = getattr(lp, "add_variable", None) or (lambda name, cat: pulp.LpVariable(name, cat=cat))  # PuLP >= 3.3
         x, obj, budget = {}, [], []
         for i, l in enumerate(layers):
             for e in range(E):
                 row = []
                 for c in np.flatnonzero(allowed[l]):
-                    v = pulp.LpVariable(f"x_{l}_{e}_{int(c)}", cat=pulp.LpBinary)
+                    v = new_var(f"x_{l}_{e}_{int(c)}", cat=pulp.LpBinary)
                     x[(l, e, int(c))] = v
                     row.append((v, 1))
                     obj.append((v, float(coef[i, e, c])))

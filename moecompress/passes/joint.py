@@ -115,32 +115,28 @@ class JointAllocator:
         P = int(self.pricing.params.sum())
         self.fixed, self.router_rows = fixed_bytes(reader, config, gs)
         budget = getattr(config, "budget", None)
+        self.top_k, self.n_group, self.per_group = routing_shape(reader.config)
+        stored = float(config.bits)
+        self.budget_total = None
         if budget is not None:
             self.budget_total = parse_size(budget)
-            expert_budget = self.budget_total - self.fixed
-            if expert_budget <= 0:
-                raise MoeCompressError(f"--budget {budget} is infeasible: everything but the routed experts already "
-                                       f"takes {fmt_size(self.fixed)} ({self.fixed} bytes)")
-            stored = 8 * expert_budget / P
-        else:
-            self.budget_total = None
-            if not self.prune:
-                raise MoeCompressError("internal: the joint allocator needs prune or --budget")
-            stored = float(config.bits)
+            stored = 8 * (self.budget_total - self.fixed) / P
+        elif not self.prune:
+            raise MoeCompressError("internal: the joint allocator needs prune or --budget")
         self.acfg = AllocationConfig(candidates=cands, group_size=gs, alpha=config.alpha, beta=config.beta,
                                      budget_bits=max(stored, 1e-6), budget_scope="model", min_bits=config.min_bits,
                                      max_bits=config.max_bits, top_two_each=config.top_two, seed=config.calib.seed)
-        self.top_k, self.n_group, self.per_group = routing_shape(reader.config)
         probe = self._problem(np.zeros(self.pricing.bytes.shape), np.zeros((len(moe), E)))
         need = smallest_bytes(probe)[0]
-        cap = int(probe.base.budget[0])
-        if need > cap:
+        if need > (int(probe.base.budget[0]) if stored > 0 else -1):
             total = self.fixed + need
             what = (f"--budget {budget}" if budget is not None else f"--bits {config.bits:g}")
             raise MoeCompressError(
                 f"{what} is infeasible: the smallest plan{' (pruning to top-k per layer)' if self.prune else ''} takes "
-                f"{fmt_size(total)} on disk ({total} bytes; {8 * need / P:.4f} stored bits per routed-expert "
-                f"parameter); use --budget {int(np.ceil(total / 1e3))}KB or --bits {np.ceil(8e4 * need / P) / 1e4:g} or more")
+                f"{fmt_size(total)} on disk ({total} bytes: {fmt_size(self.fixed)} besides the routed experts, "
+                f"{8 * need / P:.4f} stored bits per routed-expert parameter); use --budget "
+                f"{int(np.ceil(total / 1e3))}KB or more" + ("" if budget is not None else
+                                                             f", or --bits {np.ceil(8e4 * need / P) / 1e4:g} or more"))
 
     def _problem(self, cost, prune_cost):
         from ..allocation.problem import AllocationProblem
@@ -266,6 +262,12 @@ def quantize_pruned(reader, out: str, config, specs: dict, windows: torch.Tensor
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
     summary["pruned_experts"] = sum(reader.layer_num_experts(i) - len(k) for i, k in keep.items())
+    # bits per routed-expert parameter of the ORIGINAL model (pruned experts at 0), the --bits of a joint run;
+    # the manifest's expert_bits_per_param counts the kept experts' parameters only
+    summary["kept_expert_bits_per_param"] = summary["expert_bits_per_param"]
+    with open(os.path.join(out, "moecompress.json")) as f:
+        expert_bytes = json.load(f)["expert_bytes"]
+    summary["expert_bits_per_param"] = round(8 * expert_bytes / reader.expert_params, 4)
     rec = getattr(allocator, "record", None) or {}
     if "predicted_total_bytes" in rec:
         summary["predicted_total_bytes"] = rec["predicted_total_bytes"]

@@ -44,8 +44,9 @@ def _router_tensors(reader, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     return w, (reader.get(found["bias"]).float() if "bias" in found else None)
 
 
-def set_error(st, gu, dn, rw, rb, pruned, top_k: int) -> float:
-    """A(P) of module docstring on the sample of LayerStats `st` (gu (E, 2I, H), dn (E, H, I), router rw (E, H))."""
+def set_error(st, gu, dn, rw, rb, pruned, top_k: int, y: torch.Tensor | None = None) -> float:
+    """A(P) of module docstring on the sample of LayerStats `st` (gu (E, 2I, H), dn (E, H, I), router rw (E, H));
+    y: the original block output on the sample (computed when None)."""
     E = gu.shape[0]
     x, idx, w = st.router_inputs.float(), st.router_topk_index, st.router_topk_weight.float()
     if x.shape[0] == 0:
@@ -54,7 +55,7 @@ def set_error(st, gu, dn, rw, rb, pruned, top_k: int) -> float:
     red = merge_groups(gu, dn, rw, rb, keep, method="reap", stats=st, router_mode="dominant", refit=True,
                        top_k=top_k, ridge=PRUNE_RIDGE)
     renorm = bool(torch.allclose(w.sum(-1), torch.ones(w.shape[0]), atol=1e-3))
-    y = moe_output(x, gu, dn, idx, w)
+    y = moe_output(x, gu, dn, idx, w) if y is None else y
     i2, w2 = route(x, red.router_weight, red.router_bias, min(top_k, red.num_experts), renorm)
     y2 = moe_output(x, red.gate_up, red.down, i2, w2)
     return float(((y - y2).double() ** 2).sum())
@@ -107,8 +108,9 @@ class PruneMeter:
         self.stats[l] = st
         gu, dn, rw, rb = self._weights(i, ex)
         self.energy[l] = contribution_energy(st, gu, dn)
+        y = moe_output(st.router_inputs.float(), gu, dn, st.router_topk_index, st.router_topk_weight.float())
         for e in range(gu.shape[0]):
-            self.single[l, e] = set_error(st, gu, dn, rw, rb, [e], self.top_k)
+            self.single[l, e] = set_error(st, gu, dn, rw, rb, [e], self.top_k, y)
         ok = self.energy[l] > 0
         self.eps[l, ok] = self.single[l, ok] / self.energy[l, ok]
         if (~ok).any():

@@ -1,0 +1,232 @@
+"""Pruning and bit widths under one budget (issue 22): the joint program against brute force, its routing
+constraints, --budget parsing, and `quantize --allocation lp --candidates prune,2,3,4` end to end."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TEXT, TRAINED
+from moecompress.allocation import AllocationConfig, build_problem, expert_shapes, price_candidates
+from moecompress.allocation.joint import (build_joint, parse_size, plan_bytes, plan_cost, smallest_bytes, solve_joint,
+                                          solve_once)
+from moecompress.errors import MoeCompressError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SHAPES = expert_shapes(64, 128)
+
+
+def instance(seed, L, E, frac, top_k=2, n_group=1, per_group=0):
+    """A random joint problem: width costs falling with bits, prune costs around the narrowest width's, and a
+    budget `frac` of the way from the smallest feasible plan to every expert at the widest width."""
+    from moecompress.allocation.pricing import budget_bytes
+    rng = np.random.default_rng(seed)
+    measured = np.cumsum(rng.integers(500, 1500, (L, E, 2)), axis=2).astype(float)  # two widths
+    cost = np.sort(rng.lognormal(0, 1, (L, E, 2)), axis=2)[..., ::-1].copy()
+    prune = cost[..., 0] * rng.uniform(0.5, 4.0, (L, E))
+    pricing = price_candidates(AllocationConfig(candidates=(2, 3)).candidates, SHAPES, L, E, measured_bytes=measured)
+    base = build_problem(AllocationConfig(candidates=(2, 3), budget_bits=64), cost, pricing)  # budget set below
+    lo = smallest_bytes(build_joint(base, prune, top_k, n_group, per_group))[0]
+    cap = int(lo + frac * (measured[..., -1].sum() - lo))
+    base = base.__class__(base.candidates, base.cost, base.bytes, base.params, base.allowed, None,
+                          np.array([cap], dtype=np.int64), "model")
+    return build_joint(base, prune, top_k, n_group, per_group)
+
+
+def brute_force(prob):
+    """Exhaustive optimum over every assignment (2 widths or prune per expert) that meets all constraints."""
+    L, E, C = prob.shape
+    best = (math.inf, None)
+    for flat in itertools.product(range(C + 1), repeat=L * E):
+        ch = np.array(flat).reshape(L, E)
+        if plan_bytes(prob, ch) > prob.base.budget[0]:
+            continue
+        ok = True
+        for l in range(L):
+            pruned = ch[l] == C
+            if (~pruned).sum() < prob.min_keep[l]:
+                ok = False
+            if prob.n_group > 1:
+                kept = [(~g).sum() for g in np.split(pruned, prob.n_group)]
+                ok &= len(set(kept)) == 1 and kept[0] >= prob.per_group
+        if ok:
+            obj = plan_cost(prob, ch, prob.prune_cost)
+            if obj < best[0]:
+                best = (obj, ch)
+    return best
+
+
+@pytest.mark.parametrize("seed,frac", [(0, 0.15), (1, 0.3), (2, 0.45), (3, 0.6)])
+def test_joint_matches_brute_force(seed, frac):
+    prob = instance(seed, L=2, E=4, frac=frac)
+    obj, ch = brute_force(prob)
+    choice, status = solve_once(prob, prob.prune_cost, mip_gap=0.0)
+    assert status == "optimal"
+    assert plan_cost(prob, choice, prob.prune_cost) == pytest.approx(obj, rel=1e-9)
+    assert plan_bytes(prob, choice) <= prob.base.budget[0]
+    C = prob.shape[2]
+    assert ((choice == C).sum(axis=1) <= 4 - 2).all()  # top-2: at least 2 kept per layer
+
+
+def test_tight_budget_prunes_and_keeps_top_k():
+    prob = instance(5, L=2, E=4, frac=0.05)
+    obj, ch = brute_force(prob)
+    choice, _ = solve_once(prob, prob.prune_cost, mip_gap=0.0)
+    C = prob.shape[2]
+    assert (choice == C).sum() >= 2  # 5% of the widest bytes: something must go
+    assert ((choice != C).sum(axis=1) >= 2).all()
+    assert plan_cost(prob, choice, prob.prune_cost) == pytest.approx(obj, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grouped_router_keeps_equal_counts_per_group(seed):
+    """DeepSeek-V3 style: 2 groups of 3 experts, at least 2 kept per group, the same count in each group."""
+    prob = instance(seed, L=1, E=6, frac=0.2, top_k=2, n_group=2, per_group=2)
+    obj, ch = brute_force(prob)
+    choice, _ = solve_once(prob, prob.prune_cost, mip_gap=0.0)
+    C = prob.shape[2]
+    kept = [int((g != C).sum()) for g in np.split(choice[0], 2)]
+    assert kept[0] == kept[1] >= 2
+    assert plan_cost(prob, choice, prob.prune_cost) == pytest.approx(obj, rel=1e-9)
+    assert smallest_bytes(prob)[0] == sum(np.sort(g)[:2].sum() for g in np.split(prob.base.bytes[0].min(axis=1), 2))
+
+
+def test_rounds_remeasure_until_the_plan_repeats():
+    """Interacting prunes: pruning two experts of a layer together costs 5x their sum. The first solve prunes
+    pairs; after re-measuring, the solver must move away from them, and the returned plan is the best measured."""
+    prob = instance(1, L=2, E=4, frac=0.2)
+    calls = []
+
+    def measure(l, pruned):
+        calls.append((l, tuple(pruned)))
+        return 5.0
+    res = solve_joint(prob, measure, max_rounds=4, mip_gap=0.0)
+    assert 1 <= len(res.rounds) <= 4 and calls
+    assert res.objective == min(r["measured_objective"] for r in res.rounds)
+    first = res.rounds[0]
+    assert first["measured_objective"] >= first["predicted_objective"]
+    assert res.predicted_bytes <= prob.base.budget[0]
+    additive = solve_joint(prob, None)  # no measure: one solve
+    assert len(additive.rounds) == 1
+
+
+def test_build_joint_refuses_bad_input():
+    prob = instance(0, L=1, E=4, frac=0.5)
+    with pytest.raises(MoeCompressError, match="groups"):
+        build_joint(prob.base, prob.prune_cost, 2, n_group=3, per_group=1)
+    with pytest.raises(MoeCompressError, match="finite"):
+        build_joint(prob.base, np.full((1, 4), np.nan), 2)
+
+
+@pytest.mark.parametrize("text,n", [("24GB", 24 * 10 ** 9), ("1.5GiB", int(1.5 * 2 ** 30)), ("800 MB", 800 * 10 ** 6),
+                                    ("123456", 123456), ("2kb", 2000)])
+def test_parse_size(text, n):
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize("text", ["24XB", "GB", "-3GB", "0", "1.2.3MB", ""])
+def test_parse_size_refuses(text):
+    with pytest.raises(MoeCompressError, match="budget"):
+        parse_size(text)
+
+
+def _cli(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "moecompress", *args], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(__file__))
+
+
+def test_cli_budget_errors_are_one_line(tmp_path):
+    bad = _cli("quantize", "--out", str(tmp_path / "x"), "--allocation", "lp", "--budget", "24XB")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "24XB" in bad.stderr
+    tiny = _cli("quantize", "--out", str(tmp_path / "y"), "--allocation", "lp", "--candidates", "prune,2,3",
+                "--budget", "1MB")
+    assert tiny.returncode == 2 and tiny.stderr.count("\n") == 1, tiny.stderr
+    assert "infeasible" in tiny.stderr and "smallest plan" in tiny.stderr and "MB on disk" in tiny.stderr
+    assert "3.9" in tiny.stderr  # the demo's attention and embeddings alone take 3.95 MB
+    assert not os.path.exists(tmp_path / "y")
+
+
+@pytest.fixture(scope="module")
+def joint_run(tmp_path_factory):
+    from moecompress.api import quantize
+    from moecompress.config import CalibConfig, QuantizeConfig
+    out = str(tmp_path_factory.mktemp("joint") / "j")
+    cfg = QuantizeConfig(bits=2.0, allocation="lp", candidates=("prune", 2, 3, 4), group_size=64,
+                         calib=CalibConfig((os.path.join(TEXT, "calib_mix.txt"),), nsamples=8, seqlen=128))
+    summary = quantize(TRAINED, out, cfg, progress=False)
+    return out, summary, cfg
+
+
+def test_joint_run_prunes_packs_and_matches_the_plan(joint_run):
+    from moecompress.checkpoint import CheckpointReader
+    out, summary, _ = joint_run
+    rec = json.load(open(os.path.join(out, "run", "allocation.json")))
+    man = json.load(open(os.path.join(out, "moecompress.json")))
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    src = CheckpointReader(TRAINED)
+    pruned = {int(i): p for i, p in rec["pruned"].items()}
+    assert sum(map(len, pruned.values())) > 0 and summary["pruned_experts"] == sum(map(len, pruned.values()))
+    counts = cfg["moecompress_merge"]["experts_per_layer"]
+    for i in src.moe_layers:
+        assert counts[str(i)] == 8 - len(pruned[i]) >= 2  # top-2 kept
+        emap = cfg["moecompress_merge"]["expert_map"][str(i)]
+        assert [e for e, k in enumerate(emap) if k < 0] == pruned[i]
+    # size: the plan's prediction is the packed checkpoint's tensor bytes; files (headers included) within 1%
+    assert man["total_bytes"] == rec["predicted_total_bytes"]
+    files = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert abs(files - rec["predicted_total_bytes"]) / rec["predicted_total_bytes"] < 0.01
+    assert rec["predicted_bytes"] <= rec["budget_bytes"] == int(2.0 * src.expert_params / 8)
+    assert summary["expert_bits_per_param"] <= 2.0 and summary["expert_bits_per_param"] > 1.9
+    plan = json.load(open(os.path.join(out, "run", "plan.json")))
+    assert plan["source_fingerprint"] == src.fingerprint and len(plan["experts"]) == 32
+    assert sum(e["codec"] == "prune" for e in plan["experts"]) == summary["pruned_experts"]
+    assert os.path.isfile(os.path.join(out, "run", "merge_record.json"))
+    assert rec["rounds"] and rec["prune_cost_seconds"] > 0
+    assert all(0 < v < 10 for row in rec["eps"]["prune"] for v in row)
+
+
+def test_joint_run_loads_both_ways_with_sane_perplexity(joint_run):
+    from transformers import AutoModelForCausalLM
+
+    import moecompress
+    from moecompress.calibration.data import load_tokenizer, read_source, tokenize
+    from moecompress.evaluate import perplexity
+    out, _, _ = joint_run
+    m = moecompress.load(out)
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    x = torch.tensor([[5, 17, 99, 3, 250, 7]])
+    with torch.no_grad():
+        a, b = m(x).logits, hf(x).logits
+    assert torch.equal(a, b)
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    for i, k in cfg["moecompress_merge"]["experts_per_layer"].items():
+        assert hf.model.layers[int(i)].mlp.gate.weight.shape[0] == k
+    ids = tokenize(load_tokenizer(out), read_source(os.path.join(TEXT, "eval_mix.txt")))[:2048]
+    ppl = perplexity(m, ids, 256, 8)["perplexity"]
+    from moecompress.evaluate import load_any
+    base = perplexity(load_any(TRAINED), ids, 256, 8)["perplexity"]
+    assert math.isfinite(ppl) and base < ppl < 2.0 * base, (ppl, base)
+
+
+def test_joint_plan_replays_and_prints(joint_run, tmp_path):
+    from moecompress.allocation.plan import plan_table
+    from moecompress.api import quantize
+    out, _, cfg = joint_run
+    table = plan_table(out)
+    assert "--" in table and "joint (optimal)" in table
+    from dataclasses import replace
+    again = str(tmp_path / "replay")
+    quantize(TRAINED, again, replace(cfg, allocation="uniform", candidates=(2, 3, 4), bits=4), plan=out, progress=False)
+    a = json.load(open(os.path.join(out, "moecompress.json")))
+    b = json.load(open(os.path.join(again, "moecompress.json")))
+    assert a["expert_bits"] == b["expert_bits"] and a["total_bytes"] == b["total_bytes"]
+    assert json.load(open(os.path.join(again, "config.json")))["moecompress_merge"]["experts_per_layer"] == \
+        json.load(open(os.path.join(out, "config.json")))["moecompress_merge"]["experts_per_layer"]
