@@ -230,3 +230,18 @@ def test_joint_plan_replays_and_prints(joint_run, tmp_path):
     assert a["expert_bits"] == b["expert_bits"] and a["total_bytes"] == b["total_bytes"]
     assert json.load(open(os.path.join(again, "config.json")))["moecompress_merge"]["experts_per_layer"] == \
         json.load(open(os.path.join(out, "config.json")))["moecompress_merge"]["experts_per_layer"]
+
+
+def test_report_grid_on_original_experts_marks_pruned(tmp_path):
+    from moecompress.report import plots, records
+    g = records.ExpertGrids([0, 1], 3, [[2.5, 3.5, 4.5], [2.5, 2.5, None]], [["int2", "int3", "int4"], ["int2", "int2", None]],
+                            [[10, 20, 30], [5, 6, None]], None, [[1, 1]], 4)
+    m = records.to_original_experts(g, {"0": [0, -1, 1, 2], "1": [-1, 0, -1, 1]})
+    assert m.num_experts == 4
+    assert m.bits == [[2.5, None, 3.5, 4.5], [None, 2.5, None, 2.5]]
+    assert m.labels[1] == ["pruned", "int2", "pruned", "int2"] and m.tokens[0] == [10, None, 20, 30]
+    assert m.fallback == [[1, 3]]  # packed expert 1 of layer 1 is original expert 3
+    merged = records.to_original_experts(g, {"0": [0, 0, 1, 2]})  # a merge: left as it is
+    assert merged is g
+    png = plots.bits_heatmap(m._asdict(), str(tmp_path))
+    assert png and os.path.getsize(os.path.join(str(tmp_path), png)) > 1000

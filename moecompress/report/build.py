@@ -76,6 +76,9 @@ def build_report(compressed: str, baseline: str, config: ReportConfig, out: str,
     source_model = (run["run_config"] or {}).get("model") or (run["run_config"] or {}).get("source")
     src_fp = ((manifest or {}).get("source") or {}).get("fingerprint")
     grids = records.expert_grids(comp_sizes.expert_grid, run["calibration"], manifest, run["run_config"])
+    merged_cfg = (records.read_json(os.path.join(compressed, "config.json")) or {}).get("moecompress_merge")
+    if manifest and isinstance(merged_cfg, dict) and merged_cfg.get("expert_map"):  # pruned then packed: original indices
+        grids = records.to_original_experts(grids, merged_cfg["expert_map"])
     found = records.find_merge_record(compressed, baseline, source_model if isinstance(source_model, str) else None)
     merge = None
     if found:

@@ -109,6 +109,11 @@ def _heatmap(grid, layers, title, cbar, fmt, out, name, cmap="viridis", marks=()
                 text = fmt(a[r, e]) + (f"\n{labels[r][e]}" if labels and labels[r][e] else "")
                 ax.text(e, r, text, ha="center", va="center", fontsize=7.5 if not labels else 6.5,
                         color="black" if frac > 0.55 else "white")
+    for r, row in enumerate(labels or []):  # pruned experts (quantize with the prune candidate): grey, "pruned"
+        for e, lab in enumerate(row):
+            if lab == "pruned":
+                ax.add_patch(plt.Rectangle((e - 0.5, r - 0.5), 1, 1, color="#bbbbbb", hatch="xx", ec="#888888"))
+                ax.text(e, r, "pruned", ha="center", va="center", fontsize=6.5, color="black")
     for i, e in marks:  # outlined cells (fallback experts)
         if i in layers:
             ax.add_patch(plt.Rectangle((e - 0.5, layers.index(i) - 0.5), 1, 1, fill=False, ec="#e41a1c", lw=2))
@@ -130,6 +135,8 @@ def bits_heatmap(experts: dict, out: str) -> str | None:
     vals = [v for row in experts["bits"] for v in row if v is not None]
     lo, hi = math.floor(min(vals)) - 0.5, math.ceil(max(vals)) + 0.5
     note = "red outline: too few calibration tokens, quantized by round-to-nearest" if experts["fallback"] else None
+    if any(x == "pruned" for row in experts["labels"] for x in row):
+        note = ((note + "; ") if note else "") + "grey: pruned (0 bytes; router row removed)"
     title = "Bits stored per expert weight (scales and zeros included)"
     if max(vals) - min(vals) < 1e-9:
         title += f": all {vals[0]:.2f}"

@@ -71,6 +71,31 @@ def expert_grids(expert_grid: dict, calibration: dict | None, manifest: dict | N
     return ExpertGrids(layers, E, bits, labels, tokens, share, fallback, min_tokens)
 
 
+def to_original_experts(grids: ExpertGrids, expert_map: dict) -> ExpertGrids:
+    """Grids of a pruned-then-packed checkpoint (quantize with the prune candidate, or a `prune` output that was
+    quantized) on the ORIGINAL expert indices: expert_map {layer: [new index or -1 per original expert]}
+    (config.json's "moecompress_merge"); a pruned expert's cell has bits None and label "pruned". Maps where
+    experts were merged (two originals on one new index) are returned unchanged."""
+    emap = {int(i): [int(k) for k in m] for i, m in expert_map.items()}
+    if any(len({k for k in m if k >= 0}) != sum(k >= 0 for k in m) for m in emap.values()):
+        return grids
+    E = max([len(m) for m in emap.values()] + [grids.num_experts])
+
+    def remap(grid, fill=None):
+        if grid is None:
+            return None
+        out = []
+        for i, row in zip(grids.layers, grid):
+            m = emap.get(i, list(range(len(row))))
+            out.append([(row[k] if 0 <= k < len(row) else None) if k >= 0 else fill for k in m] + [None] * (E - len(m)))
+        return out
+    labels = remap(grids.labels, "pruned")
+    back = {i: {k: e for e, k in enumerate(m) if k >= 0} for i, m in emap.items()}
+    fallback = [[i, back.get(i, {}).get(e, e)] for i, e in grids.fallback]
+    return ExpertGrids(grids.layers, E, remap(grids.bits), labels, remap(grids.tokens), remap(grids.share),
+                       fallback, grids.min_tokens)
+
+
 def timing(calibration: dict | None, metrics: dict | None, merge_metrics: dict | None = None) -> dict | None:
     """Seconds per pass: each layer's calibrate+quantize time, the rest of the run, an earlier merge."""
     rows = []
