@@ -110,9 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--allocation lp: every layer keeps at least one expert at each of its two widest widths (MC-MoE)")
     q.add_argument("--alpha", type=float, default=Q.alpha, help=f"--allocation lp: cost exponent of activation frequency (default {Q.alpha})")
     q.add_argument("--beta", type=float, default=Q.beta, help=f"--allocation lp: cost exponent of gate weight (default {Q.beta})")
-    q.add_argument("--cost", choices=["fisher", "legacy"], default=Q.cost,
+    q.add_argument("--cost", choices=["fisher", "legacy"], default=None,
                    help="--allocation lp: the objective: fisher (each expert's output error weighted by the loss's "
-                        "squared gradient, predicted nats per token) or legacy (phi^alpha w^beta eps) (default " + Q.cost + ")")
+                        "squared gradient, predicted nats per token) or legacy (phi^alpha w^beta eps) (default fisher; "
+                        "legacy with the prune candidate)")
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     q.add_argument("--percdamp", type=float, default=Q.percdamp, help=f"GPTQ relative damping (default {Q.percdamp})")
     q.add_argument("--affinity", action="store_true", help="weight each token's Hessian term by its gate weight (AGQ)")
@@ -251,8 +252,9 @@ def cmd_quantize(a) -> int:
         if "allocation" in s:
             print(f"allocation: sensitivity pass {s['allocation']['sensitivity_seconds']:.1f} s, "
                   f"solver {s['allocation']['solve_seconds']:.2f} s ({s['allocation']['status']})")
-            if a.cost == "fisher":  # its cost is recorded in run/allocation.json (allocation/fisher.py)
-                rec = json.load(open(os.path.join(s["out"], "run", "allocation.json")))
+            rp = os.path.join(s["out"], "run", "allocation.json")
+            rec = json.load(open(rp)) if os.path.isfile(rp) else {}
+            if "fisher_seconds" in rec:  # --cost fisher: its pass's time (allocation/fisher.py)
                 print(f"allocation: fisher pass {rec['fisher_seconds']:.1f} s ({rec['fisher_tokens']} tokens), "
                       f"predicted loss increase {rec['allocation']['objective']:.5f} nats/token")
     return 0

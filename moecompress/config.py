@@ -89,7 +89,9 @@ class QuantizeConfig:
     top_two: bool = False            # MC-MoE: every layer keeps an expert at each of its two widest widths
     alpha: float = 1.0               # cost = phi^alpha * w^beta * eps(b)
     beta: float = 1.5
-    cost: str = "legacy"             # "fisher": loss-weighted costs (allocation/fisher.py); "legacy": phi^alpha w^beta eps
+    cost: str | None = None          # --allocation lp objective: "fisher", loss-weighted costs (allocation/fisher.py), or
+    # "legacy", phi^alpha w^beta eps; None: fisher (it ranks plans as perplexity does, benchmarks/cost_model.py), legacy
+    # where "prune" is a candidate (the prune cost is on the legacy scale, passes/prune_cost.py)
     calib: CalibConfig = field(default_factory=CalibConfig)
     format_version: int = FORMAT_VERSION
 
@@ -136,6 +138,8 @@ class QuantizeConfig:
                                    "spread): use --method gptq or rtn, or drop --rotate")
         if self.allocation == "lp" and self.method == "ternary":
             raise MoeCompressError("--allocation lp chooses among integer widths: use --method gptq or rtn")
+        if self.cost is None:
+            object.__setattr__(self, "cost", "legacy" if isinstance(self.candidates, (list, tuple)) and "prune" in self.candidates else "fisher")
         if self.cost not in ("fisher", "legacy"):
             raise MoeCompressError(f"--cost must be fisher or legacy, got {self.cost!r}")
         if self.budget_scope not in ("model", "layer"):

@@ -162,5 +162,10 @@ def test_allocator_with_fisher_cost_records_both_models(tiny_dir):
     assert (np.diff(cost, axis=2) <= 0).mean() > 0.9  # more bits, smaller predicted loss (nearly always)
     assert set(rec["cost_legacy"]) == set(labels) and rec["uniform_guard"]["fallback"] is None
     assert build_parser().parse_args(["quantize", "--cost", "legacy"]).cost == "legacy"
+    from moecompress.config import QuantizeConfig
+    assert QuantizeConfig(allocation="lp", bits=2.5).cost == "fisher"  # the default, by benchmarks/cost_model.py
+    assert QuantizeConfig(allocation="lp", bits=2.5, candidates=("prune", 2, 3)).cost == "legacy"
+    with pytest.raises(MoeCompressError, match="--cost must be fisher or legacy"):
+        QuantizeConfig(allocation="lp", bits=2.5, cost="hessian")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["quantize", "--cost", "hessian"])
