@@ -52,6 +52,17 @@ def spearman(a, b) -> float:
     return float((ra * rb).sum() / den) if den > 0 else float("nan")
 
 
+def pair_agreement(pred, meas, size) -> tuple[int, int]:
+    """(pairs ordered alike, pairs) among plans of the same stored size: the comparisons the LP makes."""
+    ok = n = 0
+    for i in range(len(pred)):
+        for j in range(i + 1, len(pred)):
+            if abs(size[i] - size[j]) < 1e-3 and meas[i] != meas[j]:
+                n += 1
+                ok += (pred[i] - pred[j]) * (meas[i] - meas[j]) > 0
+    return ok, n
+
+
 def moecompress(*args) -> None:
     args = [str(a) for a in args]
     print("+ moecompress " + " ".join(args), flush=True)
@@ -97,9 +108,10 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=8192, help="validation tokens per domain")
     ap.add_argument("--random", type=int, default=2, help="random mixed plans per budget")
+    ap.add_argument("--seed", type=int, default=0, help="calibration windows' seed (random plans: seed + i)")
     a = ap.parse_args()
     from moecompress.checkpoint import CheckpointReader
-    bench = Bench(a.work, a.nsamples, a.max_tokens)
+    bench = Bench(a.work, a.nsamples, a.max_tokens, a.seed)
     reader = CheckpointReader(MODEL)
     lp = bench.quantize("lp-fisher-2.5", "--bits", 2.5, "--allocation", "lp", "--cost", "fisher")
     rec = json.load(open(os.path.join(lp, "run", "allocation.json")))
@@ -126,7 +138,7 @@ def main() -> None:
             plans.append((f"lp-{m} {stored:g}", allocate(with_budget(stored), cost, pricing), True))
         prob = build_problem(with_budget(stored), legacy, pricing)
         for s in range(a.random):
-            plans.append((f"random {stored:g} s{s}", random_allocation(prob, s), True))
+            plans.append((f"random {stored:g} s{a.seed + s}", random_allocation(prob, a.seed + s), True))
     rows = []
     for name, alloc, mixed in plans:
         ch = alloc.choice_array()
@@ -149,9 +161,12 @@ def main() -> None:
         x = [r["predicted"][m] for r in rows]
         res["spearman"][m] = {"all": spearman(x, y), "mixed": spearman([x[i] for i in mixed], [y[i] for i in mixed]),
                               "per_domain": {d: spearman(x, [math.log(r["perplexity"][d]) for r in rows])
-                                             for d in DOMAINS}}
-    with open(os.path.join(a.work, "cost_model.json"), "w") as f:
-        json.dump(res, f, indent=1)
+                                             for d in DOMAINS},
+                              "same_bytes_pairs": pair_agreement(x, y, [r["expert_bits_per_param"] for r in rows])}
+    f = np.array([r["predicted"]["fisher"] for r in rows])
+    res["fisher_ratio"] = (np.array(y) - base["mean_log_ppl"]) / f  # measured / predicted loss increase
+    with open(os.path.join(a.work, "cost_model.json"), "w") as fh:
+        json.dump({**res, "fisher_ratio": res["fisher_ratio"].tolist()}, fh, indent=1)
     print(f"\nfixture, GPTQ g64, calib_mix {a.nsamples} x 256, validation tails {a.max_tokens} tokens per domain; "
           f"fisher pass {res['fisher_seconds']:.1f} s, sensitivity pass {res['sensitivity_seconds']:.1f} s")
     print(f"{'plan':<22} {'bits':>6} {'legacy':>10} {'fisher':>10} {'d log ppl':>10} " + " ".join(f"{d:>7}" for d in DOMAINS))
@@ -160,8 +175,12 @@ def main() -> None:
               f"{r['predicted']['fisher']:>10.5f} {r['mean_log_ppl'] - base['mean_log_ppl']:>10.5f} "
               + " ".join(f"{r['perplexity'][d]:>7.3f}" for d in DOMAINS))
     for m, s in res["spearman"].items():
+        ok, n = s["same_bytes_pairs"]
         print(f"Spearman {m}: all {len(rows)} plans {s['all']:.3f}, mixed plans only ({len(mixed)}) {s['mixed']:.3f}; "
-              "per domain " + ", ".join(f"{d} {v:.3f}" for d, v in s["per_domain"].items()))
+              "per domain " + ", ".join(f"{d} {v:.3f}" for d, v in s["per_domain"].items())
+              + f"; plans of equal bytes ordered as measured: {ok} of {n} pairs")
+    q = res["fisher_ratio"]
+    print(f"measured / predicted loss increase (fisher): {q.min():.2f} .. {q.max():.2f} (median {np.median(q):.2f})")
 
 
 if __name__ == "__main__":
