@@ -35,7 +35,9 @@ def _hf_grads(path, windows, dtype=torch.float64, perturb=None):
             out.retain_grad()
             outs.append(out)
             return out
-        hooks.append(find_experts(layer)[1].register_forward_hook(hook))
+        found = find_experts(layer)
+        if found is not None:  # dense layers (DeepSeek's first) have none
+            hooks.append(found[1].register_forward_hook(hook))
     logits = m(windows).logits
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, V).double(), windows[:, 1:].reshape(-1), reduction="sum")
     loss.backward()
@@ -44,22 +46,32 @@ def _hf_grads(path, windows, dtype=torch.float64, perturb=None):
     return float(loss.detach()), [o.grad for o in outs]
 
 
-def test_fisher_weights_match_full_model_autograd_and_finite_differences(tiny_dir):
-    """The streamed reverse pass gives each layer's sum_t g_t^2 / N exactly as full-model autograd does, and
-    that gradient is the loss's: a central finite difference along a random direction of the output agrees."""
+@pytest.mark.parametrize("family", ["Mixtral", "Qwen2Moe", "DeepseekV3"])
+def test_fisher_weights_match_full_model_autograd(tiny_dir, family):
+    """The streamed reverse pass gives each MoE layer's sum_t g_t^2 / N as full-model autograd does (shared
+    experts beside the routed ones: Qwen2-MoE; a dense first layer: DeepSeek-V3)."""
     from moecompress.allocation.fisher import fisher_pass
     from moecompress.checkpoint import CheckpointReader
-    path = tiny_dir("Mixtral")
-    gen = torch.Generator().manual_seed(0)
-    windows = torch.randint(1, V, (5, 24), generator=gen)
+    path = tiny_dir(family)
+    windows = torch.randint(1, V, (5, 24), generator=torch.Generator().manual_seed(0))
     fis = fisher_pass(CheckpointReader(path), _cfg(), windows, progress=False)
-    _, grads = _hf_grads(path, windows)
+    loss, grads = _hf_grads(path, windows)
     N = 5 * 23
-    assert fis.tokens == N
+    assert fis.tokens == N and fis.loss == pytest.approx(loss / N, rel=1e-5)
+    assert fis.weights.shape[0] == len(grads) >= 1
     for l, g in enumerate(grads):
         ref = (g.double() ** 2).reshape(-1, g.shape[-1]).sum(0).numpy() / N
         assert fis.weights[l] == pytest.approx(ref, rel=2e-4, abs=1e-12)
         assert ref.max() > 0
+
+
+def test_fisher_gradient_is_the_loss_gradient(tiny_dir):
+    """The gradient the weights square is the summed loss's: a central finite difference along a random
+    direction of the experts output agrees with <g, v>."""
+    path = tiny_dir("Mixtral")
+    gen = torch.Generator().manual_seed(0)
+    windows = torch.randint(1, V, (5, 24), generator=gen)
+    _, grads = _hf_grads(path, windows)
     # central finite differences on the last layer's experts output (float64 model; its norms compute in
     # float32; the last layer, since a perturbation of an earlier one can flip a later router's top-k):
     # dL/dt at t = 0 of L(y + t v) equals <g, v> (a wrong layer, scale or sign would be off by far more)
