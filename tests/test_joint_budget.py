@@ -245,3 +245,27 @@ def test_report_grid_on_original_experts_marks_pruned(tmp_path):
     assert merged is g
     png = plots.bits_heatmap(m._asdict(), str(tmp_path))
     assert png and os.path.getsize(os.path.join(str(tmp_path), png)) > 1000
+
+
+def test_budget_without_prune_runs_the_widths_lp_within_the_checkpoint_size(tiny_dir, tmp_path):
+    """--budget SIZE alone: the widths-only LP (its own cost model) with SIZE minus everything else as budget."""
+    from moecompress.api import quantize
+    from moecompress.config import CalibConfig, QuantizeConfig
+    from moecompress.checkpoint import CheckpointReader
+    from moecompress.passes.joint import fixed_bytes
+    model = tiny_dir("Mixtral")
+    r = CheckpointReader(model)
+    base = QuantizeConfig(allocation="lp", group_size=32, candidates=(2, 3, 4), cost="legacy",
+                          calib=CalibConfig((os.path.join(TEXT, "calib_mix.txt"),), nsamples=4, seqlen=32))
+    fixed, _ = fixed_bytes(r, base, 32)
+    size = fixed + int(3.4 * r.expert_params / 8)  # 3.4 stored bits: between uniform int2 (3.0 at g32) and int3 (4.0)
+    from dataclasses import replace
+    out = str(tmp_path / "b")
+    s = quantize(model, out, replace(base, budget=str(size)), progress=False)
+    man = json.load(open(os.path.join(out, "moecompress.json")))
+    rec = json.load(open(os.path.join(out, "run", "allocation.json")))
+    assert man["total_bytes"] <= size and man["total_bytes"] > fixed + 3.0 * r.expert_params / 8
+    assert abs(rec["budget_stored_bits"] - 3.4) < 8 / r.expert_params  # one byte and "prune" not in json.dumps(rec["allocation"]["candidates"])
+    with pytest.raises(MoeCompressError, match="smallest plan takes"):
+        quantize(model, str(tmp_path / "c"), replace(base, budget=str(fixed + 100)), progress=False)
+    assert not os.path.exists(tmp_path / "c")

@@ -46,11 +46,25 @@ def is_joint(config) -> bool:
 
 
 def make_allocator(reader, config, plan=None, device=None):
-    """JointAllocator for prune candidates or --budget, else the bit-width Allocator (plans: the Allocator,
-    which reads prune entries too)."""
+    """JointAllocator where prune is a candidate; else the bit-width Allocator (which also reads plans with
+    prune entries), with --budget SIZE turned into its code-bits budget: (SIZE - fixed bytes) * 8 / P stored
+    bits minus the scale/zero overhead, so the widths-only LP keeps its own cost model (--cost)."""
+    from dataclasses import replace
     if plan or not is_joint(config):
         return Allocator(reader, config, plan, device)
-    return JointAllocator(reader, config, device)
+    if PRUNE in config.candidates:
+        return JointAllocator(reader, config, device)
+    joint = JointAllocator(reader, replace(config, cost="legacy"), device)  # shapes only: the --budget checks
+    overhead = Allocator(reader, replace(config, bits=8, budget=None), None, device).overhead
+    code = joint.acfg.budget_bits - overhead  # float rounding moves the floored byte budget by at most one byte down
+    if not 1 <= code:
+        raise MoeCompressError(f"--budget {config.budget} leaves {joint.acfg.budget_bits:.4f} stored bits per expert "
+                               f"parameter, below what the widths-only LP takes (1 code bit + scales); add prune to "
+                               f"--candidates or raise --budget")
+    alloc = Allocator(reader, replace(config, bits=min(code, 8.0), budget=None), None, device)
+    log.info("--budget %s: %.4f stored bits per routed-expert parameter for the widths-only LP", config.budget,
+             joint.acfg.budget_bits)
+    return alloc
 
 
 def routing_shape(config: dict) -> tuple[int, int, int]:
