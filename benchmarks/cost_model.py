@@ -31,6 +31,8 @@ import numpy as np
 from common import CALIB_MIX, DOMAINS, MODEL
 from quality import validation_texts
 
+from moecompress.allocation.fisher import VARIANTS, fisher_costs
+from moecompress.allocation.guard import uniform_guard
 from moecompress.allocation import (AllocationConfig, allocate, build_problem, expert_costs, overhead_bits,
                                     price_candidates, random_allocation, uniform_allocation)
 
@@ -115,6 +117,11 @@ def main() -> None:
     reader = CheckpointReader(MODEL)
     lp = bench.quantize("lp-fisher-2.5", "--bits", 2.5, "--allocation", "lp", "--cost", "fisher")
     rec = json.load(open(os.path.join(lp, "run", "allocation.json")))
+    if "fisher_variant" not in rec:  # an older run without the per-expert weights: measure again (plans are reused)
+        import shutil
+        shutil.rmtree(lp)
+        lp = bench.quantize("lp-fisher-2.5", "--bits", 2.5, "--allocation", "lp", "--cost", "fisher")
+        rec = json.load(open(os.path.join(lp, "run", "allocation.json")))
     cfg = AllocationConfig.from_json(rec["config"])
     moe = list(rec["moe_layers"])
     labels = [c.label for c in cfg.candidates]
@@ -122,9 +129,11 @@ def main() -> None:
     pricing = price_candidates(cfg.candidates, shapes, len(moe), reader.layer_num_experts(moe[0]))
     eps = np.stack([np.array(rec["eps"][lab], dtype=float) for lab in labels], axis=-1)  # None -> nan
     legacy = expert_costs(eps, rec["tokens"], rec["gate_mass"], cfg.alpha, cfg.beta, cfg.importance_floor).cost
-    fisher = np.stack([np.array(rec["cost"][lab]) for lab in labels], axis=-1)
     over = overhead_bits(cfg.candidates[0], shapes[0])
-    models = {"legacy": legacy, "fisher": fisher}
+    models = {"legacy": legacy}
+    for v in VARIANTS:  # F of the expert's layer, or of its own routed tokens (allocation/fisher.py)
+        fe = np.stack([np.array(rec["fisher_eps"][v][lab], dtype=float) for lab in labels], axis=-1)
+        models[f"fisher-{v}"] = fisher_costs(fe, rec["tokens"], rec["fisher_tokens"], cfg.importance_floor).cost
 
     def with_budget(stored):
         return AllocationConfig(**{**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "budget_bits": stored})
@@ -135,7 +144,9 @@ def main() -> None:
     for code in (2.5, 3.0):
         stored = code + over
         for m, cost in models.items():
-            plans.append((f"lp-{m} {stored:g}", allocate(with_budget(stored), cost, pricing), True))
+            prob = build_problem(with_budget(stored), cost, pricing)  # the LP as the pass runs it, guard included
+            plans.append((f"lp-{m} {stored:g}", uniform_guard(prob, allocate(with_budget(stored), cost, pricing))[0],
+                          True))
         prob = build_problem(with_budget(stored), legacy, pricing)
         for s in range(a.random):
             plans.append((f"random {stored:g} s{a.seed + s}", random_allocation(prob, a.seed + s), True))
@@ -163,24 +174,25 @@ def main() -> None:
                               "per_domain": {d: spearman(x, [math.log(r["perplexity"][d]) for r in rows])
                                              for d in DOMAINS},
                               "same_bytes_pairs": pair_agreement(x, y, [r["expert_bits_per_param"] for r in rows])}
-    f = np.array([r["predicted"]["fisher"] for r in rows])
-    res["fisher_ratio"] = (np.array(y) - base["mean_log_ppl"]) / f  # measured / predicted loss increase
+    res["fisher_ratio"] = {m: ((np.array(y) - base["mean_log_ppl"]) / np.array([r["predicted"][m] for r in rows])).tolist()
+                           for m in models if m != "legacy"}  # measured / predicted loss increase
     with open(os.path.join(a.work, "cost_model.json"), "w") as fh:
-        json.dump({**res, "fisher_ratio": res["fisher_ratio"].tolist()}, fh, indent=1)
+        json.dump(res, fh, indent=1)
     print(f"\nfixture, GPTQ g64, calib_mix {a.nsamples} x 256, validation tails {a.max_tokens} tokens per domain; "
           f"fisher pass {res['fisher_seconds']:.1f} s, sensitivity pass {res['sensitivity_seconds']:.1f} s")
-    print(f"{'plan':<22} {'bits':>6} {'legacy':>10} {'fisher':>10} {'d log ppl':>10} " + " ".join(f"{d:>7}" for d in DOMAINS))
+    print(f"{'plan':<22} {'bits':>6} " + " ".join(f"{m:>13}" for m in models) + f" {'d log ppl':>10} "
+          + " ".join(f"{d:>7}" for d in DOMAINS))
     for r in rows:
-        print(f"{r['plan']:<22} {r['expert_bits_per_param']:>6.3f} {r['predicted']['legacy']:>10.4f} "
-              f"{r['predicted']['fisher']:>10.5f} {r['mean_log_ppl'] - base['mean_log_ppl']:>10.5f} "
-              + " ".join(f"{r['perplexity'][d]:>7.3f}" for d in DOMAINS))
+        print(f"{r['plan']:<22} {r['expert_bits_per_param']:>6.3f} "
+              + " ".join(f"{r['predicted'][m]:>13.5f}" for m in models)
+              + f" {r['mean_log_ppl'] - base['mean_log_ppl']:>10.5f} " + " ".join(f"{r['perplexity'][d]:>7.3f}" for d in DOMAINS))
     for m, s in res["spearman"].items():
         ok, n = s["same_bytes_pairs"]
         print(f"Spearman {m}: all {len(rows)} plans {s['all']:.3f}, mixed plans only ({len(mixed)}) {s['mixed']:.3f}; "
               "per domain " + ", ".join(f"{d} {v:.3f}" for d, v in s["per_domain"].items())
               + f"; plans of equal bytes ordered as measured: {ok} of {n} pairs")
-    q = res["fisher_ratio"]
-    print(f"measured / predicted loss increase (fisher): {q.min():.2f} .. {q.max():.2f} (median {np.median(q):.2f})")
+    for m, q in res["fisher_ratio"].items():
+        print(f"measured / predicted loss increase ({m}): {min(q):.2f} .. {max(q):.2f} (median {np.median(q):.2f})")
 
 
 if __name__ == "__main__":

@@ -27,13 +27,14 @@ def _hf_grads(path, windows, dtype=torch.float64, perturb=None):
     from moecompress.layerwise import find_experts
     m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
                                              experts_implementation="eager").eval()  # grouped_mm: no float64
-    outs, hooks = [], []
+    outs, hooks, idx = [], [], []
     for i, layer in enumerate(m.model.layers):
         def hook(_mod, _args, out, i=i):
             if perturb is not None and perturb[0] == i:
                 out = out + perturb[1].to(out.dtype)
             out.retain_grad()
             outs.append(out)
+            idx.append(_args[1])
             return out
         found = find_experts(layer)
         if found is not None:  # dense layers (DeepSeek's first) have none
@@ -43,19 +44,19 @@ def _hf_grads(path, windows, dtype=torch.float64, perturb=None):
     loss.backward()
     for h in hooks:
         h.remove()
-    return float(loss.detach()), [o.grad for o in outs]
+    return float(loss.detach()), [o.grad for o in outs], idx
 
 
 @pytest.mark.parametrize("family", ["Mixtral", "Qwen2Moe", "DeepseekV3"])
 def test_fisher_weights_match_full_model_autograd(tiny_dir, family):
     """The streamed reverse pass gives each MoE layer's sum_t g_t^2 / N as full-model autograd does (shared
     experts beside the routed ones: Qwen2-MoE; a dense first layer: DeepSeek-V3)."""
-    from moecompress.allocation.fisher import fisher_pass
+    from moecompress.allocation.fisher import SHRINK_TOKENS, fisher_pass
     from moecompress.checkpoint import CheckpointReader
     path = tiny_dir(family)
     windows = torch.randint(1, V, (5, 24), generator=torch.Generator().manual_seed(0))
     fis = fisher_pass(CheckpointReader(path), _cfg(), windows, progress=False)
-    loss, grads = _hf_grads(path, windows)
+    loss, grads, idx = _hf_grads(path, windows)
     N = 5 * 23
     assert fis.tokens == N and fis.loss == pytest.approx(loss / N, rel=1e-5)
     assert fis.weights.shape[0] == len(grads) >= 1
@@ -63,6 +64,13 @@ def test_fisher_weights_match_full_model_autograd(tiny_dir, family):
         ref = (g.double() ** 2).reshape(-1, g.shape[-1]).sum(0).numpy() / N
         assert fis.weights[l] == pytest.approx(ref, rel=2e-4, abs=1e-12)
         assert ref.max() > 0
+        g2 = (g.double() ** 2).reshape(-1, g.shape[-1])
+        for e in range(fis.expert.shape[1]):  # per expert: its routed tokens' sum, shrunk towards the layer's
+            routed = (idx[l] == e).any(1)
+            want = (g2[routed].sum(0).numpy() + SHRINK_TOKENS * ref) / (int(routed.sum()) + SHRINK_TOKENS)
+            assert fis.expert[l, e] == pytest.approx(want, rel=2e-4, abs=1e-12)
+    per = fis.per_expert()
+    assert per.shape == fis.expert.shape[:2] + (2, fis.weights.shape[1]) and (per[:, :, 0] == fis.weights[:, None]).all()
 
 
 def test_fisher_gradient_is_the_loss_gradient(tiny_dir):
@@ -71,14 +79,14 @@ def test_fisher_gradient_is_the_loss_gradient(tiny_dir):
     path = tiny_dir("Mixtral")
     gen = torch.Generator().manual_seed(0)
     windows = torch.randint(1, V, (5, 24), generator=gen)
-    _, grads = _hf_grads(path, windows)
+    _, grads, _ = _hf_grads(path, windows)
     # central finite differences on the last layer's experts output (float64 model; its norms compute in
     # float32; the last layer, since a perturbation of an earlier one can flip a later router's top-k):
     # dL/dt at t = 0 of L(y + t v) equals <g, v> (a wrong layer, scale or sign would be off by far more)
     v = torch.randn(grads[1].shape, generator=gen, dtype=torch.float64)
     d = 1e-4  # observed: 2e-5 relative (truncation grows as d^2 above, float32 norms' noise below)
-    lp, _ = _hf_grads(path, windows, perturb=(1, d * v))
-    lm, _ = _hf_grads(path, windows, perturb=(1, -d * v))
+    lp = _hf_grads(path, windows, perturb=(1, d * v))[0]
+    lm = _hf_grads(path, windows, perturb=(1, -d * v))[0]
     assert (lp - lm) / (2 * d) == pytest.approx(float((grads[1] * v).sum()), rel=1e-4)
 
 
@@ -100,6 +108,8 @@ def test_weighted_output_error_and_fisher_costs():
     got = weighted_output_error(X, g, dense, quant, glu, (None, None, None), wts, chunk_tokens=7)
     assert got == pytest.approx(ref, rel=1e-5)
     assert np.isnan(weighted_output_error(X[:0], g[:0], dense, quant, glu, (None, None, None), wts))
+    two = weighted_output_error(X, g, dense, quant, glu, (None, None, None), torch.stack([wts, 2 * wts]))
+    assert two.shape == (2,) and two == pytest.approx([ref, 2 * ref], rel=1e-5)
     err = np.array([[[4.0, 1.0], [2.0, 0.5], [np.nan, np.nan]]])  # (1 layer, 3 experts, 2 candidates)
     c = fisher_costs(err, [[10, 30, 0]], tokens=100)
     assert c.cost[0, 0].tolist() == pytest.approx([10 / 200 * 4.0, 10 / 200 * 1.0])

@@ -48,15 +48,27 @@ from .importance import Costs
 log = logging.getLogger("moecompress")
 
 
+SHRINK_TOKENS = 64  # per-expert Fisher: the layer's F counts as this many routed tokens (rare experts keep it)
+VARIANTS = ("layer", "expert")  # which F weighs an expert's error: its layer's, or its own routed tokens'
+FISHER_VARIANT = "layer"  # the one --cost fisher optimises (both are recorded; benchmarks/cost_model.py compares them)
+
+
 class Fisher(NamedTuple):
     """weights: (L, H) float64 mean squared loss gradient per channel of each MoE layer's routed-expert output
-    (F_{l,i} above); tokens: N, the calibration tokens it is averaged over; loss: their mean next-token loss
-    (nats) under the original model; seconds: wall time of the pass."""
+    (F_{l,i} above); expert: (L, E, H) the same mean over the tokens routed to each expert, shrunk towards the
+    layer's, (S_e + k F_l) / (n_e + k) with k = SHRINK_TOKENS; tokens: N, the calibration tokens it is averaged
+    over; loss: their mean next-token loss (nats) under the original model; seconds: wall time of the pass."""
 
     weights: np.ndarray
+    expert: np.ndarray
     tokens: int
     loss: float
     seconds: float
+
+    def per_expert(self) -> np.ndarray:
+        """(L, E, len(VARIANTS), H): each expert's weights of every variant, for the sensitivity pass."""
+        L, E, H = self.expert.shape
+        return np.stack([np.broadcast_to(self.weights[:, None], (L, E, H)), self.expert], axis=2)
 
 
 def _head(streamer, device):
@@ -123,17 +135,21 @@ def fisher_pass(reader, config, windows: torch.Tensor, *, progress: bool = True,
     del acts, norm, head
     H = streamer.config.hidden_size
     weights = np.zeros((len(moe), H))
+    per: dict[int, tuple] = {}
     for i in _progress(range(last, first - 1, -1), desc="fisher: backward", enabled=progress):
         layer = streamer.build_layer(i)
         found = find_experts(layer) if i in moe else None
-        seen: list[torch.Tensor] = []
+        seen: list[tuple] = []
         hook = None
         if found is not None:
-            def keep(_mod, _args, out):
+            E = found[1].num_experts
+
+            def keep(_mod, args, out):
                 out.retain_grad()
-                seen.append(out)
+                seen.append((out, args[1]))  # output, top_k_index (T, k)
             hook = found[1].register_forward_hook(keep)
         sq = torch.zeros(H, dtype=torch.float64, device=device)
+        sq_e = n_e = None
         try:
             for j, x in inputs.pop(i).items():
                 x = x.detach().requires_grad_(True)
@@ -142,10 +158,18 @@ def fisher_pass(reader, config, windows: torch.Tensor, *, progress: bool = True,
                     y = y[0] if isinstance(y, tuple) else y
                     torch.autograd.backward(y, grads[j].to(y.dtype))
                 if found is not None:
-                    if len(seen) != 1 or seen[0].grad is None:
+                    if len(seen) != 1 or seen[0][0].grad is None:
                         raise MoeCompressError(f"layer {i}: the experts module ran {len(seen)} times in one forward; "
                                                f"--cost fisher cannot attribute its gradient (use --cost legacy)")
-                    sq += (seen[0].grad.double() ** 2).reshape(-1, H).sum(0)
+                    g2 = (seen[0][0].grad.double() ** 2).reshape(-1, H)  # (T, H)
+                    idx = seen[0][1].reshape(g2.shape[0], -1).clamp(0, E).to(g2.device)  # (T, k); E: no expert
+                    if sq_e is None:
+                        sq_e = torch.zeros(E + 1, H, dtype=torch.float64, device=g2.device)
+                        n_e = torch.zeros(E + 1, dtype=torch.float64, device=g2.device)
+                    sq += g2.sum(0)
+                    k = idx.shape[1]
+                    sq_e.index_add_(0, idx.reshape(-1), g2.repeat_interleave(k, 0))
+                    n_e.index_add_(0, idx.reshape(-1), torch.ones(idx.numel(), dtype=torch.float64, device=g2.device))
                     seen.clear()
                 grads[j] = x.grad
         finally:
@@ -153,21 +177,25 @@ def fisher_pass(reader, config, windows: torch.Tensor, *, progress: bool = True,
                 hook.remove()
         if i in moe:
             weights[moe.index(i)] = sq.cpu().numpy()
+            per[moe.index(i)] = (sq_e[:E].cpu().numpy(), n_e[:E].cpu().numpy())
         del layer
     N = int(windows.shape[0] * (windows.shape[1] - 1))  # predicted tokens: the loss's terms
     weights /= N
+    expert = np.stack([(per[l][0] + SHRINK_TOKENS * weights[l]) / (per[l][1] + SHRINK_TOKENS)[:, None]
+                       for l in range(len(moe))])  # (L, E, H)
     secs = time.time() - t0
     log.info("fisher pass: %.1f s, %d tokens, mean loss %.4f nats", secs, N, nll / N)
-    return Fisher(weights, N, nll / N, secs)
+    return Fisher(weights, expert, N, nll / N, secs)
 
 
 def weighted_output_error(X: torch.Tensor, g: torch.Tensor, dense, quant, glu, biases, weight: torch.Tensor,
-                          chunk_tokens: int = 4096) -> float:
+                          chunk_tokens: int = 4096):
     """mean_t sum_i weight_i (g_t (f(x_t) - f_q(x_t)))_i^2 over the sampled routed tokens X (T, H) with gate
     weights g (T,); dense / quant: (gate, up, down) weights; glu(gate_out, up_out); biases (gate, up, down) or
-    None each (they cancel in the difference except through the glu); NaN when T == 0."""
+    None each (they cancel in the difference except through the glu); NaN when T == 0. weight (H,) -> a float;
+    (K, H) -> (K,) array, one value per row of weights."""
     if X.shape[0] == 0:
-        return float("nan")
+        return float("nan") if weight.dim() == 1 else np.full(weight.shape[0], np.nan)
     Wg, Wu, Wd = (w.float() for w in dense)
     Qg, Qu, Qd = (w.float() for w in quant)
     bg, bu, bd = (None if b is None else b.float() for b in biases)
@@ -175,13 +203,13 @@ def weighted_output_error(X: torch.Tensor, g: torch.Tensor, dense, quant, glu, b
 
     def f(x, A, B, D):
         return F.linear(glu(F.linear(x, A, bg), F.linear(x, B, bu)), D, bd)
-    num = 0.0
+    num = torch.zeros(w.shape[:-1], dtype=torch.float64, device=X.device)
     for s in range(0, X.shape[0], chunk_tokens):
         x = X[s:s + chunk_tokens].float()
         gt = g[s:s + chunk_tokens].float().unsqueeze(1)
         d = (gt * (f(x, Wg, Wu, Wd) - f(x, Qg, Qu, Qd))).double()  # (t, H)
-        num += float((d ** 2 * w).sum())
-    return num / X.shape[0]
+        num += (d ** 2).sum(0) @ w.T if w.dim() == 2 else (d ** 2 * w).sum()
+    return float(num) / X.shape[0] if w.dim() == 1 else num.cpu().numpy() / X.shape[0]
 
 
 def fisher_costs(mean_err, counts, tokens: int, importance_floor: float = 1e-3) -> Costs:

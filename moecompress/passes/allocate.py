@@ -129,9 +129,9 @@ def layer_eps(ex, obs: LayerSensitivity, chunk: list[int], candidates, method: s
             quant = (gu[j, :I], gu[j, I:], dn[j])  # (2I, H) -> (I, H), (I, H)
             eps[e, c] = contribution_error(obs.X[e], obs.g[e], dense, quant, ex.glu,
                                            tuple(b.get(p) for p in PROJS))
-            if fisher is not None:  # --cost fisher: (F_l (H,), out (E, C)) -> allocation/fisher.py
+            if fisher is not None:  # --cost fisher: (F (E, K, H), out (E, C, K)) -> allocation/fisher.py
                 fisher[1][e, c] = weighted_output_error(obs.X[e], obs.g[e], dense, quant, ex.glu,
-                                                        tuple(b.get(p) for p in PROJS), fisher[0])
+                                                        tuple(b.get(p) for p in PROJS), fisher[0][e])
 
 
 def sensitivity_pass(reader, config: QuantizeConfig, candidates, windows: torch.Tensor, *,
@@ -155,7 +155,7 @@ def sensitivity_pass(reader, config: QuantizeConfig, candidates, windows: torch.
     L, E, C = len(moe), reader.layer_num_experts(moe[0]), len(candidates)
     tokens, mass = np.zeros((L, E)), np.zeros((L, E))
     eps = np.full((L, E, C), np.nan)
-    feps = None if fisher is None else np.full((L, E, C), np.nan)  # (L, H) Fisher weights -> weighted errors
+    feps = None if fisher is None else np.full((L, E, C, fisher.shape[2]), np.nan)  # (L, E, K, H) -> (L, E, C, K)
     acts = runner.embed()
     last = moe[-1]
     for i in _progress(range(last + 1), desc="allocation: sensitivity", enabled=progress):
@@ -245,15 +245,16 @@ class Allocator:
         moe = list(r.moe_layers)
         fis = None
         if cfg.cost == "fisher":  # loss-weighted costs (allocation/fisher.py): one backward sweep first
-            from ..allocation.fisher import fisher_costs, fisher_pass
+            from ..allocation.fisher import FISHER_VARIANT, VARIANTS, fisher_costs, fisher_pass
             fis = fisher_pass(r, cfg, windows, progress=progress, device=self.device)
         sens = sensitivity_pass(r, cfg, acfg.candidates, windows, progress=progress, device=self.device,
-                                fisher=None if fis is None else fis.weights)
+                                fisher=None if fis is None else fis.per_expert())
         costs = expert_costs(sens["eps"], sens["tokens"], sens["gate_mass"], acfg.alpha, acfg.beta,
                              acfg.importance_floor)
         legacy = costs
         if fis is not None:
-            costs = fisher_costs(sens["fisher_eps"], sens["tokens"], fis.tokens, acfg.importance_floor)
+            costs = fisher_costs(sens["fisher_eps"][..., VARIANTS.index(FISHER_VARIANT)], sens["tokens"], fis.tokens,
+                                 acfg.importance_floor)
         from ..allocation.guard import uniform_guard
         alloc, guard = uniform_guard(build_problem(acfg, costs.cost, self.pricing), allocate(acfg, costs.cost, self.pricing))
         self.allocation = alloc
@@ -274,8 +275,9 @@ class Allocator:
         if fis is not None:  # the legacy costs stay recorded next to the Fisher ones (benchmarks/cost_model.py)
             self.record.update({
                 "fisher_seconds": round(fis.seconds, 3), "fisher_tokens": fis.tokens, "fisher_loss": fis.loss,
-                "fisher_weights": fis.weights.tolist(),
-                "fisher_eps": {lab: _nan_none(sens["fisher_eps"][..., c]) for c, lab in enumerate(labels)},
+                "fisher_weights": fis.weights.tolist(), "fisher_variant": FISHER_VARIANT,
+                "fisher_eps": {v: {lab: _nan_none(sens["fisher_eps"][..., c, k]) for c, lab in enumerate(labels)}
+                               for k, v in enumerate(VARIANTS)},
                 "cost_legacy": {lab: legacy.cost[..., c].tolist() for c, lab in enumerate(labels)}})
         log.info("allocation: sensitivity %.1f s, solve %.2f s (%s), %.4f stored bits/param predicted",
                  sens["seconds"], alloc.solve_seconds, alloc.status, alloc.average_bits)
