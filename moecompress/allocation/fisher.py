@@ -21,6 +21,10 @@ f_{e,b}(x_t)) on the n_e tokens routed to e, estimated from the sensitivity pass
 
 Activation frequency and gate weight enter through n_e and g_{t,e} themselves (no alpha, beta), and layers
 are weighed by their own F. The sum over experts is the LP's objective: a plan's predicted loss increase.
+Variant "expert" replaces F_l by F_{l,e}, the mean of g_t^2 over the tokens routed to e (the experts a
+token goes to see its own gradient), shrunk towards F_l as (S_e + k F_l) / (n_e + k), k = SHRINK_TOKENS, so
+rarely routed experts keep their layer's weights. The sensitivity pass measures both on the same sampled
+tokens; FISHER_VARIANT is the one `--cost fisher` optimises, chosen by benchmarks/cost_model.py.
 
 `fisher_pass` computes F for every MoE layer, streaming decoder layers as the quantize pass does: a forward
 sweep keeps each MoE-or-later layer's input hidden states (S, T, H) (on the run's device, as the pipeline's

@@ -19,7 +19,11 @@ Two phases, so that every user error surfaces before a weight is read:
    stacked, then down; identity Hessian below `min_tokens` tokens) and
        eps_e(b) = sum_t ||g_t (f_e(x_t) - f_e,b(x_t))||^2 / sum_t ||g_t f_e(x_t)||^2   over X_e,
    the error of the MoE block output when only expert e is quantized (allocation.contribution_error).
-   Costs c = phi^alpha w^beta eps(b) (allocation.expert_costs) go to the 0/1 program (allocation.lp).
+   Costs c = phi^alpha w^beta eps(b) (allocation.expert_costs, `--cost legacy`) go to the 0/1 program
+   (allocation.lp). The default `--cost fisher` first runs allocation.fisher.fisher_pass (the loss's squared
+   gradient at each MoE layer's output, streamed in reverse) and weighs each expert's output error by it on
+   the same sampled tokens: the cost is the predicted growth of the mean token loss (allocation/fisher.py).
+   A feasible uniform plan that predicts less replaces the solved plan (allocation/guard.py).
    The candidate "sub1" (ternary experts dictionary-coded to SUB1_BITS bits per weight, everything
    counted; `--candidates sub1,2,3`) is priced at that budget and, as in the quantize pass, its dead-zone
    threshold is searched per batch until the codes fit; here the bytes of a candidate threshold are
