@@ -30,7 +30,7 @@ import shutil
 import numpy as np
 import torch
 
-from ..allocation import AllocationConfig, build_problem, expert_costs, price_candidates
+from ..allocation import AllocationConfig, expert_costs, price_candidates
 from ..allocation.joint import PRUNE, build_joint, fmt_size, parse_size, smallest_bytes, solve_joint
 from ..arch import PROJS
 from ..codecs import QuantSpec, nbytes
@@ -115,7 +115,8 @@ class JointAllocator:
         if not moe:
             raise MoeCompressError("the checkpoint has no MoE layers: nothing to allocate")
         if getattr(config, "cost", "legacy") != "legacy" and PRUNE in config.candidates:
-            raise MoeCompressError("the prune candidate is priced with the default cost model; drop --cost")
+            raise MoeCompressError("the prune candidate's cost is on the legacy scale (phi^alpha w^beta eps, "
+                                   "passes/prune_cost.py): use --cost legacy or drop --cost")
         shapes = {i: reader.expert_shapes(i) for i in moe}
         gs = resolve_group_size(config.group_size, [shapes[i][p][1] for i in moe for p in PROJS])
         layer_shapes = [tuple(shapes[i][p] for p in PROJS) for i in moe]
@@ -156,16 +157,18 @@ class JointAllocator:
         from ..allocation.problem import AllocationProblem
         from ..allocation.pricing import budget_bytes
         acfg = self.acfg
-        try:
-            base = build_problem(acfg, cost, self.pricing)
-        except MoeCompressError as e:  # infeasible without pruning: rebuild unchecked, the joint check decides
-            if "infeasible" not in str(e):
-                raise
-            L, E, C = self.pricing.bytes.shape
-            allowed = np.array([[acfg.layer_bounds(l, L)[0] <= s.bits <= acfg.layer_bounds(l, L)[1]
-                                 for s in acfg.candidates] for l in range(L)])
-            base = AllocationProblem(acfg.candidates, np.asarray(cost, float), self.pricing.bytes, self.pricing.params,
-                                     allowed, None, budget_bytes(self.pricing.params, acfg.budget_bits, "model"), "model")
+        L = self.pricing.bytes.shape[0]
+        allowed = np.zeros((L, len(acfg.candidates)), dtype=bool)
+        for l in range(L):  # the widths' per-layer bounds as build_problem applies them (prune is always allowed)
+            lo, hi = acfg.layer_bounds(l, L)
+            allowed[l] = [lo <= s.bits <= hi for s in acfg.candidates]
+            if not allowed[l].any():
+                raise MoeCompressError(f"layer {l}: no candidate width lies in [{lo}, {hi}] bits; widen --min-bits/--max-bits")
+        if acfg.top_two_each:
+            raise MoeCompressError("--top-two cannot be combined with the prune candidate or --budget; drop one of them")
+        base = AllocationProblem(acfg.candidates, np.asarray(cost, dtype=np.float64), self.pricing.bytes,
+                                 self.pricing.params, allowed, None,
+                                 budget_bytes(self.pricing.params, acfg.budget_bits, "model"), "model")
         if not self.prune:  # --budget without prune: every expert stays
             E = base.shape[1]
             jp = build_joint(base, prune_cost, E)
