@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plan", default=None, help="replay a plan.json (per-expert widths) from an earlier run")
     q.add_argument("--candidates", type=_widths, default=Q.candidates, metavar="B,B,...",
                    help="--allocation lp: the widths an expert may get, from 2,3,4,8 and sub1 (ternary experts "
-                        "dictionary-coded to 1 bit/weight, everything counted) (default " + ",".join(map(str, Q.candidates)) + ")")
+                        "dictionary-coded to 1 bit/weight, everything counted), and prune (0 bytes: the expert and its "
+                        "router row leave; --bits is then stored bits per routed-expert parameter) "
+                        "(default " + ",".join(map(str, Q.candidates)) + ")")
     q.add_argument("--budget", default=None, metavar="SIZE",
                    help="--allocation lp: the whole checkpoint on disk (24GB, 800MB, 1.5GiB or bytes); with prune among "
                         "--candidates, --bits is instead stored bits per routed-expert parameter (pruned experts at 0)")
