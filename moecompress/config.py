@@ -152,7 +152,8 @@ class QuantizeConfig:
             parse_size(self.budget)  # one line on a bad size, before anything is read
         if not self.candidates or any(isinstance(b, bool) or b not in CANDIDATES for b in self.candidates):
             raise MoeCompressError(f"--candidates must list widths from 2, 3, 4, 8 or sub1 (ternary, dictionary-coded "
-                                   f"to 1 bit per weight with everything counted), e.g. sub1,2,3; got {self.candidates}")
+                                   f"to 1 bit per weight with everything counted) and prune (0 bytes), e.g. sub1,2,3 or prune,2,3,4; "
+                                   f"got {self.candidates}")
 
     def to_json(self) -> dict:
         return asdict(self)
