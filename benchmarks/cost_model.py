@@ -184,10 +184,10 @@ def main() -> None:
         json.dump(res, fh, indent=1)
     print(f"\nfixture, GPTQ g64, calib_mix {a.nsamples} x 256, validation tails {a.max_tokens} tokens per domain; "
           f"fisher pass {res['fisher_seconds']:.1f} s, sensitivity pass {res['sensitivity_seconds']:.1f} s")
-    print(f"{"plan":<42} {'bits':>6} " + " ".join(f"{m:>13}" for m in models) + f" {'d log ppl':>10} "
+    print(f"{'plan':<42} {'bits':>6} " + " ".join(f"{m:>13}" for m in models) + f" {'d log ppl':>10} "
           + " ".join(f"{d:>7}" for d in DOMAINS))
     for r in rows:
-        print(f"{r["plan"]:<42} {r['expert_bits_per_param']:>6.3f} "
+        print(f"{r['plan']:<42} {r['expert_bits_per_param']:>6.3f} "
               + " ".join(f"{r['predicted'][m]:>13.5f}" for m in models)
               + f" {r['mean_log_ppl'] - base['mean_log_ppl']:>10.5f} " + " ".join(f"{r['perplexity'][d]:>7.3f}" for d in DOMAINS))
     for m, s in res["spearman"].items():
