@@ -258,7 +258,7 @@ def cmd_quantize(a) -> int:
             rec = json.load(open(rp)) if os.path.isfile(rp) else {}
             if "fisher_seconds" in rec:  # --cost fisher: its pass's time (allocation/fisher.py)
                 print(f"allocation: fisher pass {rec['fisher_seconds']:.1f} s ({rec['fisher_tokens']} tokens), "
-                      f"predicted loss increase {rec['allocation']['objective']:.5f} nats/token")
+                      f"predicted loss increase {rec.get('allocation', rec)['objective']:.5f} nats/token")  # joint: top level
     return 0
 
 

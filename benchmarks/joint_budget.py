@@ -4,8 +4,9 @@ At B = 2.0 and 1.5 average bits per routed-expert parameter of the original mode
 counted: the whole checkpoint gets `--budget` = the bytes of everything but the routed experts, as stored,
 plus B x P / 8 for the experts), for every calibration seed and every domain:
 
-    joint     quantize --allocation lp --candidates prune,sub1,2,3,4 --budget SIZE
-    lp        quantize --allocation lp --candidates sub1,2,3,4 --budget SIZE            (widths alone)
+    joint     quantize --allocation lp --candidates prune,sub1,2,3,4 --budget SIZE --cost fisher
+    joint-legacy   the same with --cost legacy (phi^alpha w^beta eps, prune priced on that scale)
+    lp        quantize --allocation lp --candidates sub1,2,3,4 --budget SIZE            (widths alone; default cost)
     reap-K    prune --method reap --experts K (the prune pass with its refit), then
               quantize <pruned> --allocation lp --candidates sub1,2,3,4 --budget SIZE  for K in 7 6 5 4;
               "best reap" is the K with the lowest mean log perplexity over the domains (per B, over seeds)
@@ -72,11 +73,12 @@ def evaluate(out: str, texts: dict, max_tokens: int) -> dict:
     return {d: res[t]["perplexity"] for d, t in texts.items()}
 
 
-def one(name: str, source: str, cands: str, size: int, params: int, seed: int, a, texts: dict, work: str) -> dict:
+def one(name: str, source: str, cands: str, size: int, params: int, seed: int, a, texts: dict, work: str,
+        extra=()) -> dict:
     out = os.path.join(work, f"{name}-s{seed}")
     t0 = time.time()
     cli("quantize", source, "--out", out, "--allocation", "lp", "--candidates", cands, "--budget", size,
-        "--group-size", GROUP, "--calib", a.calib, "--nsamples", a.nsamples, "--seed", seed)
+        "--group-size", GROUP, "--calib", a.calib, "--nsamples", a.nsamples, "--seed", seed, *extra)
     secs = time.time() - t0
     man = json.load(open(os.path.join(out, "moecompress.json")))
     files = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".safetensors"))
@@ -103,7 +105,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32768)
     ap.add_argument("--split", choices=("validation", "test"), default="validation")
     ap.add_argument("--reap", type=int, nargs="*", default=[7, 6, 5, 4], help="experts per layer of the REAP rows")
-    ap.add_argument("--rows", nargs="+", default=["joint", "lp", "reap"], choices=["joint", "lp", "reap"])
+    ap.add_argument("--rows", nargs="+", default=["joint", "joint-legacy", "lp", "reap"],
+                    choices=["joint", "joint-legacy", "lp", "reap"])
     ap.add_argument("--json", default=None)
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
@@ -120,7 +123,7 @@ def main() -> None:
         reduced = {}
         if "reap" in a.rows:
             for K in a.reap:  # the prune pass with its defaults (REAP saliency, refit), this seed's windows
-                reduced[K] = os.path.join(work, f"reap{K}-s{seed}")
+                reduced[K] = os.path.join(work, f"pruned{K}-s{seed}")
                 if not os.path.exists(reduced[K]):
                     cli("prune", a.model, "--experts", K, "--method", "reap", "--out", reduced[K], "--calib", a.calib,
                         "--nsamples", a.nsamples, "--seed", seed)
@@ -130,13 +133,15 @@ def main() -> None:
                   flush=True)
             jobs = []
             if "joint" in a.rows:
-                jobs.append(("joint", a.model, "prune,sub1,2,3,4"))
+                jobs.append(("joint", a.model, "prune,sub1,2,3,4", ("--cost", "fisher")))
+            if "joint-legacy" in a.rows:
+                jobs.append(("joint-legacy", a.model, "prune,sub1,2,3,4", ("--cost", "legacy")))
             if "lp" in a.rows:
-                jobs.append(("lp", a.model, "sub1,2,3,4"))
-            jobs += [(f"reap{K}", reduced[K], "sub1,2,3,4") for K in a.reap if "reap" in a.rows]
-            for name, src, cands in jobs:
+                jobs.append(("lp", a.model, "sub1,2,3,4", ()))
+            jobs += [(f"reap{K}", reduced[K], "sub1,2,3,4", ()) for K in a.reap if "reap" in a.rows]
+            for name, src, cands, extra in jobs:
                 try:
-                    row = one(name, src, cands, size, params, seed, a, texts, work)
+                    row = one(name, src, cands, size, params, seed, a, texts, work, extra)
                 except RuntimeError as e:  # e.g. REAP-4 + sub1 cannot reach the budget: recorded, not fatal
                     print(f"  {name:8s} seed {seed}: {e}", flush=True)
                     row = {"row": name, "seed": seed, "error": str(e)}
@@ -152,7 +157,8 @@ def main() -> None:
 def print_table(results: dict, a) -> None:
     rows = [r for r in results["rows"] if "ppl" in r]
     for bits in a.bits:
-        names = sorted({r["row"] for r in rows if r["bits"] == bits}, key=lambda n: (n != "joint", n != "lp", n))
+        names = sorted({r["row"] for r in rows if r["bits"] == bits},
+                       key=lambda n: (not n.startswith("joint"), n != "lp", n))
         logm = {}
         for n in names:
             rs = [r for r in rows if r["bits"] == bits and r["row"] == n]

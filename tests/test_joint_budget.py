@@ -272,3 +272,31 @@ def test_budget_without_prune_runs_the_widths_lp_within_the_checkpoint_size(tiny
     with pytest.raises(MoeCompressError, match="smallest plan takes"):
         quantize(model, str(tmp_path / "c"), replace(base, budget=str(fixed + 100)), progress=False)
     assert not os.path.exists(tmp_path / "c")
+
+
+def test_prune_error_units():
+    """set_error: the Fisher-weighted error with F = 1 is the plain one; F = 2 doubles it; an expert nobody
+    routes to and whose output is zero costs (almost) nothing to prune; contribution energy is what it says."""
+    from moecompress.merge.stats import compute_layer_stats, expert_forward
+    from moecompress.passes.prune_cost import contribution_energy, set_error
+    torch.manual_seed(0)
+    E, H, I, N = 4, 16, 32, 512
+    gu, dn = torch.randn(E, 2 * I, H) / 4, torch.randn(E, H, I) / 6
+    dn[3] = 0
+    rw = torch.randn(E, H)
+    rb = torch.tensor([0.0, 0.0, 0.0, -1e4])  # expert 3 is never chosen
+    x = torch.randn(N, H)
+    logits = x @ rw.T + rb
+    w, idx = logits.softmax(-1).topk(2, -1)
+    w = w / w.sum(-1, keepdim=True)
+    st = compute_layer_stats(x, logits, idx, w, gu, dn, max_output_tokens=128, max_router_samples=N)
+    a, af = set_error(st, gu, dn, rw, rb, [0], 2, fisher=torch.ones(H))
+    assert a > 0 and af == pytest.approx(a, rel=1e-9)
+    assert set_error(st, gu, dn, rw, rb, [0], 2, fisher=2 * torch.ones(H))[1] == pytest.approx(2 * a, rel=1e-9)
+    assert math.isnan(set_error(st, gu, dn, rw, rb, [0], 2)[1])
+    a3, _ = set_error(st, gu, dn, rw, rb, [3], 2)
+    assert a3 < 1e-3 * a
+    D = contribution_energy(st, gu, dn)
+    tok, slot = torch.where(idx == 1)
+    direct = float(((w[tok, slot, None] * expert_forward(x[tok], gu[1], dn[1])).double() ** 2).sum())
+    assert D[1] == pytest.approx(direct, rel=1e-6) and D[3] == 0

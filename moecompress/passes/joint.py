@@ -114,9 +114,6 @@ class JointAllocator:
         moe = list(reader.moe_layers)
         if not moe:
             raise MoeCompressError("the checkpoint has no MoE layers: nothing to allocate")
-        if getattr(config, "cost", "legacy") != "legacy" and PRUNE in config.candidates:
-            raise MoeCompressError("the prune candidate's cost is on the legacy scale (phi^alpha w^beta eps, "
-                                   "passes/prune_cost.py): use --cost legacy or drop --cost")
         shapes = {i: reader.expert_shapes(i) for i in moe}
         gs = resolve_group_size(config.group_size, [shapes[i][p][1] for i in moe for p in PROJS])
         layer_shapes = [tuple(shapes[i][p] for p in PROJS) for i in moe]
@@ -179,15 +176,25 @@ class JointAllocator:
         from .prune_cost import PruneMeter
         r, cfg, acfg = self.reader, self.config, self.acfg
         moe = list(r.moe_layers)
-        meter = PruneMeter(r, self.top_k) if self.prune else None
-        sens = sensitivity_pass(r, cfg, acfg.candidates, windows, progress=progress, device=self.device, prune=meter)
+        fis = None
+        if getattr(cfg, "cost", "legacy") == "fisher":  # loss-weighted costs (allocation/fisher.py), prune's too
+            from ..allocation.fisher import FISHER_VARIANT, VARIANTS, fisher_costs, fisher_pass
+            fis = fisher_pass(r, cfg, windows, progress=progress, device=self.device)
+        meter = PruneMeter(r, self.top_k, fisher=None if fis is None else fis.weights) if self.prune else None
+        sens = sensitivity_pass(r, cfg, acfg.candidates, windows, progress=progress, device=self.device, prune=meter,
+                                fisher=None if fis is None else fis.per_expert())
         eps = sens["eps"]
         if meter is not None:
             eps = np.concatenate([eps, meter.eps[..., None]], axis=2)
         costs = expert_costs(eps, sens["tokens"], sens["gate_mass"], acfg.alpha, acfg.beta, acfg.importance_floor)
         C = len(acfg.candidates)
         pc = costs.cost[..., C] if meter is not None else np.zeros(costs.cost.shape[:2])
-        prob = self._problem(costs.cost[..., :C], pc)
+        wc = costs.cost[..., :C]
+        if fis is not None:
+            wc = fisher_costs(sens["fisher_eps"][..., VARIANTS.index(FISHER_VARIANT)], sens["tokens"], fis.tokens,
+                              acfg.importance_floor).cost
+            pc = meter.fisher_cost if meter is not None else pc
+        prob = self._problem(wc, pc)
         res = solve_joint(prob, meter.ratio if meter is not None else None, mip_gap=acfg.mip_gap,
                           time_limit_s=acfg.time_limit_s, seed=acfg.seed)
         self.result = res
@@ -211,8 +218,13 @@ class JointAllocator:
             "sample_tokens": SAMPLE_TOKENS, "tokens": sens["tokens"].astype(int).tolist(),
             "eps": {lab: _nan_none(eps[..., c]) for c, lab in enumerate(labels[:eps.shape[2]])},
             "cost": {lab: costs.cost[..., c].tolist() for c, lab in enumerate(labels[:eps.shape[2]])},
-            "objective": res.objective,
+            "objective": res.objective, "cost_model": getattr(cfg, "cost", "legacy"),
+            "objective_units": "predicted nats per token" if fis is not None else "phi^alpha w^beta eps",
         }
+        if fis is not None:
+            self.record.update({"fisher_seconds": round(fis.seconds, 3), "fisher_tokens": fis.tokens,
+                                "fisher_cost": {lab: wc[..., c].tolist() for c, lab in enumerate(labels[:C])}
+                                | ({PRUNE: pc.tolist()} if meter is not None else {})})
         log.info("joint allocation: %d experts pruned, %.4f stored bits per routed-expert parameter, %s predicted on disk",
                  sum(map(len, pruned.values())), 8 * res.predicted_bytes / P, fmt_size(predicted_total))
         out = {}

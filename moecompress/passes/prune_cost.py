@@ -17,6 +17,11 @@ block output in units of e's contribution, and the pass multiplies both by the s
 the costs are comparable. An expert with no routed token in the sample gets its layer's mean eps_prune
 (and the floored importance, as for the widths).
 
+With `--cost fisher` (allocation/fisher.py) the meter also gets each layer's F_l (H,) and the prune cost is
+on that scale: 1/2 mean_{x in sample} sum_i F_{l,i} (Y(x) - Y_P(x))_i^2, the predicted growth of the mean
+token loss, as fisher_costs gives the widths (there n_e / (2N) times the mean over e's routed tokens, that is
+the same 1/2 mean over all tokens of the same weighted error).
+
 `ratio(l, P)` re-measures a whole pruned set for the joint solver's rounds (allocation/joint.py):
 A(P) / sum_{e in P} A({e}). It re-reads the layer's experts and router from the checkpoint (the meter
 keeps only the token samples, at most L x max_tokens x H floats).
@@ -44,13 +49,14 @@ def _router_tensors(reader, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     return w, (reader.get(found["bias"]).float() if "bias" in found else None)
 
 
-def set_error(st, gu, dn, rw, rb, pruned, top_k: int, y: torch.Tensor | None = None) -> float:
-    """A(P) of module docstring on the sample of LayerStats `st` (gu (E, 2I, H), dn (E, H, I), router rw (E, H));
-    y: the original block output on the sample (computed when None)."""
+def set_error(st, gu, dn, rw, rb, pruned, top_k: int, y: torch.Tensor | None = None,
+              fisher: torch.Tensor | None = None) -> tuple[float, float]:
+    """(A(P), A_F(P)) of module docstring on the sample of LayerStats `st` (gu (E, 2I, H), dn (E, H, I), router
+    rw (E, H)); y: the original block output on the sample (computed when None); fisher (H,): F_l (NaN without)."""
     E = gu.shape[0]
     x, idx, w = st.router_inputs.float(), st.router_topk_index, st.router_topk_weight.float()
     if x.shape[0] == 0:
-        return 0.0
+        return 0.0, 0.0
     keep = [(e,) for e in range(E) if e not in set(pruned)]
     red = merge_groups(gu, dn, rw, rb, keep, method="reap", stats=st, router_mode="dominant", refit=True,
                        top_k=top_k, ridge=PRUNE_RIDGE)
@@ -58,7 +64,8 @@ def set_error(st, gu, dn, rw, rb, pruned, top_k: int, y: torch.Tensor | None = N
     y = moe_output(x, gu, dn, idx, w) if y is None else y
     i2, w2 = route(x, red.router_weight, red.router_bias, min(top_k, red.num_experts), renorm)
     y2 = moe_output(x, red.gate_up, red.down, i2, w2)
-    return float(((y - y2).double() ** 2).sum())
+    d2 = (y - y2).double() ** 2  # (N, H)
+    return float(d2.sum()), (float((d2 * fisher.double()).sum()) if fisher is not None else float("nan"))
 
 
 def contribution_energy(st, gu, dn) -> np.ndarray:
@@ -78,14 +85,17 @@ def contribution_energy(st, gu, dn) -> np.ndarray:
 class PruneMeter:
     """Collects eps_prune (L, E) during the sensitivity pass and re-measures pruned sets afterwards."""
 
-    def __init__(self, reader, top_k: int, max_tokens: int = MAX_TOKENS):
+    def __init__(self, reader, top_k: int, max_tokens: int = MAX_TOKENS, fisher: np.ndarray | None = None):
         self.reader, self.top_k, self.max_tokens = reader, int(top_k), int(max_tokens)
+        self.fisher = None if fisher is None else torch.as_tensor(np.asarray(fisher), dtype=torch.float64)  # (L, H)
         self.moe = list(reader.moe_layers)
         E = reader.layer_num_experts(self.moe[0])
         self.stats: dict[int, object] = {}
         self.single = np.zeros((len(self.moe), E))  # A({e})
         self.energy = np.zeros((len(self.moe), E))  # D_e
         self.eps = np.full((len(self.moe), E), np.nan)
+        self.single_f = np.full((len(self.moe), E), np.nan)  # A_F({e})
+        self.fisher_cost = np.full((len(self.moe), E), np.nan)  # --cost fisher: predicted nats per token
         self.seconds = 0.0
 
     def _weights(self, i: int, ex=None):
@@ -109,8 +119,11 @@ class PruneMeter:
         gu, dn, rw, rb = self._weights(i, ex)
         self.energy[l] = contribution_energy(st, gu, dn)
         y = moe_output(st.router_inputs.float(), gu, dn, st.router_topk_index, st.router_topk_weight.float())
+        fw = None if self.fisher is None else self.fisher[l]
         for e in range(gu.shape[0]):
-            self.single[l, e] = set_error(st, gu, dn, rw, rb, [e], self.top_k, y)
+            self.single[l, e], self.single_f[l, e] = set_error(st, gu, dn, rw, rb, [e], self.top_k, y, fw)
+        if fw is not None:  # 1/2 mean_t sum_i F_i dy_i^2 over the layer's sampled tokens (allocation/fisher.py's units)
+            self.fisher_cost[l] = 0.5 * self.single_f[l] / max(1, st.router_inputs.shape[0])
         ok = self.energy[l] > 0
         self.eps[l, ok] = self.single[l, ok] / self.energy[l, ok]
         if (~ok).any():
@@ -123,8 +136,11 @@ class PruneMeter:
         import time
         t0 = time.time()
         gu, dn, rw, rb = self._weights(self.moe[l])
-        joint = set_error(self.stats[l], gu, dn, rw, rb, pruned, self.top_k)
+        joint, joint_f = set_error(self.stats[l], gu, dn, rw, rb, pruned, self.top_k, None,
+                                   None if self.fisher is None else self.fisher[l])
         alone = float(self.single[l, pruned].sum())
+        if self.fisher is not None:  # the Fisher-weighted errors when those are the costs
+            joint, alone = joint_f, float(self.single_f[l, pruned].sum())
         self.seconds += time.time() - t0
         r = joint / alone if alone > 0 else 1.0
         log.info("prune cost, layer %d: pruning %s together costs %.3fx the sum of single prunes",
