@@ -114,8 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--beta", type=float, default=Q.beta, help=f"--allocation lp: cost exponent of gate weight (default {Q.beta})")
     q.add_argument("--cost", choices=["fisher", "legacy"], default=None,
                    help="--allocation lp: the objective: fisher (each expert's output error weighted by the loss's "
-                        "squared gradient, predicted nats per token) or legacy (phi^alpha w^beta eps) (default fisher; "
-                        "legacy with the prune candidate)")
+                        "squared gradient, predicted nats per token) or legacy (phi^alpha w^beta eps) (default fisher)")
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     q.add_argument("--percdamp", type=float, default=Q.percdamp, help=f"GPTQ relative damping (default {Q.percdamp})")
     q.add_argument("--affinity", action="store_true", help="weight each token's Hessian term by its gate weight (AGQ)")

@@ -90,8 +90,8 @@ class QuantizeConfig:
     alpha: float = 1.0               # cost = phi^alpha * w^beta * eps(b)
     beta: float = 1.5
     cost: str | None = None          # --allocation lp objective: "fisher", loss-weighted costs (allocation/fisher.py), or
-    # "legacy", phi^alpha w^beta eps; None: fisher (it ranks plans as perplexity does, benchmarks/cost_model.py), legacy
-    # where "prune" is a candidate (the prune cost is on the legacy scale, passes/prune_cost.py)
+    # "legacy", phi^alpha w^beta eps; None: fisher (it ranks plans as perplexity does, benchmarks/cost_model.py; the
+    # prune candidate is priced on either scale, passes/prune_cost.py, and wins with fisher: benchmarks/joint_budget.py)
     calib: CalibConfig = field(default_factory=CalibConfig)
     format_version: int = FORMAT_VERSION
 
@@ -139,7 +139,7 @@ class QuantizeConfig:
         if self.allocation == "lp" and self.method == "ternary":
             raise MoeCompressError("--allocation lp chooses among integer widths: use --method gptq or rtn")
         if self.cost is None:
-            object.__setattr__(self, "cost", "legacy" if isinstance(self.candidates, (list, tuple)) and "prune" in self.candidates else "fisher")
+            object.__setattr__(self, "cost", "fisher")
         if self.cost not in ("fisher", "legacy"):
             raise MoeCompressError(f"--cost must be fisher or legacy, got {self.cost!r}")
         if self.budget_scope not in ("model", "layer"):

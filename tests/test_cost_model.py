@@ -186,7 +186,7 @@ def test_allocator_with_fisher_cost_records_both_models(tiny_dir):
     assert build_parser().parse_args(["quantize", "--cost", "legacy"]).cost == "legacy"
     from moecompress.config import QuantizeConfig
     assert QuantizeConfig(allocation="lp", bits=2.5).cost == "fisher"  # the default, by benchmarks/cost_model.py
-    assert QuantizeConfig(allocation="lp", bits=2.5, candidates=("prune", 2, 3)).cost == "legacy"
+    assert QuantizeConfig(allocation="lp", bits=2.5, candidates=("prune", 2, 3)).cost == "fisher"  # prune too
     with pytest.raises(MoeCompressError, match="--cost must be fisher or legacy"):
         QuantizeConfig(allocation="lp", bits=2.5, cost="hessian")
     with pytest.raises(SystemExit):
