@@ -24,6 +24,11 @@ ratio (n_e / S_e) would give a never-routed expert nothing. GPTQ is invariant to
 only the blend matters. MoEQuant's affinity weighting is the routed term with --affinity;
 calibrate-all-experts (llm-compressor) is the all-token term with uniform scores, here weighted by
 the router instead.
+Measured on the demo model (g64, 32 x 256 tokens of calib_mix.txt, seeds 0-2; validation: 8,192 tokens
+of each fixture calib_<domain>.txt past the 150,000 characters calib_mix.txt holds; mean over the four
+domains of the perplexity increase, paired by seed against routed-only): 2-bit L = 0.3 / 1 / 3 / 10:
+-0.95 / -1.96 / -2.26 / -2.06 points (every seed lower), --hessian-prior 1: -1.15, --affinity alone +0.52,
+--affinity with L = 1: -1.41; 3-bit: every option within 0.1 point of routed-only (seed spread ~0.2).
 """
 from __future__ import annotations
 
