@@ -45,7 +45,8 @@ def cli(*args) -> str:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     r = subprocess.run([sys.executable, "-m", "moecompress.cli", "-q", *args], capture_output=True, text=True, env=env)
     if r.returncode:
-        raise RuntimeError(f"moecompress {' '.join(args[:2])} failed: {(r.stderr or r.stdout).strip().splitlines()[-1]}")
+        last = (r.stderr or r.stdout).strip().splitlines()[-1]
+        raise RuntimeError(f"moecompress {' '.join(args[:2])} failed: {last}")
     return r.stdout
 
 

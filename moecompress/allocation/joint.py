@@ -145,7 +145,8 @@ def solve_once(prob: JointProblem, pc: np.ndarray, mip_gap: float = 1e-4, time_l
                     obj.append((v, float(coef[i, e, c])))
                     if sub[i, e, c]:
                         budget.append((v, int(sub[i, e, c]) // g))
-                lp.addConstraint(pulp.LpConstraint(pulp.LpAffineExpression(row), pulp.LpConstraintEQ, rhs=1), f"one_{l}_{e}")
+                lp.addConstraint(pulp.LpConstraint(pulp.LpAffineExpression(row), pulp.LpConstraintEQ, rhs=1),
+                                 f"one_{l}_{e}")
             p = [x[(l, e, C)] for e in range(E)]
             lp.addConstraint(pulp.LpConstraint(pulp.LpAffineExpression([(v, 1) for v in p]), pulp.LpConstraintLE,
                                                rhs=E - int(prob.min_keep[l])), f"keep_{l}")

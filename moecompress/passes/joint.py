@@ -33,7 +33,7 @@ import torch
 from ..allocation import AllocationConfig, expert_costs, price_candidates
 from ..allocation.joint import PRUNE, build_joint, fmt_size, parse_size, smallest_bytes, solve_joint
 from ..arch import PROJS
-from ..codecs import QuantSpec, nbytes
+from ..codecs import nbytes
 from ..config import resolve_group_size
 from ..errors import MoeCompressError
 from .allocate import Allocator, SAMPLE_TOKENS, _nan_none, _num_experts, candidate_spec, sensitivity_pass
@@ -85,7 +85,8 @@ def fixed_bytes(reader, config, group_size: int) -> tuple[int, dict[int, int]]:
         arch = reader.arch
         for i in reader.moe_layers:
             for path in arch.shared_expert_paths:
-                keys = [arch.to_disk(f"{reader.prefix}.{i}.{path}.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj")]
+                keys = [arch.to_disk(f"{reader.prefix}.{i}.{path}.{p}.weight")
+                        for p in ("gate_proj", "up_proj", "down_proj")]
                 keys = [k for k in keys if k in reader.tensors]
                 if not keys:
                     continue
@@ -122,7 +123,7 @@ class JointAllocator:
         widths = [c for c in config.candidates if c != PRUNE]
         if not widths:
             raise MoeCompressError("--candidates needs at least one width besides prune, e.g. prune,2,3,4")
-        cands = tuple(sorted({candidate_spec(c, gs) for c in widths}, key=lambda q: (q.bits, q.codec)))
+        cands = tuple(sorted({candidate_spec(c, gs, config.grid) for c in widths}, key=lambda q: (q.bits, q.codec)))
         self.pricing = price_candidates(cands, layer_shapes, len(moe), E)
         P = int(self.pricing.params.sum())
         self.fixed, self.router_rows = fixed_bytes(reader, config, gs)
@@ -160,9 +161,11 @@ class JointAllocator:
             lo, hi = acfg.layer_bounds(l, L)
             allowed[l] = [lo <= s.bits <= hi for s in acfg.candidates]
             if not allowed[l].any():
-                raise MoeCompressError(f"layer {l}: no candidate width lies in [{lo}, {hi}] bits; widen --min-bits/--max-bits")
+                raise MoeCompressError(f"layer {l}: no candidate width lies in [{lo}, {hi}] bits; "
+                                       f"widen --min-bits/--max-bits")
         if acfg.top_two_each:
-            raise MoeCompressError("--top-two cannot be combined with the prune candidate or --budget; drop one of them")
+            raise MoeCompressError("--top-two cannot be combined with the prune candidate or --budget; "
+                                   "drop one of them")
         base = AllocationProblem(acfg.candidates, np.asarray(cost, dtype=np.float64), self.pricing.bytes,
                                  self.pricing.params, allowed, None,
                                  budget_bytes(self.pricing.params, acfg.budget_bits, "model"), "model")
@@ -210,7 +213,8 @@ class JointAllocator:
             "fixed_bytes": self.fixed, "router_row_bytes": {str(i): b for i, b in self.router_rows.items()},
             "predicted_bytes": res.predicted_bytes, "predicted_total_bytes": predicted_total,
             "predicted_bits_per_param": 8 * res.predicted_bytes / P, "expert_params": P,
-            "sensitivity_seconds": round(sens["seconds"], 3), "prune_cost_seconds": round(meter.seconds, 3) if meter else 0.0,
+            "sensitivity_seconds": round(sens["seconds"], 3),
+            "prune_cost_seconds": round(meter.seconds, 3) if meter else 0.0,
             "solve_seconds": round(res.seconds, 3), "status": res.status, "rounds": res.rounds,
             "choice": [[labels[c] for c in row] for row in res.choice.tolist()],
             "pruned": {str(i): p for i, p in pruned.items()},
@@ -225,7 +229,8 @@ class JointAllocator:
             self.record.update({"fisher_seconds": round(fis.seconds, 3), "fisher_tokens": fis.tokens,
                                 "fisher_cost": {lab: wc[..., c].tolist() for c, lab in enumerate(labels[:C])}
                                 | ({PRUNE: pc.tolist()} if meter is not None else {})})
-        log.info("joint allocation: %d experts pruned, %.4f stored bits per routed-expert parameter, %s predicted on disk",
+        log.info("joint allocation: %d experts pruned, %.4f stored bits per routed-expert parameter, "
+                 "%s predicted on disk",
                  sum(map(len, pruned.values())), 8 * res.predicted_bytes / P, fmt_size(predicted_total))
         out = {}
         for l, i in enumerate(moe):
@@ -238,10 +243,10 @@ class JointAllocator:
 def joint_table(record: dict) -> str:
     """Layer x expert picture of a joint plan: each cell the width label, or `--` where pruned."""
     ch, moe = record["choice"], record["moe_layers"]
-    short = {lab: ("--" if lab == PRUNE else lab.replace("int", "").replace("g" + str(record["config"]["group_size"]), ""))
-             for row in ch for lab in row}
+    g = "g" + str(record["config"]["group_size"])
+    short = {lab: ("--" if lab == PRUNE else lab.replace("int", "").replace(g, "")) for row in ch for lab in row}
     w = max(2, max(len(v) for v in short.values()), len(str(len(ch[0]) - 1)))
-    out = [f"layer | " + " ".join(f"{e:>{w}}" for e in range(len(ch[0]))) + " | kept"]
+    out = ["layer | " + " ".join(f"{e:>{w}}" for e in range(len(ch[0]))) + " | kept"]
     out.append("-" * len(out[0]))
     for i, row in zip(moe, ch):
         out.append(f"{i:>5} | " + " ".join(f"{short[v]:>{w}}" for v in row) + f" | {sum(v != PRUNE for v in row)}")
@@ -277,8 +282,9 @@ def quantize_pruned(reader, out: str, config, specs: dict, windows: torch.Tensor
                                       fingerprints=run_fingerprints(reduced, config, new, windows, plan),
                                       allocator=allocator, resume=False, progress=progress, dist=dist, device=device)
         run = os.path.join(out, "run")
-        entries = [{"layer": i, "expert": e, **({"codec": PRUNE, "bits": 0, "group_size": 0, "options": {}}
-                                                 if s == PRUNE else s.to_json())} for (i, e), s in sorted(specs.items())]
+        pruned_entry = {"codec": PRUNE, "bits": 0, "group_size": 0, "options": {}}
+        entries = [{"layer": i, "expert": e, **(pruned_entry if s == PRUNE else s.to_json())}
+                   for (i, e), s in sorted(specs.items())]
         _replace_json(os.path.join(run, "plan.json"), {"format_version": 1, "source_fingerprint": reader.fingerprint,
                                                        "experts": entries})
         with open(os.path.join(run, "run_config.json")) as f:
