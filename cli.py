@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cost", choices=["fisher", "legacy"], default=None,
                    help="--allocation lp: the objective: fisher (each expert's output error weighted by the loss's "
                         "squared gradient, predicted nats per token) or legacy (phi^alpha w^beta eps) (default fisher)")
-    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=Q.act_order,
+                   help="GPTQ: quantize columns by decreasing Hessian diagonal, groups on their static original-order "
+                        "grids (default on; --no-act-order: natural column order)")
     q.add_argument("--percdamp", type=float, default=Q.percdamp, help=f"GPTQ relative damping (default {Q.percdamp})")
     q.add_argument("--affinity", action="store_true", help="weight each token's Hessian term by its gate weight (AGQ)")
     q.add_argument("--ternary-threshold", type=float, default=Q.ternary_threshold,

@@ -61,7 +61,7 @@ class QuantizeConfig:
     allocation: str = "uniform"
     percdamp: float = 0.01
     block_size: int = 128
-    act_order: bool = False
+    act_order: bool = True           # GPTQ columns by decreasing Hessian diagonal, static groups (issue 21: the default)
     affinity: bool = False           # AGQ: weight each token's Hessian term by its gate weight
     min_tokens: int = 16             # fewer routed tokens than this: round-to-nearest (GPTQ on the prior with hessian_prior)
     hessian_prior: float = 0.0       # a > 0: each expert's Hessian + a * K tokens' worth of its all-token statistics
@@ -70,8 +70,9 @@ class QuantizeConfig:
     router_bits: int | None = None   # MoEQuant: GPTQ the router too (2/3/4/8), routing recomputed with it
     symmetric: bool = False          # symmetric integer grids (zero at 2^(b-1), scale from max|w|): routed and
     # shared experts; what compressed-tensors' symmetric pack-quantized stores (`moecompress export`)
-    grid: str = "minmax"             # how integer grids fit each group's range: "minmax", or "mse" (the clipping
-    # of least rounding error, quant/grids.py); same format and size
+    grid: str = "mse"                # how integer grids fit each group's range: "mse" (the clipping of least
+    # rounding error, quant/grids.py; the default) or "minmax"; same format and size. Every integer grid of the
+    # run: routed experts (uniform or LP candidates) and shared experts
     rotate: bool = False             # --rotate: randomized Hadamard rotation of the routed experts' input dimension
     # before GPTQ (incoherence processing, quant/hadamard.py); signs stored per layer in the packed checkpoint
     shared_bits: int | None = None   # shared experts' width (2/3/4/8; 0 keeps them dense); None: --bits when
@@ -130,9 +131,6 @@ class QuantizeConfig:
                                    "without --allocation lp); drop --symmetric or those options")
         if self.grid not in GRIDS:
             raise MoeCompressError(f"unknown --grid {self.grid!r}; choose one of {', '.join(GRIDS)}")
-        if self.grid != "minmax" and (self.method == "ternary" or self.allocation != "uniform"):
-            raise MoeCompressError(f"--grid {self.grid} applies to uniform integer widths (--method gptq or rtn, --bits "
-                                   "2/3/4/8 without --allocation lp); drop --grid or those options")
         if self.rotate and self.method == "ternary":
             raise MoeCompressError("--rotate applies to integer codes (ternary codes live on the zeros a rotation would "
                                    "spread): use --method gptq or rtn, or drop --rotate")

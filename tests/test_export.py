@@ -159,7 +159,7 @@ def test_symmetric_checkpoint_records_its_grid(sym4):
     from safetensors import safe_open
     s4, _ = sym4
     plan = json.load(open(os.path.join(s4, "run", "plan.json")))
-    assert all(e["options"] == {"sym": 1} for e in plan["experts"])
+    assert all(e["options"] == {"grid": "mse", "sym": 1} for e in plan["experts"])  # the default --grid mse
     assert json.load(open(os.path.join(s4, "run", "run_config.json")))["config"]["symmetric"] is True
     assert json.load(open(os.path.join(s4, "moecompress.json")))["int_grids"] == ["symmetric"]
     with safe_open(os.path.join(s4, "layer-00001.safetensors"), "pt") as f:
@@ -209,7 +209,7 @@ def _llmc_patterns(scheme: dict) -> dict:
     return out
 
 
-def _check_layout(ct: str, scheme: dict, act_order: bool = False) -> None:
+def _check_layout(ct: str, scheme: dict, act_order: bool = True) -> None:  # quantize's default: act-order
     ours = json.load(open(os.path.join(ct, "config.json")))["quantization_config"]
     theirs = scheme["quantization_config"]
     assert ours.keys() == theirs.keys()

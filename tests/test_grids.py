@@ -128,13 +128,13 @@ def test_weighted_search_minimises_the_weighted_error(name):
 def test_grid_option_validation():
     from moecompress.cli import main
     from moecompress.quant.grids import int_options
-    assert QuantizeConfig(grid="mse").grid == "mse" and QuantizeConfig().grid == "minmax"
+    assert QuantizeConfig(grid="minmax").grid == "minmax" and QuantizeConfig().grid == "mse"  # mse: the default
     with pytest.raises(MoeCompressError, match="--grid"):
         QuantizeConfig(grid="percentile")
-    with pytest.raises(MoeCompressError, match="--grid mse"):
-        QuantizeConfig(grid="mse", method="ternary", bits=1.6)
-    with pytest.raises(MoeCompressError, match="--grid mse"):
-        QuantizeConfig(grid="mse", allocation="lp", bits=2.5)
+    # every integer grid of the run follows --grid: the LP's integer candidates too (sub1 has its own fit)
+    from moecompress.passes.allocate import candidate_spec
+    assert candidate_spec(3, 64, "mse").option("grid") == "mse" and candidate_spec(3, 64, "minmax").options == ()
+    assert candidate_spec("sub1", 64, "mse").codec == "sub1"
     with pytest.raises(ValueError):
         int_options(False, "percentile")
     with pytest.raises(SystemExit) as e:
@@ -153,7 +153,8 @@ def test_quantize_grid_mse_end_to_end(tmp_path):
     mse, mm = str(tmp_path / "mse"), str(tmp_path / "mm")
     assert main(["-q", "quantize", TRAINED, "--out", mse, "--bits", "2", "--group-size", "64", "--grid", "mse",
                  "--nsamples", "8", "--seed", "0", "--calib", calib]) == 0
-    quantize(TRAINED, mm, QuantizeConfig(bits=2, group_size=64, calib=CalibConfig((calib,), nsamples=8, seed=0)),
+    quantize(TRAINED, mm, QuantizeConfig(bits=2, group_size=64, grid="minmax",
+                                         calib=CalibConfig((calib,), nsamples=8, seed=0)),
              progress=False)
     man = {d: json.load(open(os.path.join(d, "moecompress.json"))) for d in (mse, mm)}
     assert man[mse]["int_grid_fit"] == ["mse"] and man[mm]["int_grid_fit"] == ["minmax"]

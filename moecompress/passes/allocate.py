@@ -58,12 +58,14 @@ SAMPLE_TOKENS = 1024
 SUB1_BITS = 1.0  # the "sub1" candidate: stored bits per weight, codewords, counts, levels and dictionary counted
 
 
-def candidate_spec(c, group_size: int) -> QuantSpec:
-    """--candidates entry -> QuantSpec: an int width b -> int b-bit codes at the group size; "sub1" ->
-    ternary codes dictionary-coded within SUB1_BITS bits per weight (threshold searched per batch)."""
+def candidate_spec(c, group_size: int, grid: str = "minmax") -> QuantSpec:
+    """--candidates entry -> QuantSpec: an int width b -> int b-bit codes at the group size on `grid`'s fit
+    (--grid); "sub1" -> ternary codes dictionary-coded within SUB1_BITS bits per weight (threshold searched
+    per batch)."""
     if c == "sub1":
         return QuantSpec("sub1", 1, 0, (("target_bits", SUB1_BITS),))
-    return QuantSpec("int", int(c), group_size)
+    from ..quant.grids import int_options
+    return QuantSpec("int", int(c), group_size, int_options(False, grid))
 
 
 class LayerSensitivity:
@@ -231,7 +233,7 @@ class Allocator:
         P = sum(n * k for ls in layer_shapes for n, k in ls)
         self.overhead = sum(overhead_bits(ref, ls) * sum(n * k for n, k in ls) for ls in layer_shapes) / P
         self.acfg = AllocationConfig(
-            candidates=tuple(sorted({candidate_spec(c, gs) for c in config.candidates}, key=lambda q: (q.bits, q.codec))),
+            candidates=tuple(sorted({candidate_spec(c, gs, config.grid) for c in config.candidates}, key=lambda q: (q.bits, q.codec))),
             group_size=gs, alpha=config.alpha,
             beta=config.beta, budget_bits=float(config.bits) + self.overhead, budget_scope=config.budget_scope,
             min_bits=config.min_bits, max_bits=config.max_bits, top_two_each=config.top_two, seed=config.calib.seed)
