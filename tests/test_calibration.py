@@ -342,7 +342,10 @@ def test_hessian_prior_rescues_a_small_calibration_set(tmp_path, request):
     texts = [os.path.join(DOMAINS, f"{d}_test.txt") for d in ("prose", "c")]
     for a in (0.0, 1.0):
         out = str(tmp_path / f"p{a}")
-        cfg = QuantizeConfig(bits=2, group_size=64, hessian_prior=a, calib=CalibConfig((PROSE,), 16, 64, seed=0))
+        # the setting the numbers above were measured in: natural column order, min/max grids (under the
+        # act-order + mse defaults the prior's prose gain is gone: 46.85 -> 47.05, C 21.07 -> 19.33)
+        cfg = QuantizeConfig(bits=2, group_size=64, hessian_prior=a, act_order=False, grid="minmax",
+                             calib=CalibConfig((PROSE,), 16, 64, seed=0))
         api.quantize(MODEL, out, cfg, progress=False)
         with open(os.path.join(out, "moecompress.json")) as f:
             fell[a] = json.load(f)["fallback_experts"]
