@@ -309,8 +309,7 @@ def _score_sums(cache, E: int) -> list[float]:
     """Each expert's router score mass sum_t s_te over the cache (--all-tokens), for the layer record."""
     out = torch.zeros(E, dtype=torch.float64)
     for c in cache.chunks:
-        for e in range(E):
-            out[e] += float(c.s[:, e].double().sum())
+        out += c.s.double().sum(0).cpu()
     return out.tolist()
 
 
