@@ -100,6 +100,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log", type=int, default=20)
+    ap.add_argument("--teacher", default=DEMO,
+                    help="distil from this causal LM's next-token distributions (default: the demo model); 'none': "
+                         "plain cross-entropy on the text")
     ap.add_argument("--val-every", type=int, default=0,
                     help="print the cross-entropy on the first 2,048 tokens of each validation tail every N steps")
     a = ap.parse_args()
@@ -110,6 +113,11 @@ def main() -> None:
     tokens = load_tokens(tok)
     print("training tokens per domain:", dict(zip(DOMAINS, (len(t) for t in tokens))), flush=True)
     model = Qwen2MoeForCausalLM(make_config(a.seqlen)).float()
+    teacher = None
+    if a.teacher != "none":
+        from transformers import AutoModelForCausalLM
+        teacher = AutoModelForCausalLM.from_pretrained(a.teacher, dtype=torch.float32).eval()
+        print("distilling from", a.teacher, flush=True)
     n_all = sum(p.numel() for p in model.parameters())
     n_exp = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     print(f"parameters {n_all / 1e6:.2f} M, routed experts {n_exp / 1e6:.2f} M", flush=True)
@@ -126,8 +134,14 @@ def main() -> None:
             group["lr"] = lr_at(step, a.steps, a.lr)
         x = batch(tokens, a.batch, a.seqlen, g)
         out = model(input_ids=x, labels=x, output_router_logits=True)
+        loss = out.loss
+        if teacher is not None:  # soft targets: KL(teacher || student) per position, in nats per token
+            with torch.no_grad():
+                pt = torch.log_softmax(teacher(input_ids=x).logits.float(), -1)
+            kd = (pt.exp() * (pt - torch.log_softmax(out.logits.float(), -1))).sum(-1).mean()
+            loss = kd + model.router_aux_loss_coef * out.aux_loss
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ce = (out.loss - model.router_aux_loss_coef * out.aux_loss).item()

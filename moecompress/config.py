@@ -14,7 +14,8 @@ SAMPLERS = ("random", "balanced", "ebss")
 BALANCE_OBJECTIVES = ("sqrt", "entropy", "log")  # --sampler balanced: calibration/samplers.py
 ALLOCATIONS = ("uniform", "lp")
 GRIDS = ("minmax", "mse")  # --grid (quant/grids.py GRIDS)
-CANDIDATES = (2, 3, 4, 8, "sub1", "prune")  # --allocation lp widths; sub1: ternary experts coded to 1 bit/weight, all counted
+CANDIDATES = (2, 3, 4, 8, "sub1", "ternary", "prune")  # --allocation lp widths; sub1: ternary experts coded to
+# 1 bit/weight, all counted; ternary: dense ternary codes, 5 weights per byte (1.6 bits) plus per-row levels
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class QuantizeConfig:
     # None: searched per batch of experts to fit the --bits budget (sub1), or 0 for dense ternary
     # --allocation lp (see moecompress.allocation.AllocationConfig): bits is the average CODE bits per expert
     # weight; the byte budget adds the int codec's scale/zero overhead at the group size (2.5 @ g64 -> 3.0 stored)
-    candidates: tuple = (2, 3, 4)    # ints and/or "sub1"
+    candidates: tuple = (2, 3, 4)    # ints and/or "sub1", "ternary", "prune"
     budget_scope: str = "model"      # "model": one budget for all experts; "layer": one per MoE layer
     budget: str | None = None        # --budget 24GB: the whole checkpoint on disk (passes/joint.py); with "prune"
     # among the candidates --bits is stored bits per routed-expert parameter, pruned experts at 0
@@ -149,8 +150,9 @@ class QuantizeConfig:
             from .allocation.joint import parse_size
             parse_size(self.budget)  # one line on a bad size, before anything is read
         if not self.candidates or any(isinstance(b, bool) or b not in CANDIDATES for b in self.candidates):
-            raise MoeCompressError(f"--candidates must list widths from 2, 3, 4, 8 or sub1 (ternary, dictionary-coded "
-                                   f"to 1 bit per weight with everything counted) and prune (0 bytes), e.g. sub1,2,3 or prune,2,3,4; "
+            raise MoeCompressError(f"--candidates must list widths from 2, 3, 4, 8, sub1 (ternary, dictionary-coded "
+                                   f"to 1 bit per weight with everything counted), ternary (dense, 1.6 bits) and prune (0 bytes), "
+                                   f"e.g. sub1,2,3 or prune,ternary,2,3,4; "
                                    f"got {self.candidates}")
 
     def to_json(self) -> dict:

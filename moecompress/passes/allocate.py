@@ -61,9 +61,11 @@ SUB1_BITS = 1.0  # the "sub1" candidate: stored bits per weight, codewords, coun
 def candidate_spec(c, group_size: int, grid: str = "minmax") -> QuantSpec:
     """--candidates entry -> QuantSpec: an int width b -> int b-bit codes at the group size on `grid`'s fit
     (--grid); "sub1" -> ternary codes dictionary-coded within SUB1_BITS bits per weight (threshold searched
-    per batch)."""
+    per batch); "ternary" -> dense ternary codes (1.6 bits per weight plus per-row levels, as --method ternary)."""
     if c == "sub1":
         return QuantSpec("sub1", 1, 0, (("target_bits", SUB1_BITS),))
+    if c == "ternary":  # as quantize --method ternary --bits 1.6: least-error levels, no extra dead zone
+        return QuantSpec("ternary", 1, 0, (("fit", "mse"), ("threshold", 0.0)))
     from ..quant.grids import int_options
     return QuantSpec("int", int(c), group_size, int_options(False, grid))
 
