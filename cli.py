@@ -26,7 +26,8 @@ def _bits(s: str) -> float:
 
 def _widths(s: str) -> tuple:
     try:
-        return tuple(x.strip() if x.strip() in ("sub1", "prune") else int(x) for x in s.split(",") if x.strip())
+        return tuple(x.strip() if x.strip() in ("sub1", "ternary", "prune") else int(x)
+                     for x in s.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of bit widths: {s!r} (e.g. 2,3,4 or sub1,2,3)") from None
 
@@ -97,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--allocation", choices=["uniform", "lp"], default=Q.allocation, help="bit allocation across experts")
     q.add_argument("--plan", default=None, help="replay a plan.json (per-expert widths) from an earlier run")
     q.add_argument("--candidates", type=_widths, default=Q.candidates, metavar="B,B,...",
-                   help="--allocation lp: the widths an expert may get, from 2,3,4,8 and sub1 (ternary experts "
-                        "dictionary-coded to 1 bit/weight, everything counted), and prune (0 bytes: the expert and its "
-                        "router row leave; --bits is then stored bits per routed-expert parameter) "
+                   help="--allocation lp: the widths an expert may get, from 2,3,4,8, sub1 (ternary experts "
+                        "dictionary-coded to 1 bit/weight, everything counted), ternary (dense, 1.6 bits/weight) and prune "
+                        "(0 bytes: the expert and its router row leave; --bits is then stored bits per routed-expert parameter) "
                         "(default " + ",".join(map(str, Q.candidates)) + ")")
     q.add_argument("--budget", default=None, metavar="SIZE",
                    help="--allocation lp: the whole checkpoint on disk (24GB, 800MB, 1.5GiB or bytes); with prune among "
