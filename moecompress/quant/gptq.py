@@ -87,6 +87,8 @@ def _prepare_hessian(H: torch.Tensor, percdamp: float) -> torch.Tensor:
 # batched ops (which allocate their results) run unchanged.
 INPLACE_BYTES = 64 << 20
 
+UPDATE_BYTES = 32 << 20  # on that path, GPTQ's lazy block update is applied by row chunks of about this size
+
 _RETRIES = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)  # extra damping, x mean diag H, tried in turn
 
 
@@ -260,6 +262,7 @@ def gptq(W, H, grid, group_size: int, config: GPTQConfig = GPTQConfig()) -> GPTQ
     B = max(config.block_size // group_size, 1) * group_size
     params: GridParams | None = None
     ar = torch.arange(E, device=dev)
+    rows = max(1, UPDATE_BYTES // (4 * E * N))  # rows of Wt per chunk of the large path's lazy update
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
         W1 = Wt[:, i1:i2].clone()  # (E, b, N)
@@ -288,7 +291,12 @@ def gptq(W, H, grid, group_size: int, config: GPTQConfig = GPTQConfig()) -> GPTQ
             loss += ((w - wq) ** 2 / d[:, None] ** 2).sum(-1) / 2
             W1[:, i:] -= U1[:, i, i:, None] * err[:, None, :]  # (E, b-i, N)
             Err1[:, i] = err
-        Wt[:, i2:] -= torch.bmm(U[:, i1:i2, i2:].transpose(1, 2), Err1)  # (E, K-i2, b) @ (E, b, N)
+        if big:  # the lazy update by row chunks: its (E, K - i2, N) product never exists whole
+            for r0 in range(i2, K, rows):
+                r1 = min(r0 + rows, K)
+                Wt[:, r0:r1] -= torch.bmm(U[:, i1:i2, r0:r1].transpose(1, 2), Err1)
+        else:
+            Wt[:, i2:] -= torch.bmm(U[:, i1:i2, i2:].transpose(1, 2), Err1)  # (E, K-i2, b) @ (E, b, N)
         if config.act_order:  # columns i1:i2 of the permuted order go back to their original places
             at = perm[:, None, i1:i2].expand(E, N, i2 - i1)
             Q.scatter_(2, at, Q1.transpose(1, 2))
