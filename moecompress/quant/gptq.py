@@ -226,7 +226,10 @@ def gptq(W, H, grid, group_size: int, config: GPTQConfig = GPTQConfig()) -> GPTQ
     big = _in_place(H)  # large CPU Hessians: in place, and codes held in uint8 while the loop runs
     dead = _prepare_hessian(H, config.percdamp)
     # Work on W^T: (E, K, N), so a column of W is a contiguous row and the rank-1 updates stream memory.
-    Wt = W.float().transpose(1, 2).contiguous()  # (E, N, K) -> (E, K, N), a copy
+    # A copy, unless W was handed over already laid out as W^T (a transposed view of an (E, K, N) tensor,
+    # as passes/quantize.py builds it): then its storage becomes Wt, and W and Wt never coexist.
+    Wt = W.float().transpose(1, 2)  # (E, N, K) -> (E, K, N)
+    Wt = Wt.contiguous() if own_w else Wt.clone(memory_format=torch.contiguous_format)
     del W  # the caller's W, if it was handed over, is freed here
     Wt.masked_fill_(dead[:, :, None], 0.0)
     del dead
