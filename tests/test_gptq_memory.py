@@ -142,3 +142,21 @@ def test_gptq_large_path_holds_codes_in_a_byte_and_returns_int32(monkeypatch):
     got = G.gptq(W, H, AsymmetricGrid(8), 32)
     assert got.codes.dtype == torch.int32 and int(got.codes.max()) == 255 and int(got.codes.min()) == 0
     assert float((got.codes != ref.codes).float().mean()) < 2e-3
+
+
+def test_gptq_adopts_a_handed_over_transposed_w_with_identical_results():
+    """passes/quantize.py hands W over as the transposed view of a contiguous (E, K, N) tensor: gptq() uses that
+    storage as its working copy (no copy) and returns the very same bytes as for a contiguous W."""
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(2, 48, 256, generator=g)  # K > block_size: the lazy update writes the working copy
+    X = torch.randn(2, 600, 256, generator=g)
+    H = X.transpose(1, 2) @ X
+    ref = G.gptq(W, H, AsymmetricGrid(4), 16)
+    Wt = W.transpose(1, 2).contiguous()
+    got = G.gptq(G.Owned(Wt.transpose(1, 2)), G.Owned(H.clone()), AsymmetricGrid(4), 16)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    assert not torch.equal(Wt.transpose(1, 2), W)  # its storage was the working copy (error feedback wrote it)
+    plain = W.transpose(1, 2).contiguous().transpose(1, 2)  # the same layout, not handed over: left untouched
+    G.gptq(plain, H, AsymmetricGrid(4), 16)
+    assert torch.equal(plain, W)
