@@ -21,7 +21,16 @@ INT_BITS = (2, 3, 4, 8)
 
 
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """q: (N, K) integer codes in [0, 2^bits) -> (N, ceil(K*bits/8)) uint8, LSB-first bit stream."""
+    """q: (N, K) integer codes in [0, 2^bits) -> (N, ceil(K*bits/8)) uint8, LSB-first bit stream. Packed by
+    chunks of rows so the int64 temporaries stay near 32 MiB (whole, at 14336 x 4096 they were ~1.4 GB)."""
+    N, K = q.shape
+    rows = max(1, (32 << 20) // (8 * max(K, 1) * bits))
+    if N <= rows:
+        return _pack_rows(q, bits)
+    return torch.cat([_pack_rows(q[r:r + rows], bits) for r in range(0, N, rows)])
+
+
+def _pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
     N, K = q.shape
     q = q.to(torch.int64)
     if 8 % bits == 0:  # whole codes per byte: no code straddles a byte

@@ -65,6 +65,21 @@ def _unit_size(N: int, K: int) -> int:
     return max(1, GPTQ_BUDGET // (6 * N * K * 4 + 3 * K * K * 4))
 
 
+def _stack_float(parts: list[list[torch.Tensor]]) -> torch.Tensor:
+    """(G, N, K) float32 from G lists of (n_i, K) weights stacked along N, each converted straight into its
+    place, laid out as the transpose of a contiguous (G, K, N) tensor: GPTQ's working copy W^T, so a handed
+    over W becomes it without a copy (torch.stack(torch.cat(...)).float() held two more copies for a moment)."""
+    first = parts[0][0]
+    Wt = torch.empty(len(parts), first.shape[1], sum(t.shape[0] for t in parts[0]), dtype=torch.float32,
+                     device=first.device)
+    for j, ts in enumerate(parts):
+        r0 = 0
+        for t in ts:
+            Wt[j, :, r0:r0 + t.shape[0]].copy_(t.T)
+            r0 += t.shape[0]
+    return Wt.transpose(1, 2)
+
+
 def _quantize_group(W: torch.Tensor, Hs: torch.Tensor | None, spec: QuantSpec, method: str, gcfg: GPTQConfig,
                     sizer: _Sizer | None = None):
     """-> (GPTQResult, ternary_budget.Search or None). With a sizer, the ternary threshold is searched.
@@ -230,7 +245,7 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
                 stats["memory_chunks"] = max(stats.get("memory_chunks", 0), len(memory_chunks(mine, K, budget)))
             for group in chunk:
                 spec = specs[group[0]]
-                W = torch.stack([torch.cat([ex.weights[e][p] for p in projs]) for e in group]).float()  # (G, N, K)
+                W = _stack_float([[ex.weights[e][p] for p in projs] for e in group])  # (G, N, K)
                 Hs = None
                 if need_h:
                     Hs = col.take(group)
@@ -242,7 +257,7 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
                         elif P is not None:
                             Hs[j] += (hessian_prior * K * col.mean_weight(e)) * P
                 if signs is not None:  # quantize W' = W R^T against H' = R H R^T
-                    W = rotate(W, signs)
+                    W = rotate(W.contiguous(), signs)  # in the layout it had before _stack_float
                     Hs = None if Hs is None else rotate_hessian(Hs, signs)
                 nrows = [rows[p] for p in projs]
                 handed = Owned(W), (None if Hs is None else Owned(Hs))

@@ -1,0 +1,162 @@
+"""GPTQ's in-place path for large Hessians (quant/gptq.INPLACE_BYTES): LAPACK factorizations and the act-order
+permutation in H's own storage. Lowering the threshold runs it on small shapes, against the torch path."""
+import logging
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from moecompress.quant import gptq as G
+from moecompress.quant.grids import AsymmetricGrid
+from moecompress.quant.ternary import TernaryGrid
+
+
+def _spd(E, K, seed=0, rank=None):
+    g = torch.Generator().manual_seed(seed)
+    X = (torch.randn(K, K, generator=g) / math.sqrt(K)) @ torch.randn(E, K, rank or 2 * K, generator=g)
+    return X @ X.transpose(1, 2) / K + 1e-2 * torch.eye(K)
+
+
+def _both(H, monkeypatch):
+    """(U from the torch path, U from the in-place path, the in-place input's storage pointer)."""
+    monkeypatch.setattr(G, "INPLACE_BYTES", 1 << 62)
+    ref = G._inverse_cholesky(G.Owned(H.clone()))
+    monkeypatch.setattr(G, "INPLACE_BYTES", 1)
+    Hc = H.clone()
+    ptr = Hc.data_ptr()
+    return ref, G._inverse_cholesky(G.Owned(Hc)), ptr
+
+
+def test_threshold_keeps_small_and_cuda_shapes_on_torch():
+    assert G._in_place(torch.empty(1, 4096, 4096)) and not G._in_place(torch.empty(8, 4095, 4095))  # 64 MiB each
+    assert not G._in_place(torch.empty(1, 4096, 4096, device="meta"))  # not on the CPU (as CUDA): torch's ops
+    assert not G._in_place(torch.empty(1, 4096, 4096, dtype=torch.float64))
+
+
+def test_inplace_inverse_cholesky_matches_torch_and_reuses_storage(monkeypatch):
+    H = _spd(3, 200)
+    ref, U, ptr = _both(H, monkeypatch)
+    assert U.data_ptr() == ptr  # U lives in H's storage: no second (K, K) matrix
+    assert torch.equal(U, U.triu())  # upper, strict lower triangle zeroed
+    assert (U - ref).abs().max() <= 1e-5 * ref.abs().max()
+    Hinv = torch.linalg.inv(H.double())
+    assert torch.allclose(U.double().transpose(1, 2) @ U.double(), Hinv, rtol=0, atol=1e-4 * Hinv.abs().max())
+
+
+def test_inplace_retries_with_more_damping_from_the_kept_triangle(monkeypatch, caplog):
+    # singular (rank K/2) and pulled below zero on one diagonal entry: both paths need extra damping 0.1
+    H = _spd(1, 160, seed=1, rank=80) - 1e-2 * torch.eye(160)
+    H[0, 7, 7] -= 0.02
+    assert float(torch.linalg.eigvalsh(H.double()).min()) < -1e-3
+    with caplog.at_level(logging.WARNING, logger="moecompress"):
+        ref, U, _ = _both(H, monkeypatch)
+    retries = [r for r in caplog.records if "extra damping" in r.getMessage()]
+    assert len(retries) == 8 and "0.1 x" in retries[-1].getMessage()  # 4 retries by each path
+    assert (U - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_inplace_gives_up_like_torch(monkeypatch):
+    H = _spd(1, 64)
+    H[0, 3, 3] = -100.0
+    monkeypatch.setattr(G, "INPLACE_BYTES", 1)
+    with pytest.raises(FloatingPointError):
+        G._inverse_cholesky(G.Owned(H))
+
+
+def test_permute_inplace_is_exact():
+    H = _spd(2, 300, seed=2)
+    g = torch.Generator().manual_seed(3)
+    perm = torch.stack([torch.randperm(300, generator=g) for _ in range(2)])
+    perm[1] = torch.arange(300)  # the identity: nothing moves
+    ref = torch.stack([H[e][perm[e]][:, perm[e]] for e in range(2)])
+    G._permute_inplace(H, perm, block=64)
+    assert torch.equal(H, ref)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("ternary", [False, True])
+def test_gptq_inplace_matches_torch_path(monkeypatch, act_order, ternary):
+    g = torch.Generator().manual_seed(4)
+    E, N, K = 2, 64, 256
+    W = torch.randn(E, N, K, generator=g)
+    X = torch.randn(E, 4 * K, K, generator=g) @ (torch.randn(K, K, generator=g) / math.sqrt(K))
+    H = X.transpose(1, 2) @ X
+    H[1, 5] = H[1, :, 5] = 0.0  # a dead input
+    cfg, grid = G.GPTQConfig(act_order=act_order), TernaryGrid(0.3) if ternary else AsymmetricGrid(3)
+    monkeypatch.setattr(G, "INPLACE_BYTES", 1 << 62)
+    ref = G.gptq(W, H, grid, 64, cfg)
+    monkeypatch.setattr(G, "INPLACE_BYTES", 1)
+    monkeypatch.setattr(G, "UPDATE_BYTES", 4 * E * N * 7)  # the lazy update in chunks of 7 rows
+    H0 = H.clone()
+    got = G.gptq(W, H, grid, 64, cfg)
+    assert torch.equal(H, H0)  # a plain tensor is left untouched
+    assert got.codes.dtype == torch.int32
+    assert ((got.codes != ref.codes).float().mean()) < 2e-3  # another LAPACK: a rare code flips at a tie
+    assert torch.allclose(got.loss, ref.loss, rtol=1e-4, atol=0)
+    assert torch.equal(got.scale, ref.scale) if act_order else torch.allclose(got.scale, ref.scale, rtol=1e-3)
+    assert float((got.deq - ref.deq).abs().mean()) < 1e-4 * float(ref.deq.abs().mean())
+
+
+def test_large_inverse_cholesky_peak_memory():
+    """At K = 4096 (64 MiB per Hessian, the threshold), the real default path: factoring 2 Hessians raises the
+    process's peak RSS by well under one more (K, K) matrix (the torch path allocated two more)."""
+    code = textwrap.dedent("""
+        import torch
+        from moecompress.quant import gptq as G
+        torch.manual_seed(0)
+        K = 4096
+        def hwm():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) * 1024
+        X = torch.randn(2, K, 64)
+        H = torch.eye(K).repeat(2, 1, 1)
+        H.baddbmm_(X, X.transpose(1, 2))
+        del X
+        h0 = hwm()
+        ptr = H.data_ptr()
+        U = G._inverse_cholesky(G.Owned(H))
+        del H
+        print(hwm() - h0, U.data_ptr() == ptr)
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    grew, same = out.split()
+    assert same == "True"
+    assert int(grew) < 0.25 * 4096 * 4096 * 4, int(grew)
+
+
+def test_gptq_large_path_holds_codes_in_a_byte_and_returns_int32(monkeypatch):
+    """8-bit codes (maxq 255) go through the uint8 buffer unchanged; the result keeps int32."""
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(1, 32, 128, generator=g)
+    X = torch.randn(1, 512, 128, generator=g)
+    H = X.transpose(1, 2) @ X
+    monkeypatch.setattr(G, "INPLACE_BYTES", 1 << 62)
+    ref = G.gptq(W, H, AsymmetricGrid(8), 32)
+    monkeypatch.setattr(G, "INPLACE_BYTES", 1)
+    got = G.gptq(W, H, AsymmetricGrid(8), 32)
+    assert got.codes.dtype == torch.int32 and int(got.codes.max()) == 255 and int(got.codes.min()) == 0
+    assert float((got.codes != ref.codes).float().mean()) < 2e-3
+
+
+def test_gptq_adopts_a_handed_over_transposed_w_with_identical_results():
+    """passes/quantize.py hands W over as the transposed view of a contiguous (E, K, N) tensor: gptq() uses that
+    storage as its working copy (no copy) and returns the very same bytes as for a contiguous W."""
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(2, 48, 256, generator=g)  # K > block_size: the lazy update writes the working copy
+    X = torch.randn(2, 600, 256, generator=g)
+    H = X.transpose(1, 2) @ X
+    ref = G.gptq(W, H, AsymmetricGrid(4), 16)
+    Wt = W.transpose(1, 2).contiguous()
+    got = G.gptq(G.Owned(Wt.transpose(1, 2)), G.Owned(H.clone()), AsymmetricGrid(4), 16)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    assert not torch.equal(Wt.transpose(1, 2), W)  # its storage was the working copy (error feedback wrote it)
+    plain = W.transpose(1, 2).contiguous().transpose(1, 2)  # the same layout, not handed over: left untouched
+    G.gptq(plain, H, AsymmetricGrid(4), 16)
+    assert torch.equal(plain, W)
