@@ -23,7 +23,8 @@ safetensors files; bits/param = 8 x routed-expert bytes / the ORIGINAL routed-ex
     # small: 1 seed, 32 windows, 8,192 tokens per domain
     python benchmarks/joint_budget.py --seeds 0 --nsamples 32 --max-tokens 8192 --json /tmp/joint_small.json
 
-Measured (the small run: seed 0 only, 32 windows, validation tails, 8,192 tokens per domain; one thread on a
+The 3-seed run on the test texts (`--seeds 0 1 2 --nsamples 64 --max-tokens 16384 --split test --rows joint lp
+reap`) is in benchmarks/README.md. Measured earlier (the small run: seed 0 only, 32 windows, validation tails, 8,192 tokens per domain; one thread on a
 shared 2-core box), perplexity:
 
     B    row                        prose  verse  c      python  mean log ppl  bytes (budget)
