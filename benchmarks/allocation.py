@@ -82,6 +82,45 @@ def solver_benchmark(L: int, E: int, H: int, I: int, bits=(2, 3, 4, 8), budget_b
                                   for u in uni}}, alloc
 
 
+def joint_solver_benchmark(L: int, E: int, H: int, I: int, budget_bits: float = 1.8, seed: int = 0,
+                           mip_gap: float = 1e-4, top_k: int = 8, n_group: int = 8, per_group: int = 2) -> dict:
+    """The joint program (allocation/joint.py) at DeepSeek-V3 size: 7 candidates per expert (prune, sub1 priced at
+    1.0 stored bit per weight, dense ternary, int 2/3/4/8 at group 64), grouped routers (8 groups, at least 2 kept
+    per group, equal counts per group, top-8), one model-wide budget of `budget_bits` stored bits per routed-expert
+    parameter. Width costs as `synthetic_costs` (sub1 and ternary as widths 1.0 and 1.3); an expert's prune cost is
+    its 1-bit cost times a lognormal factor around e (dropping it costs more than sub1, by a varying amount).
+    Times one CBC solve (prune costs taken as additive: the re-measure rounds of a real run re-solve the same
+    program, once per round)."""
+    from moecompress.allocation import build_problem
+    from moecompress.allocation.joint import PRUNE, build_joint, solve_joint
+    from moecompress.codecs import QuantSpec
+    specs = (QuantSpec("sub1", 1, 0, (("target_bits", 1.0),)), QuantSpec("ternary", 1, 0, (("fit", "mse"), ("threshold", 0.0))),
+             *(QuantSpec("int", b, 64) for b in (2, 3, 4, 8)))
+    cfg = AllocationConfig(candidates=specs, budget_bits=budget_bits, mip_gap=mip_gap)
+    C = len(specs)
+    measured = np.full((L, E, C), np.nan)
+    measured[:, :, 0] = 3 * H * I / 8  # sub1: 1.0 stored bit per weight
+    t0 = time.perf_counter()
+    pricing = price_candidates(cfg.candidates, expert_shapes(H, I), L, E, measured_bytes=measured)
+    eps, counts, mass = synthetic_costs(L, E, [1.0, 1.3, 2, 3, 4, 8], seed=seed)
+    costs = expert_costs(eps, counts, mass, cfg.alpha, cfg.beta, cfg.importance_floor)
+    rng = np.random.default_rng(seed + 1)
+    prune_cost = costs.cost[:, :, 0] * rng.lognormal(1.0, 0.5, (L, E))
+    prob = build_joint(build_problem(cfg, costs.cost, pricing), prune_cost, top_k, n_group, per_group)
+    t_prep = time.perf_counter() - t0
+    cpu0 = _cpu()
+    res = solve_joint(prob, None, mip_gap=mip_gap)
+    cpu = _cpu() - cpu0
+    labels = [c.label for c in specs] + [PRUNE]
+    hist = {lab: int((res.choice == i).sum()) for i, lab in enumerate(labels)}
+    kept_bytes = sum(int(pricing.bytes[l, e, res.choice[l, e]]) for l in range(L) for e in range(E)
+                     if res.choice[l, e] < C)
+    return {"layers": L, "experts": E, "candidates": labels, "binaries": L * E * (C + 1), "budget_bits": budget_bits,
+            "prep_seconds": round(t_prep, 3), "solve_seconds": round(res.seconds, 3),
+            "solve_cpu_seconds": round(cpu, 3), "status": res.status, "experts_per_choice": hist,
+            "achieved_bits": round(8 * kept_bytes / int(pricing.params.sum()), 5)}
+
+
 def _cpu() -> float:
     """CPU seconds of this process and its finished children (CBC runs as a child process)."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -235,6 +274,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gap", type=float, default=1e-4, help="CBC relative gap (0: prove optimality)")
     ap.add_argument("--table", action="store_true", help="print the layer x expert table")
+    ap.add_argument("--joint", action="store_true",
+                    help="part 1 for the joint program: prune, sub1, ternary, int 2/3/4/8, grouped routers (use --bits 1.8)")
     ap.add_argument("--fixture", metavar="WORKDIR", default=None,
                     help="part 2: the fixture perplexity table, outputs kept in WORKDIR (minutes per quantize)")
     ap.add_argument("--nsamples", type=int, default=128, help="part 2: calibration windows (default 128)")
@@ -247,6 +288,13 @@ def main():
         print_fixture(res)
         return
     L, E = (8, 64) if a.quick else (58, 256)
+    if a.joint:
+        res = joint_solver_benchmark(L, E, 7168, 2048, budget_bits=a.bits, seed=a.seed, mip_gap=a.gap)
+        print(json.dumps(res, indent=1))
+        print(f"joint solver: {L}x{E}x{len(res['candidates'])} = {res['binaries']} binaries, {res['solve_seconds']:.2f} s wall, "
+              f"{res['solve_cpu_seconds']:.2f} s CPU, status {res['status']}, achieved {res['achieved_bits']:.4f} of "
+              f"{a.bits} stored bits/param")
+        return
     res, alloc = solver_benchmark(L, E, 7168, 2048, budget_bits=a.bits, scope=a.scope, top_two=a.top_two,
                                   seed=a.seed, mip_gap=a.gap)
     if a.table:
