@@ -28,13 +28,11 @@ import hashlib
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 from typing import Callable, Sequence
 
 import numpy as np
-from common import CALIB_MIX, DOMAINS, MODEL, domain_texts
+from common import CALIB_MIX, DOMAINS, MODEL, domain_texts, moecompress
 
 from moecompress.allocation import (AllocationConfig, allocate, allocation_table, build_problem, expert_costs,
                                     expert_shapes, price_candidates, random_allocation, uniform_allocation)
@@ -161,12 +159,6 @@ def _fields(config: AllocationConfig) -> dict:
     return {k: getattr(config, k) for k in config.__dataclass_fields__}
 
 
-def _moecompress(*args) -> None:
-    cmd = [sys.executable, "-m", "moecompress.cli", "-q", *map(str, args)]
-    print("+ moecompress " + " ".join(map(str, args)), flush=True)
-    subprocess.run(cmd, check=True)
-
-
 def _load(path):
     with open(path) as f:
         return json.load(f)
@@ -184,7 +176,7 @@ class FixtureBench:
     def quantize(self, name: str, *extra) -> str:
         out = os.path.join(self.work, name)
         if not os.path.exists(os.path.join(out, "moecompress.json")):
-            _moecompress("quantize", self.model, "--out", out, "--group-size", self.gs, "--method", "gptq", "--calib",
+            moecompress("quantize", self.model, "--out", out, "--group-size", self.gs, "--method", "gptq", "--calib",
                          CALIB_MIX, "--seed", self.seed,
                          "--nsamples", self.nsamples, *extra)
         return out
@@ -192,7 +184,7 @@ class FixtureBench:
     def evaluate(self, out: str) -> dict:
         js = out + ".eval.json"
         if not os.path.exists(js):
-            _moecompress("eval", out, "--text", *self.texts, "--max-tokens", self.max_tokens, "--json", js)
+            moecompress("eval", out, "--text", *self.texts, "--max-tokens", self.max_tokens, "--json", js)
         res = _load(js)["texts"]
         man = _load(os.path.join(out, "moecompress.json"))
         return {"perplexity": {d: round(res[t]["perplexity"], 4) for d, t in zip(DOMAINS, self.texts)},

@@ -20,6 +20,18 @@ DOMAINS = ("prose", "verse", "c", "python")
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 
+def moecompress(*args) -> float:
+    """Run `moecompress -q ARGS...` as a child process (the interpreter running the benchmark), echoing the
+    command; a failure raises CalledProcessError. -> wall seconds."""
+    import subprocess
+    import time
+    args = [str(a) for a in args]
+    print("+ moecompress " + " ".join(args), flush=True)
+    t = time.time()
+    subprocess.run([sys.executable, "-m", "moecompress.cli", "-q", *args], check=True)
+    return time.time() - t
+
+
 def domain_texts() -> list[str]:
     """The four domains' test texts, in DOMAINS order."""
     return [os.path.join(FIX, "text", f"{d}_test.txt") for d in DOMAINS]

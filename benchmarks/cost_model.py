@@ -24,11 +24,9 @@ import hashlib
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
-from common import CALIB_MIX, DOMAINS, MODEL
+from common import CALIB_MIX, DOMAINS, MODEL, moecompress
 from quality import validation_texts
 
 from moecompress.allocation.fisher import VARIANTS, fisher_costs
@@ -63,12 +61,6 @@ def pair_agreement(pred, meas, size) -> tuple[int, int]:
                 n += 1
                 ok += (pred[i] - pred[j]) * (meas[i] - meas[j]) > 0
     return ok, n
-
-
-def moecompress(*args) -> None:
-    args = [str(a) for a in args]
-    print("+ moecompress " + " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "moecompress.cli", "-q", *args], check=True)
 
 
 class Bench:

@@ -24,23 +24,12 @@ import argparse
 import json
 import math
 import os
-import subprocess
-import sys
-import time
 
-from common import CALIB_MIX, DOMAINS, HERE, MODEL, domain_texts
+from common import CALIB_MIX, DOMAINS, HERE, MODEL, domain_texts, moecompress
 
 MODELS = {"mixtral-wiki4": MODEL, "qwen2moe-tiny": os.path.join(HERE, "..", "moecompress", "data", "qwen2moe-tiny")}
 RUNS = (("uniform 2", 2.5, ("--bits", 2)), ("lp 3.0", 3.0, ("--bits", 2.5, "--allocation", "lp")),
         ("uniform 3", 3.5, ("--bits", 3)), ("lp 3.5", 3.5, ("--bits", 3.0, "--allocation", "lp")))
-
-
-def moecompress(*args) -> float:
-    args = [str(a) for a in args]
-    print("+ moecompress " + " ".join(args), flush=True)
-    t = time.time()
-    subprocess.run([sys.executable, "-m", "moecompress.cli", "-q", *args], check=True)
-    return time.time() - t
 
 
 def run_one(work: str, model: str, seed: int, label: str, extra, nsamples: int, max_tokens: int) -> dict:
