@@ -110,7 +110,7 @@ class QuantizeConfig:
             hint = " (fractional budgets need --allocation lp)" if self.bits != int(self.bits) else ""
             raise MoeCompressError(f"unsupported bit width {self.bits:g}: choose 2, 3, 4 or 8{hint}")
         if self.allocation == "lp" and not 1 <= self.bits <= 8:
-            raise MoeCompressError(f"--bits {self.bits:g} is not a usable average budget: use a value between 2 and 8")
+            raise MoeCompressError(f"--bits {self.bits:g} is not a usable average budget: use a value between 1 and 8 (below 2 needs sub1, ternary or prune among --candidates)")
         if self.group_size is not None and self.group_size < 1:
             raise MoeCompressError(f"--group-size must be positive, got {self.group_size}")
         if not 0 <= self.percdamp < 1:
