@@ -160,3 +160,99 @@ def test_gptq_adopts_a_handed_over_transposed_w_with_identical_results():
     plain = W.transpose(1, 2).contiguous().transpose(1, 2)  # the same layout, not handed over: left untouched
     G.gptq(plain, H, AsymmetricGrid(4), 16)
     assert torch.equal(plain, W)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_gptq_deq_is_its_codes_in_original_column_order(monkeypatch, act_order, inplace):
+    """deq is built in W^T's own rows (permuted under act-order) and laid out at the end: it must be exactly
+    (codes - zero) * scale, column by column in the original order, on both paths."""
+    g = torch.Generator().manual_seed(7)
+    E, N, K, gs = 2, 40, 320, 64  # K not a multiple of the block (128): a short last block
+    W = torch.randn(E, N, K, generator=g)
+    X = torch.randn(E, 3 * K, K, generator=g) * torch.linspace(0.2, 3, K)  # distinct diagonal: act-order moves
+    H = X.transpose(1, 2) @ X
+    monkeypatch.setattr(G, "INPLACE_BYTES", 1 if inplace else 1 << 62)
+    r = G.gptq(W, H, AsymmetricGrid(3), gs, G.GPTQConfig(act_order=act_order))
+    s = r.scale.repeat_interleave(gs, dim=2)
+    z = r.zero.repeat_interleave(gs, dim=2)
+    assert r.deq.is_contiguous() and r.deq.shape == (E, N, K)
+    assert torch.equal(r.deq, (r.codes.float() - z) * s)
+    assert float((r.deq - W).abs().mean()) < 0.5 * float(W.abs().mean())  # near W, not some other column's
+
+
+def test_gptq_holds_no_second_float_weight_while_u_lives():
+    """At K = 4096 (the in-place path): while the factor U lives, GPTQ holds W^T, the codes in a byte and block
+    temporaries; the dequantized columns go into W^T's rows (a separate (N, K) float copy is 16 MiB more here)."""
+    code = textwrap.dedent("""
+        import torch
+        from moecompress.quant import gptq as G
+        from moecompress.quant.grids import AsymmetricGrid
+        def hwm():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) * 1024
+        G.UPDATE_BYTES = 1 << 20
+        torch.manual_seed(0)
+        G.INPLACE_BYTES = 1  # the warm-up takes the LAPACK path too: imports, BLAS buffers
+        G.gptq(torch.randn(1, 8, 256), torch.eye(256)[None], AsymmetricGrid(4), 128)
+        G.INPLACE_BYTES = 64 << 20
+        N, K = 1024, 4096
+        Wt = torch.randn(1, K, N)
+        X = torch.randn(1, K, 96)
+        H = torch.eye(K)[None]
+        H.baddbmm_(X, X.transpose(1, 2))
+        del X
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS (Linux >= 4.0)
+        w, h = G.Owned(Wt.transpose(1, 2)), G.Owned(H)
+        del Wt, H  # handed over: gptq holds the only references
+        h0 = hwm()
+        r = G.gptq(w, h, AsymmetricGrid(4), 128)
+        print(hwm() - h0)
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    grew = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                              check=True).stdout.split()[-1])
+    # measured: 16 MiB (LAPACK's workspace, the byte codes, block temporaries); 32 MiB with the separate copy.
+    # U (64 MiB) is H's storage, and the end (deq laid out, int32 codes) comes after U is freed
+    assert grew < 24 << 20, grew
+
+
+def test_quantize_pass_hands_the_layer_weights_over_to_gptq(tmp_path, monkeypatch):
+    """passes/quantize.py: while GPTQ runs on a group, the group's weights in the layer are shape-only meta
+    placeholders (GPTQ's W^T is their one copy), and every placeholder is replaced by a dense dequantized weight."""
+    from conftest import write_tiny
+    from moecompress.api import quantize
+    from moecompress.config import CalibConfig, QuantizeConfig
+    from moecompress.experts import MoEExperts
+    import moecompress.passes.quantize as q
+    src = str(tmp_path / "mixtral")
+    write_tiny(src, "Mixtral", layers=1)
+    events = []
+    real_set, real_gptq = MoEExperts.set_dense, q.gptq
+
+    def set_dense(self, e, proj, weight):
+        events.append(("set", e, proj, weight.device.type))
+        return real_set(self, e, proj, weight)
+
+    def gptq(W, H, *a, **k):
+        events.append(("gptq", W.shape))
+        return real_gptq(W, H, *a, **k)
+    monkeypatch.setattr(MoEExperts, "set_dense", set_dense)
+    monkeypatch.setattr(q, "gptq", gptq)
+    cfg = QuantizeConfig(bits=4, group_size=16, calib=CalibConfig((os.path.join(os.path.dirname(__file__), "..",
+                         "moecompress", "data", "text", "calib_mix.txt"),), nsamples=4, seqlen=32))
+    quantize(src, str(tmp_path / "out"), cfg, progress=False, device="cpu")
+    calls = [i for i, ev in enumerate(events) if ev[0] == "gptq"]
+    assert calls
+    for n, i in enumerate(calls):
+        before = events[calls[n - 1] + 1 if n else 0:i]
+        placed = [ev for ev in before if ev[3] == "meta"]
+        assert placed and placed == before[len(before) - len(placed):]  # the placeholders come right before GPTQ
+        E = events[i][1][0]  # experts in this GPTQ call: gate and up of each, or down
+        assert sorted(ev[2] for ev in placed) in (sorted(["gate", "up"] * E), ["down"] * E)
+    sets = [ev for ev in events if ev[0] == "set"]
+    meta = {(e, p) for _, e, p, d in sets if d == "meta"}
+    dense = {(e, p) for _, e, p, d in sets if d == "cpu"}
+    assert meta == dense and len(meta) == 3 * len({e for e, _ in meta})

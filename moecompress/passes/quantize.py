@@ -256,6 +256,11 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
                             rounded.add(e)
                         elif P is not None:
                             Hs[j] += (hessian_prior * K * col.mean_weight(e)) * P
+                for e in group:  # W holds them now: the layer's own copies give way to shape-only placeholders
+                    for p in projs:  # until their dequantized weights are set below (one copy in flight, not two)
+                        w = ex.weights[e][p]
+                        ex.set_dense(e, p, torch.empty(w.shape, dtype=w.dtype, device="meta"))
+                        del w
                 if signs is not None:  # quantize W' = W R^T against H' = R H R^T
                     W = rotate(W.contiguous(), signs)  # in the layout it had before _stack_float
                     Hs = None if Hs is None else rotate_hessian(Hs, signs)
@@ -284,6 +289,7 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
                         if split:
                             results.update({f"{e}.{p}.{f}": t for f, t in part.items()})
                             results[f"{e}.{p}.deq"] = deq
+                        del part  # its int32 codes (as big as the weight) would stay until the next group's GPTQ
                 del res
     if split:  # every rank gets every expert's result, bit for bit
         results["rounded"] = torch.tensor(sorted(rounded), dtype=torch.int64)

@@ -259,7 +259,9 @@ def gptq(W, H, grid, group_size: int, config: GPTQConfig = GPTQConfig()) -> GPTQ
     dev = Wt.device  # every work tensor where W is (the run's device)
     scale = torch.zeros(E, N, G, device=dev)
     zero = torch.zeros(E, N, G, device=dev)
-    Q = torch.zeros(E, N, K, device=dev)  # results in (E, N, K), written block by block
+    # The dequantized columns of a finished block go into Wt's own rows i1:i2, which nothing reads again
+    # (the block works on its clone W1, the lazy update touches rows i2: only): no second (E, N, K) float
+    # tensor while U exists. Q, in (E, N, K) and original column order, is laid out after U is freed.
     narrow = big and getattr(grid, "maxq", 1 << 8) < (1 << 8)  # integer codes 0..maxq fit a byte
     codes = torch.zeros(E, N, K, dtype=torch.uint8 if narrow else torch.int32, device=dev)
     loss = torch.zeros(E, device=dev)
@@ -302,14 +304,17 @@ def gptq(W, H, grid, group_size: int, config: GPTQConfig = GPTQConfig()) -> GPTQ
                 Wt[:, r0:r1] -= torch.bmm(U[:, i1:i2, r0:r1].transpose(1, 2), Err1)
         else:
             Wt[:, i2:] -= torch.bmm(U[:, i1:i2, i2:].transpose(1, 2), Err1)  # (E, K-i2, b) @ (E, b, N)
+        Wt[:, i1:i2] = Q1
         if config.act_order:  # columns i1:i2 of the permuted order go back to their original places
-            at = perm[:, None, i1:i2].expand(E, N, i2 - i1)
-            Q.scatter_(2, at, Q1.transpose(1, 2))
-            codes.scatter_(2, at, C1.transpose(1, 2))
+            codes.scatter_(2, perm[:, None, i1:i2].expand(E, N, i2 - i1), C1.transpose(1, 2))
         else:
-            Q[:, :, i1:i2] = Q1.transpose(1, 2)
             codes[:, :, i1:i2] = C1.transpose(1, 2)
-    del Wt, U
+    del U, U1, d, W1, Q1, C1, Err1  # U1 and d are views of U: U's storage goes with the last of them
+    if config.act_order:  # Wt's row i holds original column perm[:, i]
+        Q = torch.empty(E, N, K, device=dev).scatter_(2, perm[:, None, :].expand(E, N, K), Wt.transpose(1, 2))
+    else:
+        Q = Wt.transpose(1, 2).contiguous()
+    del Wt
     codes = codes.to(torch.int32)  # GPTQResult's dtype (no copy when it is already)
 
     if config.act_order:
