@@ -220,39 +220,46 @@ def test_gptq_holds_no_second_float_weight_while_u_lives():
 
 
 def test_quantize_pass_hands_the_layer_weights_over_to_gptq(tmp_path, monkeypatch):
-    """passes/quantize.py: while GPTQ runs on a group, the group's weights in the layer are shape-only meta
-    placeholders (GPTQ's W^T is their one copy), and every placeholder is replaced by a dense dequantized weight."""
+    """passes/quantize.py: a stage's weights leave the layer (shape-only meta placeholders; GPTQ's W^T is their
+    one copy) before its Hessians are allocated, and every placeholder is replaced by a dense dequantized weight
+    after its GPTQ call."""
     from conftest import write_tiny
     from moecompress.api import quantize
     from moecompress.config import CalibConfig, QuantizeConfig
     from moecompress.experts import MoEExperts
+    import moecompress.passes.calibrate as calibrate
     import moecompress.passes.quantize as q
     src = str(tmp_path / "mixtral")
     write_tiny(src, "Mixtral", layers=1)
-    events = []
-    real_set, real_gptq = MoEExperts.set_dense, q.gptq
+    events, state = [], {}
+    real_set, real_gptq, real_col = MoEExperts.set_dense, q.gptq, calibrate.HessianCollector.__init__
 
     def set_dense(self, e, proj, weight):
         events.append(("set", e, proj, weight.device.type))
+        state[(e, proj)] = weight.device.type
         return real_set(self, e, proj, weight)
 
     def gptq(W, H, *a, **k):
-        events.append(("gptq", W.shape))
+        meta = sorted(p for (e, p), d in state.items() if d == "meta")
+        events.append(("gptq", W.shape[0], meta))
         return real_gptq(W, H, *a, **k)
+
+    def collector(self, num_experts, dim, which, **k):
+        events.append(("hessians", which, sorted(p for (e, p), d in state.items() if d == "meta")))
+        return real_col(self, num_experts, dim, which, **k)
     monkeypatch.setattr(MoEExperts, "set_dense", set_dense)
     monkeypatch.setattr(q, "gptq", gptq)
+    monkeypatch.setattr(calibrate.HessianCollector, "__init__", collector)
     cfg = QuantizeConfig(bits=4, group_size=16, calib=CalibConfig((os.path.join(os.path.dirname(__file__), "..",
                          "moecompress", "data", "text", "calib_mix.txt"),), nsamples=4, seqlen=32))
     quantize(src, str(tmp_path / "out"), cfg, progress=False, device="cpu")
-    calls = [i for i, ev in enumerate(events) if ev[0] == "gptq"]
-    assert calls
-    for n, i in enumerate(calls):
-        before = events[calls[n - 1] + 1 if n else 0:i]
-        placed = [ev for ev in before if ev[3] == "meta"]
-        assert placed and placed == before[len(before) - len(placed):]  # the placeholders come right before GPTQ
-        E = events[i][1][0]  # experts in this GPTQ call: gate and up of each, or down
-        assert sorted(ev[2] for ev in placed) in (sorted(["gate", "up"] * E), ["down"] * E)
     sets = [ev for ev in events if ev[0] == "set"]
-    meta = {(e, p) for _, e, p, d in sets if d == "meta"}
-    dense = {(e, p) for _, e, p, d in sets if d == "cpu"}
-    assert meta == dense and len(meta) == 3 * len({e for e, _ in meta})
+    E = len({ev[1] for ev in sets})
+    assert E == 4 and len(sets) == 2 * 3 * E  # each weight: once a placeholder, once its dequantized weight
+    for key in {ev[1:3] for ev in sets}:
+        assert [ev[3] for ev in sets if ev[1:3] == key] == ["meta", "cpu"]
+    stages = [ev for ev in events if ev[0] == "hessians"]
+    assert [ev[1] for ev in stages] == ["x", "h"]  # one memory chunk per stage here
+    assert stages[0][2] == ["gate"] * E + ["up"] * E and stages[1][2] == ["down"] * E  # handed over before
+    calls = [ev for ev in events if ev[0] == "gptq"]
+    assert len(calls) >= 2 and all(len(ev[2]) >= ev[1] for ev in calls)  # a call's weights are placeholders

@@ -80,6 +80,19 @@ def _stack_float(parts: list[list[torch.Tensor]]) -> torch.Tensor:
     return Wt.transpose(1, 2)
 
 
+def _hand_over(ex, group: list[int], projs: tuple[str, ...]) -> torch.Tensor:
+    """The group's weights as GPTQ's (G, N, K) float32 working copy (`_stack_float`), taken out of the layer:
+    each is replaced by a shape-only meta placeholder until its dequantized weight is set, so the layer's copy
+    is freed (when nothing else holds it) and a weight is not held twice while GPTQ runs."""
+    W = _stack_float([[ex.weights[e][p] for p in projs] for e in group])
+    for e in group:
+        for p in projs:
+            w = ex.weights[e][p]
+            ex.set_dense(e, p, torch.empty(w.shape, dtype=w.dtype, device="meta"))
+            del w
+    return W
+
+
 def _quantize_group(W: torch.Tensor, Hs: torch.Tensor | None, spec: QuantSpec, method: str, gcfg: GPTQConfig,
                     sizer: _Sizer | None = None):
     """-> (GPTQResult, ternary_budget.Search or None). With a sizer, the ternary threshold is searched.
@@ -233,6 +246,12 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
         prior_of = None  # the first chunk's collector, which gathered the layer's prior statistics
         for chunk in memory_chunks(mine, K, budget):
             subset = [e for u in chunk for e in u]
+            # GPTQ's working copies, taken from the layer (which keeps meta placeholders until the dequantized
+            # weights are set): before the chunk's Hessians exist, so a weight and its copy never coexist beside
+            # them (float32 layers: the copies are the weights' size); otherwise, and under --hessian-prior (whose
+            # prior Hessians run the experts' own weights), group by group after them
+            early = {} if want_prior or w0["gate"].dtype != torch.float32 else {
+                tuple(g): _hand_over(ex, g, projs) for g in chunk}
             if need_h:
                 col = HessianCollector(E, K, which, subset=subset, affinity=affinity,
                                        prior=want_prior and prior_of is None, sample_every=sample_every, device=device,
@@ -245,22 +264,19 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
                 stats["memory_chunks"] = max(stats.get("memory_chunks", 0), len(memory_chunks(mine, K, budget)))
             for group in chunk:
                 spec = specs[group[0]]
-                W = _stack_float([[ex.weights[e][p] for p in projs] for e in group])  # (G, N, K)
+                W = early.pop(tuple(group), None)
                 Hs = None
                 if need_h:
                     Hs = col.take(group)
                     for j, e in enumerate(group):
                         P = prior_of.prior_hessian(e, ex.expert_forward) if prior_of else None
                         if e in fallback and not col.all_mass(e) > 0 and (P is None or not P.trace() > 0):
-                            Hs[j] = torch.eye(K, device=Hs.device)  # identity Hessian == round-to-nearest
+                            Hs[j].zero_().diagonal().fill_(1.0)  # identity Hessian == round-to-nearest
                             rounded.add(e)
                         elif P is not None:
                             Hs[j] += (hessian_prior * K * col.mean_weight(e)) * P
-                for e in group:  # W holds them now: the layer's own copies give way to shape-only placeholders
-                    for p in projs:  # until their dequantized weights are set below (one copy in flight, not two)
-                        w = ex.weights[e][p]
-                        ex.set_dense(e, p, torch.empty(w.shape, dtype=w.dtype, device="meta"))
-                        del w
+                if W is None:
+                    W = _hand_over(ex, group, projs)
                 if signs is not None:  # quantize W' = W R^T against H' = R H R^T
                     W = rotate(W.contiguous(), signs)  # in the layout it had before _stack_float
                     Hs = None if Hs is None else rotate_hessian(Hs, signs)
