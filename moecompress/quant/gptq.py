@@ -104,8 +104,9 @@ def _inverse_cholesky(h: Owned) -> torch.Tensor:
     storage, so U is H's storage and no other (K, K) matrix exists (at K = 14336 each is 0.82 GB). Measured with
     `benchmarks/scale.py --models mixtral-8x7b --nsamples 8 --seqlen 64 --experts-cap mixtral-8x7b=2 --threads 2
     --skip-peer`: peak RSS 4.90 G -> 4.72 G with this, the in-place permutations and byte-held codes; 4.49 G with the chunked lazy update, the adopted
-    W^T and chunked bit packing (parts 3.02 G; benchmarks/README.md). Otherwise, batched in
-    torch: at most two (E, K, K) matrices live at once, H and its factor L; then L alone, inverted in place; then
+    W^T and chunked bit packing (parts 3.02 G; benchmarks/README.md); 3.88 G (1.29x) with the dequantized columns
+    in W^T's rows and the quantize pass handing the layer's weights over (4.51 G before, same day). Otherwise,
+    batched in torch: at most two (E, K, K) matrices live at once, H and its factor L; then L alone, inverted in place; then
     H^-1 and U; H is kept until its factor exists, and rebuilt from H^-1 if U's factorization fails."""
     H = h.take()
     if _in_place(H):
