@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0 bytes: the expert and its router row leave; --bits is then stored bits per routed-expert parameter) "
                         "(default " + ",".join(map(str, Q.candidates)) + ")")
     q.add_argument("--budget", default=None, metavar="SIZE",
-                   help="--allocation lp: the whole checkpoint on disk (24GB, 800MB, 1.5GiB or bytes); with prune among "
+                   help="--allocation lp: the whole checkpoint on disk (24GB, 800MB, 1.5GiB or bytes; every file of the output "
+                        "but run/); with prune among "
                         "--candidates, --bits is instead stored bits per routed-expert parameter (pruned experts at 0)")
     q.add_argument("--budget-scope", choices=["model", "layer"], default=Q.budget_scope,
                    help="--allocation lp: one byte budget for all experts (model) or one per MoE layer (default model)")
