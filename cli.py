@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ: quantize columns by decreasing Hessian diagonal, groups on their static original-order "
                         "grids (default on; --no-act-order: natural column order)")
     q.add_argument("--percdamp", type=float, default=Q.percdamp, help=f"GPTQ relative damping (default {Q.percdamp})")
+    q.add_argument("--sweeps", type=int, default=Q.sweeps,
+                   help="GPTQ: coordinate-descent sweeps over the integer codes after GPTQ, each lowering the layer's "
+                        f"output error on the calibration inputs; costs about one GPTQ pass each (default {Q.sweeps})")
     q.add_argument("--affinity", action="store_true", help="weight each token's Hessian term by its gate weight (AGQ)")
     q.add_argument("--ternary-threshold", type=float, default=Q.ternary_threshold,
                    help="--method ternary: weights with |w| < t * (hi - lo) become 0; more zeros, fewer bits "
@@ -220,7 +223,7 @@ def cmd_quantize(a) -> int:
     check_device(a)
     calib = calib_config(a)
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, method=a.method, allocation=a.allocation,
-                         percdamp=a.percdamp, act_order=a.act_order, affinity=a.affinity, min_tokens=a.min_tokens,
+                         percdamp=a.percdamp, act_order=a.act_order, sweeps=a.sweeps, affinity=a.affinity, min_tokens=a.min_tokens,
                          hessian_prior=a.hessian_prior, all_tokens=a.all_tokens,
                          router_bits=a.router_bits, shared_bits=a.shared_bits, symmetric=a.symmetric, grid=a.grid, rotate=a.rotate,
                          ternary_threshold=a.ternary_threshold, candidates=a.candidates, budget_scope=a.budget_scope, budget=a.budget,

@@ -175,7 +175,7 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
         log.info("resuming %s after layer %d", out, completed - 1)
     else:
         acts = runner.embed()
-    gcfg = GPTQConfig(config.percdamp, config.block_size, config.act_order)
+    gcfg = GPTQConfig(config.percdamp, config.block_size, config.act_order, config.sweeps)
     encoder = qpass.LayerEncoder(len(reader.moe_layers), reader.expert_params)  # holds the sub1 dictionary
     if writer:
         encoder.restore_from(writer.tmp)

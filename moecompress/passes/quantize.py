@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..codecs import PackedTensor, QuantSpec
+from ..quant.coord import coordinate_descent
 from ..quant.gptq import GPTQConfig, GPTQResult, Owned, gptq, rtn, tensor_of
 from ..quant.grids import int_grid
 from .calibrate import PRIOR_TOKENS, HessianCollector, all_token_scale
@@ -88,12 +89,22 @@ def _quantize_group(W: torch.Tensor, Hs: torch.Tensor | None, spec: QuantSpec, m
     if sizer is not None or method == "rtn" or Hs is None:  # several runs, or none that takes ownership
         W, Hs = tensor_of(W), tensor_of(Hs)
     if spec.codec in TERNARY_CODECS:  # error feedback fills the dead zone back in: damp it (measured trade-off)
-        gcfg = GPTQConfig(max(gcfg.percdamp, float(spec.option("percdamp", TERNARY_PERCDAMP))), gcfg.block_size, gcfg.act_order)
+        gcfg = GPTQConfig(max(gcfg.percdamp, float(spec.option("percdamp", TERNARY_PERCDAMP))), gcfg.block_size, gcfg.act_order,
+                          gcfg.sweeps)
+
+    sweeps = gcfg.sweeps if spec.codec == "int" and method != "rtn" and Hs is not None else 0
+    if sweeps:  # coordinate descent (quant/coord.py) needs W and H after GPTQ: GPTQ copies instead of consuming
+        W, Hs = tensor_of(W), tensor_of(Hs)
 
     def run(grid) -> GPTQResult:
         if method == "rtn" or Hs is None:
             return rtn(W, grid, gs)
-        return gptq(W, Hs, grid, gs, gcfg)
+        res = gptq(W, Hs, grid, gs, gcfg)
+        if sweeps:
+            codes, deq = coordinate_descent(W, Hs, res.codes, res.deq, res.scale, res.zero, grid, gs, sweeps,
+                                            gcfg.percdamp)
+            res = res._replace(codes=codes, deq=deq)
+        return res
     if sizer is None:
         return run(grid_for(spec)), None
     from ..quant.ternary import TernaryGrid
