@@ -49,8 +49,9 @@ def is_joint(config) -> bool:
 
 def make_allocator(reader, config, plan=None, device=None):
     """JointAllocator where prune is a candidate; else the bit-width Allocator (which also reads plans with
-    prune entries), with --budget SIZE turned into its code-bits budget: (SIZE - fixed bytes) * 8 / P stored
-    bits minus the scale/zero overhead, so the widths-only LP keeps its own cost model (--cost)."""
+    prune entries), with --budget SIZE turned into its code-bits budget: (SIZE - fixed bytes - fixed metadata)
+    * 8 / P stored bits minus the scale/zero overhead, each candidate also paying its metadata bound, so the
+    widths-only LP keeps its own cost model (--cost)."""
     from dataclasses import replace
     if plan or not is_joint(config):
         return Allocator(reader, config, plan, device)
@@ -58,15 +59,13 @@ def make_allocator(reader, config, plan=None, device=None):
         return JointAllocator(reader, config, device)
     joint = JointAllocator(reader, replace(config, cost="legacy"), device)  # shapes only: the --budget checks
     overhead = Allocator(reader, replace(config, bits=8, budget=None), None, device).overhead
-    P = int(joint.pricing.params.sum())  # every expert stays: each pays the metadata of its widest candidate
-    reserve = int(sum(joint.pricing.params.shape[1] * joint.meta[l].max() for l in range(joint.meta.shape[0])))
-    # float rounding moves the floored byte budget by at most one byte down
-    code = joint.acfg.budget_bits - 8 * reserve / P - overhead
+    code = joint.acfg.budget_bits - overhead  # float rounding moves the floored byte budget by at most one byte down
     if not 1 <= code:
         raise MoeCompressError(f"--budget {config.budget} leaves {joint.acfg.budget_bits:.4f} stored bits per expert "
                                f"parameter, below what the widths-only LP takes (1 code bit + scales); add prune to "
                                f"--candidates or raise --budget")
-    alloc = Allocator(reader, replace(config, bits=min(code, 8.0), budget=None), None, device)
+    meta = {c.label: joint.meta[:, k] for k, c in enumerate(joint.acfg.candidates)}  # each expert pays its entries
+    alloc = Allocator(reader, replace(config, bits=min(code, 8.0), budget=None), None, device, meta=meta)
     log.info("--budget %s: %.4f stored bits per routed-expert parameter for the widths-only LP", config.budget,
              joint.acfg.budget_bits)
     return alloc
