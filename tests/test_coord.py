@@ -84,3 +84,12 @@ def test_quantize_sweeps_option_runs_and_is_recorded(tiny_dir, tmp_path):
     assert len(a) == len(b) and a != b  # same format and size, other codes
     with pytest.raises(MoeCompressError, match="--sweeps"):
         QuantizeConfig(sweeps=-1)
+
+
+def test_sweeps_skip_the_in_place_hessian_class():
+    """Hessians GPTQ factors in place to save memory (K >= 4096 at fp32) get no coordinate descent (its copy
+    would double them); decided by shape alone."""
+    from moecompress.passes.quantize import sweeps_apply
+    from moecompress.quant.gptq import INPLACE_BYTES
+    assert sweeps_apply(2048) and sweeps_apply(4095) and not sweeps_apply(4096) and not sweeps_apply(14336)
+    assert 4095 ** 2 * 4 < INPLACE_BYTES <= 4096 ** 2 * 4

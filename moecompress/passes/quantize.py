@@ -21,7 +21,7 @@ import torch
 
 from ..codecs import PackedTensor, QuantSpec
 from ..quant.coord import coordinate_descent
-from ..quant.gptq import GPTQConfig, GPTQResult, Owned, gptq, rtn, tensor_of
+from ..quant.gptq import INPLACE_BYTES, GPTQConfig, GPTQResult, Owned, gptq, rtn, tensor_of
 from ..quant.grids import int_grid
 from .calibrate import PRIOR_TOKENS, HessianCollector, all_token_scale
 from .encoder import LayerEncoder, _Sizer
@@ -42,6 +42,7 @@ class LayerRecord:
     shared: list = field(default_factory=list)  # shared experts: one record each (passes/shared.py)
     all_tokens: dict | None = None  # --all-tokens: {"lambda", "scale", "score_sum"} (passes/calibrate.py)
     rotated: bool = False  # --rotate: gate/up and down quantized in a randomized Hadamard basis (quant/hadamard.py)
+    sweeps_skipped: list = field(default_factory=list)  # --sweeps: input widths K whose Hessians are too large
 
 
 TERNARY_CODECS = ("ternary", "sub1")
@@ -93,6 +94,7 @@ def _quantize_group(W: torch.Tensor, Hs: torch.Tensor | None, spec: QuantSpec, m
                           gcfg.sweeps)
 
     sweeps = gcfg.sweeps if spec.codec == "int" and method != "rtn" and Hs is not None else 0
+    sweeps = sweeps if sweeps_apply(W.shape[-1]) else 0  # Owned and tensors both have a shape
     if sweeps:  # coordinate descent (quant/coord.py) needs W and H after GPTQ: GPTQ copies instead of consuming
         W, Hs = tensor_of(W), tensor_of(Hs)
 
@@ -113,6 +115,13 @@ def _quantize_group(W: torch.Tensor, Hs: torch.Tensor | None, spec: QuantSpec, m
     budget = sizer.budget(tuple(W.shape))
     s = search_threshold(lambda t: run(TernaryGrid(threshold=t, fit_method=fit)), sizer.nbytes, budget)
     return s.result, s
+
+
+def sweeps_apply(K: int) -> bool:
+    """Coordinate descent (--sweeps) needs a copy of each (K, K) Hessian beside GPTQ's; where one is of the size
+    GPTQ factors in place to save memory (quant/gptq.INPLACE_BYTES: K >= 4096) the sweeps are skipped, logged
+    and recorded (LayerRecord.sweeps_skipped). By shape alone, so every device and rank does the same."""
+    return K * K * 4 < INPLACE_BYTES
 
 
 def gptq_units(specs: dict, rows: dict[str, int], K: dict[str, int]) -> list[list[int]]:
@@ -256,6 +265,12 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
                 stats["memory_chunks"] = max(stats.get("memory_chunks", 0), len(memory_chunks(mine, K, budget)))
             for group in chunk:
                 spec = specs[group[0]]
+                if (gcfg.sweeps and spec.codec == "int" and method != "rtn" and need_h and not sweeps_apply(K)
+                        and K not in record.sweeps_skipped):
+                    record.sweeps_skipped.append(K)
+                    log.warning("layer %d: --sweeps skipped for inputs of width %d (a (K, K) Hessian of %.0f MiB is "
+                                "factored in place; a copy for coordinate descent would double it)", layer_idx, K,
+                                K * K * 4 / 2 ** 20)
                 W = _stack_float([[ex.weights[e][p] for p in projs] for e in group])  # (G, N, K)
                 Hs = None
                 if need_h:
