@@ -121,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ: quantize columns by decreasing Hessian diagonal, groups on their static original-order "
                         "grids (default on; --no-act-order: natural column order)")
     q.add_argument("--percdamp", type=float, default=Q.percdamp, help=f"GPTQ relative damping (default {Q.percdamp})")
-    q.add_argument("--sweeps", type=int, default=Q.sweeps,
+    q.add_argument("--sweeps", type=int, default=Q.sweeps, metavar="N",
                    help="GPTQ: coordinate-descent sweeps over the integer codes after GPTQ, each lowering the layer's "
-                        f"output error on the calibration inputs; costs about one GPTQ pass each (default {Q.sweeps})")
+                        "output error on the calibration inputs; about one GPTQ pass each (default: 4 on 2-bit "
+                        "grids, none above)")
     q.add_argument("--affinity", action="store_true", help="weight each token's Hessian term by its gate weight (AGQ)")
     q.add_argument("--ternary-threshold", type=float, default=Q.ternary_threshold,
                    help="--method ternary: weights with |w| < t * (hi - lo) become 0; more zeros, fewer bits "

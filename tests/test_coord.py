@@ -73,10 +73,19 @@ def test_quantize_sweeps_option_runs_and_is_recorded(tiny_dir, tmp_path):
     model = tiny_dir("Mixtral")
     calib = CalibConfig((os.path.join(TEXT, "calib_mix.txt"),), nsamples=8, seqlen=32)
     outs = {}
-    for s in (0, 2):
+    for s in (0, 2, 4, None):
         out = str(tmp_path / f"s{s}")
         quantize(model, out, QuantizeConfig(bits=2, group_size=32, sweeps=s, calib=calib), progress=False)
         outs[s] = out
+    def shard(s):
+        return open(os.path.join(outs[s], "layer-00000.safetensors"), "rb").read()
+    assert shard(None) == shard(4)  # the default at 2 bits: AUTO_SWEEPS
+    out3 = str(tmp_path / "b3")
+    quantize(model, out3, QuantizeConfig(bits=3, group_size=32, calib=calib), progress=False)
+    out30 = str(tmp_path / "b30")
+    quantize(model, out30, QuantizeConfig(bits=3, group_size=32, sweeps=0, calib=calib), progress=False)
+    assert open(os.path.join(out3, "layer-00000.safetensors"), "rb").read() == \
+        open(os.path.join(out30, "layer-00000.safetensors"), "rb").read()  # none above 2 bits by default
     rc = json.load(open(os.path.join(outs[2], "run", "run_config.json")))
     assert rc["config"]["sweeps"] == 2
     a = open(os.path.join(outs[0], "layer-00000.safetensors"), "rb").read()

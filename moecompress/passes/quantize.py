@@ -93,7 +93,7 @@ def _quantize_group(W: torch.Tensor, Hs: torch.Tensor | None, spec: QuantSpec, m
         gcfg = GPTQConfig(max(gcfg.percdamp, float(spec.option("percdamp", TERNARY_PERCDAMP))), gcfg.block_size, gcfg.act_order,
                           gcfg.sweeps)
 
-    sweeps = gcfg.sweeps if spec.codec == "int" and method != "rtn" and Hs is not None else 0
+    sweeps = sweeps_for(spec, gcfg) if method != "rtn" and Hs is not None else 0
     sweeps = sweeps if sweeps_apply(W.shape[-1]) else 0  # Owned and tensors both have a shape
     if sweeps:  # coordinate descent (quant/coord.py) needs W and H after GPTQ: GPTQ copies instead of consuming
         W, Hs = tensor_of(W), tensor_of(Hs)
@@ -115,6 +115,20 @@ def _quantize_group(W: torch.Tensor, Hs: torch.Tensor | None, spec: QuantSpec, m
     budget = sizer.budget(tuple(W.shape))
     s = search_threshold(lambda t: run(TernaryGrid(threshold=t, fit_method=fit)), sizer.nbytes, budget)
     return s.result, s
+
+
+AUTO_SWEEPS = 4  # --sweeps by default on 2-bit grids (validation split, benchmarks/README.md): none above
+
+
+def sweeps_for(spec: QuantSpec, gcfg: GPTQConfig) -> int:
+    """Coordinate-descent sweeps after GPTQ for weights stored as `spec`: integer grids only; --sweeps N for
+    every width, or by default (None) AUTO_SWEEPS at 2 bits and none above (at 3 bits they measured no better
+    on the validation split)."""
+    if spec.codec != "int":
+        return 0
+    if gcfg.sweeps is None:
+        return AUTO_SWEEPS if spec.bits <= 2 else 0
+    return gcfg.sweeps
 
 
 def sweeps_apply(K: int) -> bool:
@@ -265,7 +279,7 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
                 stats["memory_chunks"] = max(stats.get("memory_chunks", 0), len(memory_chunks(mine, K, budget)))
             for group in chunk:
                 spec = specs[group[0]]
-                if (gcfg.sweeps and spec.codec == "int" and method != "rtn" and need_h and not sweeps_apply(K)
+                if (need_h and sweeps_for(spec, gcfg) and not sweeps_apply(K)
                         and K not in record.sweeps_skipped):
                     record.sweeps_skipped.append(K)
                     log.warning("layer %d: --sweeps skipped for inputs of width %d (a (K, K) Hessian of %.0f MiB is "

@@ -32,7 +32,7 @@ class GPTQConfig:
     percdamp: float = 0.01
     block_size: int = 128
     act_order: bool = False
-    sweeps: int = 0  # coordinate-descent sweeps after GPTQ (quant/coord.py; applied by passes/quantize.py)
+    sweeps: int | None = 0  # coordinate-descent sweeps after GPTQ (quant/coord.py; passes/quantize.sweeps_for)
 
     def __post_init__(self):
         if not 0 <= self.percdamp < 1:
