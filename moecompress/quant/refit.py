@@ -25,6 +25,9 @@ Rounds (refit = T >= 1): round 1 refits GPTQ's scales; each further round re-run
 refit grid held fixed (its error feedback then works against the refit scales) and refits again. Every
 candidate (plain GPTQ, each re-run, each refit) is scored by the row's H-weighted error and each row keeps its
 best, so the result is never worse than plain GPTQ on that objective (rows are independent in GPTQ).
+Zeros are not refit: the continuous fit w_hat_k = s_g q_k + c_g (2G unknowns) put -c/s within 0.05 of GPTQ's
+integer zero in every row of the demo model's first layer at 2 bits (0 of 27,648 zeros would change), since
+GPTQ's error feedback already moves each group's offset into its codes.
 Memory: one extra copy of W (E, N, K) and of H (E, K, K) is kept for the refit (GPTQ consumes its own),
 plus working blocks of REFIT_BYTES.
 """
