@@ -89,9 +89,10 @@ def objective_hessian(H: torch.Tensor, percdamp: float, damped: bool = REFIT_DAM
 
 
 def row_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """(w - w_hat)^T H (w - w_hat) per row: W, Q (E, N, K), H (E, K, K) -> (E, N) float64."""
-    D = (W - Q).double()
-    return torch.einsum("enk,enk->en", D @ H.double(), D)
+    """(w - w_hat)^T H (w - w_hat) per row: W, Q (E, N, K), H (E, K, K) -> (E, N) float64 (the product in float32,
+    the sums in float64)."""
+    D = (W - Q).float()
+    return (torch.bmm(D, H.float()).double() * D.double()).sum(-1)
 
 
 def _deq(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gs: int) -> torch.Tensor:
