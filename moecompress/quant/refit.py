@@ -43,7 +43,8 @@ from .grids import GridParams, _fp16_scale
 log = logging.getLogger("moecompress")
 
 RIDGE = 1e-6          # relative ridge towards the current scale, x the system's diagonal
-REFIT_BYTES = 64 << 20  # the (E, rows, G, K) float32 block of the normal equations is built by row chunks of this
+REFIT_BYTES = 64 << 20  # the normal equations are built by chunks of rows whose (E, rows, G, G) systems and
+# (E, rows, K) working blocks stay around this size
 REFIT_DAMPED = True   # the refit's H: the damped Hessian GPTQ factored (True) or the raw one (False)
 REFIT_STATS: dict[str, int] = {}  # this process's counts since reset_stats(): see `gptq_refit`
 
@@ -100,25 +101,30 @@ def _deq(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gs: int) 
 
 
 def refit_scales(W: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, H: torch.Tensor,
-                 gs: int) -> tuple[torch.Tensor, dict]:
+                 gs: int, HW: torch.Tensor | None = None) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """The scales (E, N, G), fp16-exact, minimising each row's (w - w_hat)^T H (w - w_hat) for fixed codes and
-    zeros; rows the guard rejects keep `scale`. -> (scale, counts {"refit", "singular", "bad_scale", "no_gain"})."""
+    zeros; rows the guard rejects keep `scale`. HW: W @ H if the caller has it. -> (scale, counts {"refit",
+    "singular", "bad_scale", "no_gain"}, the change of each row's error (E, N) float64, 0 where rejected)."""
     E, N, K = W.shape
     G = K // gs
     Hf = H.float()
-    HW = torch.bmm(W.float(), Hf)  # (E, N, K): H w per row (H symmetric)
+    HW = torch.bmm(W.float(), Hf) if HW is None else HW  # (E, N, K): H w per row (H symmetric)
     Hg = Hf.view(E, G, gs, K)
     out = scale.clone()
+    change = torch.zeros(E, N, dtype=torch.float64, device=W.device)
     counts = {"refit": 0, "singular": 0, "bad_scale": 0, "no_gain": 0}
-    rows = max(1, REFIT_BYTES // (4 * E * G * K))
+    rows = max(1, REFIT_BYTES // (4 * E * (4 * K + 3 * G * G)))
     for r0 in range(0, N, rows):
         r1 = min(r0 + rows, N)
         n = r1 - r0
         Uf = codes[:, r0:r1].float() - zero[:, r0:r1].repeat_interleave(gs, -1)  # (E, n, K)
         U = Uf.view(E, n, G, gs)
-        T = torch.einsum("enga,egal->engl", U, Hg)  # (E, n, G, K): sum_a u_ga H[ga, l]
-        M = (T.view(E, n, G, G, gs) * U[:, :, None]).sum(-1).double()  # (E, n, G, G): A^T H A
+        M = torch.empty(E, n, G, G, device=W.device)  # A^T H A, one group's row of blocks at a time:
+        for g in range(G):  # T = sum_a u_ga H[ga, :] (E, n, K), then M[g, h] = sum_b T[hb] u_hb (2-3x one einsum)
+            T = torch.bmm(U[:, :, g], Hg[:, g])
+            M[:, :, g] = (T.view(E, n, G, gs) * U).sum(-1)
         del T
+        M = M.double()
         M = (M + M.transpose(-1, -2)) / 2
         b = (U * HW[:, r0:r1].view(E, n, G, gs)).sum(-1).double()  # (E, n, G): A^T H w
         s0 = scale[:, r0:r1].double()
@@ -134,11 +140,12 @@ def refit_scales(W: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero
         gain = (d[..., None, :] @ M @ (s + s0)[..., None])[..., 0, 0] - 2 * (d * b).sum(-1)
         better = good & (gain < 0)
         out[:, r0:r1] = torch.where(better[..., None], s.float(), scale[:, r0:r1])
+        change[:, r0:r1] = torch.where(better, gain, torch.zeros_like(gain))
         counts["refit"] += int(better.sum())
         counts["singular"] += int((~ok).sum())
         counts["bad_scale"] += int((ok & ~good).sum())
         counts["no_gain"] += int((good & ~better & (d != 0).any(-1)).sum())
-    return out, counts
+    return out, counts, change
 
 
 def gptq_refit(W, H, grid, group_size: int, config):
@@ -155,7 +162,8 @@ def gptq_refit(W, H, grid, group_size: int, config):
     res = gptq(W, H, grid, group_size, plain)
     codes, scale, zero, deq = res.codes, res.scale, res.zero, res.deq
     err = row_error(W0, deq, Hobj)
-    err0 = err.clone()
+    err0, cur_err = err.clone(), err
+    HW = torch.bmm(W0, Hobj)
     counts = {"refit": 0, "singular": 0, "bad_scale": 0, "no_gain": 0}
     cur_codes, cur_scale, cur_zero = codes, scale, zero
     for t in range(config.refit):
@@ -165,16 +173,15 @@ def gptq_refit(W, H, grid, group_size: int, config):
             if not (torch.equal(r.scale, cur_scale) and torch.equal(r.zero, cur_zero)):
                 raise RuntimeError("GPTQ did not keep the fixed refit grid")
             cur_codes = r.codes
-            e = row_error(W0, r.deq, Hobj)
-            codes, scale, zero, deq, err = _pick(e < err, (r.codes, r.scale, r.zero, r.deq, e),
+            cur_err = row_error(W0, r.deq, Hobj)
+            codes, scale, zero, deq, err = _pick(cur_err < err, (r.codes, r.scale, r.zero, r.deq, cur_err),
                                                  (codes, scale, zero, deq, err))
-        s, c = refit_scales(W0, cur_codes, cur_scale, cur_zero, Hobj, group_size)
+        s, c, change = refit_scales(W0, cur_codes, cur_scale, cur_zero, Hobj, group_size, HW)
         for k in counts:
             counts[k] += c[k]
-        cur_scale = s
+        cur_scale, cur_err = s, cur_err + change  # the change from the exact quadratic form: no second product
         dq = _deq(cur_codes, cur_scale, cur_zero, group_size)
-        e = row_error(W0, dq, Hobj)
-        codes, scale, zero, deq, err = _pick(e < err, (cur_codes, cur_scale, cur_zero, dq, e),
+        codes, scale, zero, deq, err = _pick(cur_err < err, (cur_codes, cur_scale, cur_zero, dq, cur_err),
                                              (codes, scale, zero, deq, err))
     E, N = err.shape
     kept = E * N - int((err < err0).sum())
