@@ -19,8 +19,9 @@ at T = 3). The solve is ridged towards GPTQ's scale by RIDGE x the
 system's diagonal (a group whose codes all sit on its zero point keeps its scale). Guard, per row: the refit
 is kept only if the system factors, every rounded scale is finite and positive, and the row's H-weighted error
 after fp16 rounding is lower than before; otherwise the row keeps GPTQ's scales. Those rows are counted, logged
-(a warning when any), and added to REFIT_STATS, which the run records in run/metrics.json ("refit": rows seen, rows improved over plain
-GPTQ, rows kept at GPTQ's scales; singular / bad_scale / no_gain: rejected refits, counted per round).
+(a warning when any), and added to REFIT_STATS, which the run records in run/metrics.json ("refit": rows
+seen, rows improved over plain GPTQ, rows kept at GPTQ's scales; singular / bad_scale / no_gain: rejected
+refits, counted per round).
 
 Rounds (refit = T >= 1): round 1 refits GPTQ's scales; each further round re-runs GPTQ with the previous round's
 refit grid held fixed (its error feedback then works against the refit scales) and refits again. Every
@@ -82,7 +83,8 @@ class FixedGrid:
         return self.grid.quantize(w, p)
 
 
-def objective_hessian(H: torch.Tensor, percdamp: float, damped: bool = REFIT_DAMPED) -> tuple[torch.Tensor, torch.Tensor]:
+def objective_hessian(H: torch.Tensor, percdamp: float,
+                      damped: bool = REFIT_DAMPED) -> tuple[torch.Tensor, torch.Tensor]:
     """A float32 copy of H as the refit scores it, and the dead-input mask (E, K) GPTQ zeroes W on."""
     from .gptq import _prepare_hessian
     Hd = H.to(torch.float32, copy=True)
