@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--grid", choices=("minmax", "mse"), default=Q.grid,
                    help="how integer grids fit each group's range: min/max, or mse (the clipping of least rounding "
                         "error, |w - w_hat|^4, searched per group row; same format and size) (default %(default)s)")
+    q.add_argument("--refit", type=int, default=Q.refit, metavar="T",
+                   help="after GPTQ, refit each integer group's scale by Hessian-weighted least squares against the "
+                        "layer's output error, T rounds (each further round re-runs GPTQ on the refit grid); codes, "
+                        "zeros and format unchanged; keeps a copy of W and H per GPTQ call (default %(default)s: off)")
     q.add_argument("--rotate", action="store_true",
                    help="incoherence processing: quantize the routed experts in a randomized Hadamard basis of their "
                         "input dimension (signs stored per layer, ~no extra bytes; layers with ternary/sub1 experts "
@@ -226,7 +230,7 @@ def cmd_quantize(a) -> int:
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, method=a.method, allocation=a.allocation,
                          percdamp=a.percdamp, act_order=a.act_order, sweeps=a.sweeps, affinity=a.affinity, min_tokens=a.min_tokens,
                          hessian_prior=a.hessian_prior, all_tokens=a.all_tokens,
-                         router_bits=a.router_bits, shared_bits=a.shared_bits, symmetric=a.symmetric, grid=a.grid, rotate=a.rotate,
+                         router_bits=a.router_bits, shared_bits=a.shared_bits, symmetric=a.symmetric, grid=a.grid, refit=a.refit, rotate=a.rotate,
                          ternary_threshold=a.ternary_threshold, candidates=a.candidates, budget_scope=a.budget_scope, budget=a.budget,
                          min_bits=a.min_bits, max_bits=a.max_bits, top_two=a.top_two, alpha=a.alpha, beta=a.beta,
                          cost=a.cost, calib=calib)

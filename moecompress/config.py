@@ -76,6 +76,8 @@ class QuantizeConfig:
     grid: str = "mse"                # how integer grids fit each group's range: "mse" (the clipping of least
     # rounding error, quant/grids.py; the default) or "minmax"; same format and size. Every integer grid of the
     # run: routed experts (uniform or LP candidates) and shared experts
+    refit: int = 0                   # --refit T: after GPTQ, T rounds of Hessian-weighted least-squares refits of the
+    # integer grids' scales (quant/refit.py; zeros, codes and format unchanged); 0: off
     rotate: bool = False             # --rotate: randomized Hadamard rotation of the routed experts' input dimension
     # before GPTQ (incoherence processing, quant/hadamard.py); signs stored per layer in the packed checkpoint
     shared_bits: int | None = None   # shared experts' width (2/3/4/8; 0 keeps them dense); None: --bits when
@@ -137,6 +139,8 @@ class QuantizeConfig:
                                    "without --allocation lp); drop --symmetric or those options")
         if self.grid not in GRIDS:
             raise MoeCompressError(f"unknown --grid {self.grid!r}; choose one of {', '.join(GRIDS)}")
+        if isinstance(self.refit, bool) or not isinstance(self.refit, int) or not 0 <= self.refit <= 8:
+            raise MoeCompressError(f"--refit is a number of rounds from 0 (off) to 8, got {self.refit}")
         if self.rotate and self.method == "ternary":
             raise MoeCompressError("--rotate applies to integer codes (ternary codes live on the zeros a rotation would "
                                    "spread): use --method gptq or rtn, or drop --rotate")

@@ -158,7 +158,7 @@ def sensitivity_pass(reader, config: QuantizeConfig, candidates, windows: torch.
     device = torch.device("cpu") if device is None else device
     streamer = LayerStreamer(reader, device=device)
     runner = LayerRunner(streamer, windows, config.calib, Dist(device=device), device)  # every rank runs it whole
-    gcfg = GPTQConfig(config.percdamp, config.block_size, config.act_order, config.sweeps)
+    gcfg = GPTQConfig(config.percdamp, config.block_size, config.act_order, sweeps=config.sweeps, refit=config.refit)
     moe = list(reader.moe_layers)
     L, E, C = len(moe), reader.layer_num_experts(moe[0]), len(candidates)
     tokens, mass = np.zeros((L, E)), np.zeros((L, E))
