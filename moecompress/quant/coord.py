@@ -29,30 +29,34 @@ def coordinate_descent(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, de
                        percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """W: (E, N, K) original weights, H: (E, K, K) Hessians (undamped; damped here as GPTQ damps them),
     codes/deq: GPTQ's (E, N, K) result, scale/zero: (E, N, K // group_size). -> (codes, deq) after
-    `sweeps` sweeps. Inputs are not modified."""
+    `sweeps` sweeps. Inputs are not modified. Works on transposed (E, K, N) copies, as GPTQ does, so a
+    column is a contiguous row."""
     E, N, K = W.shape
     Hd = H.float().clone()
     diag = torch.diagonal(Hd, dim1=1, dim2=2)
     diag.add_((percdamp * diag.mean(-1)).clamp(min=1e-8)[:, None])  # GPTQ's relative damping; dead columns > 0
-    Q = deq.float().clone()
-    codes = codes.clone()
-    G = torch.bmm(W.float() - Q, Hd)  # (E, N, K): H (w - q) per row
+    Qt = deq.float().transpose(1, 2).contiguous()  # (E, K, N)
+    Ct = codes.transpose(1, 2).contiguous()
+    St = scale.float().transpose(1, 2).contiguous()  # (E, G, N)
+    Zt = zero.float().transpose(1, 2).contiguous()
+    Gt = torch.bmm(Hd, W.float().transpose(1, 2) - Qt)  # (E, K, N): H (w - q) per row, H symmetric
+    inv = 1.0 / torch.diagonal(Hd, dim1=1, dim2=2)  # (E, K)
     for _ in range(sweeps):
         for b0 in range(0, K, BLOCK):
             b1 = min(b0 + BLOCK, K)
-            D = torch.zeros(E, N, b1 - b0, device=W.device)
+            Dt = torch.zeros(E, b1 - b0, N, device=W.device)
             for j in range(b0, b1):
                 g = j // group_size
-                q_old = Q[:, :, j]
-                target = q_old + G[:, :, j] / Hd[:, j, j, None]
-                q, qd = grid.quantize(target, GridParams(scale[:, :, g], zero[:, :, g]))
+                q_old = Qt[:, j]
+                target = q_old + Gt[:, j] * inv[:, j, None]
+                q, qd = grid.quantize(target, GridParams(St[:, g], Zt[:, g]))
                 delta = qd - q_old
-                Q[:, :, j] = qd
-                codes[:, :, j] = q.to(codes.dtype)
-                D[:, :, j - b0] = delta
-                G[:, :, b0:b1] -= delta[:, :, None] * Hd[:, j, None, b0:b1]
+                Qt[:, j] = qd
+                Ct[:, j] = q.to(Ct.dtype)
+                Dt[:, j - b0] = delta
+                Gt[:, b0:b1] -= Hd[:, b0:b1, j, None] * delta[:, None, :]
             if b0 > 0:  # the block's changes reach the columns before and after it at once
-                G[:, :, :b0] -= torch.bmm(D, Hd[:, b0:b1, :b0])
+                Gt[:, :b0] -= torch.bmm(Hd[:, :b0, b0:b1], Dt)
             if b1 < K:
-                G[:, :, b1:] -= torch.bmm(D, Hd[:, b0:b1, b1:])
-    return codes, Q
+                Gt[:, b1:] -= torch.bmm(Hd[:, b1:, b0:b1], Dt)
+    return Ct.transpose(1, 2).contiguous(), Qt.transpose(1, 2).contiguous()
