@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0 bytes: the expert and its router row leave; --bits is then stored bits per routed-expert parameter) "
                         "(default " + ",".join(map(str, Q.candidates)) + ")")
     q.add_argument("--budget", default=None, metavar="SIZE",
-                   help="--allocation lp: the whole checkpoint on disk (24GB, 800MB, 1.5GiB or bytes); with prune among "
+                   help="--allocation lp: the whole checkpoint on disk (24GB, 800MB, 1.5GiB or bytes; every file of the output "
+                        "but run/); with prune among "
                         "--candidates, --bits is instead stored bits per routed-expert parameter (pruned experts at 0)")
     q.add_argument("--budget-scope", choices=["model", "layer"], default=Q.budget_scope,
                    help="--allocation lp: one byte budget for all experts (model) or one per MoE layer (default model)")
@@ -120,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ: quantize columns by decreasing Hessian diagonal, groups on their static original-order "
                         "grids (default on; --no-act-order: natural column order)")
     q.add_argument("--percdamp", type=float, default=Q.percdamp, help=f"GPTQ relative damping (default {Q.percdamp})")
+    q.add_argument("--sweeps", type=int, default=Q.sweeps, metavar="N",
+                   help="GPTQ: coordinate-descent sweeps over the integer codes after GPTQ, each lowering the layer's "
+                        "output error on the calibration inputs; about one GPTQ pass each (default: 4 on 2-bit "
+                        "grids, none above)")
     q.add_argument("--affinity", action="store_true", help="weight each token's Hessian term by its gate weight (AGQ)")
     q.add_argument("--ternary-threshold", type=float, default=Q.ternary_threshold,
                    help="--method ternary: weights with |w| < t * (hi - lo) become 0; more zeros, fewer bits "
@@ -150,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--grid", choices=("minmax", "mse"), default=Q.grid,
                    help="how integer grids fit each group's range: min/max, or mse (the clipping of least rounding "
                         "error, |w - w_hat|^4, searched per group row; same format and size) (default %(default)s)")
+    q.add_argument("--refit", type=int, default=Q.refit, metavar="T",
+                   help="after GPTQ, refit each integer group's scale by Hessian-weighted least squares against the "
+                        "layer's output error, T rounds (each further round re-runs GPTQ on the refit grid); codes, "
+                        "zeros and format unchanged; keeps a copy of W and H per GPTQ call (default %(default)s: off)")
     q.add_argument("--rotate", action="store_true",
                    help="incoherence processing: quantize the routed experts in a randomized Hadamard basis of their "
                         "input dimension (signs stored per layer, ~no extra bytes; layers with ternary/sub1 experts "
@@ -219,9 +228,9 @@ def cmd_quantize(a) -> int:
     check_device(a)
     calib = calib_config(a)
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, method=a.method, allocation=a.allocation,
-                         percdamp=a.percdamp, act_order=a.act_order, affinity=a.affinity, min_tokens=a.min_tokens,
+                         percdamp=a.percdamp, act_order=a.act_order, sweeps=a.sweeps, affinity=a.affinity, min_tokens=a.min_tokens,
                          hessian_prior=a.hessian_prior, all_tokens=a.all_tokens,
-                         router_bits=a.router_bits, shared_bits=a.shared_bits, symmetric=a.symmetric, grid=a.grid, rotate=a.rotate,
+                         router_bits=a.router_bits, shared_bits=a.shared_bits, symmetric=a.symmetric, grid=a.grid, refit=a.refit, rotate=a.rotate,
                          ternary_threshold=a.ternary_threshold, candidates=a.candidates, budget_scope=a.budget_scope, budget=a.budget,
                          min_bits=a.min_bits, max_bits=a.max_bits, top_two=a.top_two, alpha=a.alpha, beta=a.beta,
                          cost=a.cost, calib=calib)

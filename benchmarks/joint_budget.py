@@ -15,8 +15,8 @@ Fixed protocol: fixture mixtral-wiki4, group 64, GPTQ, calibration calib_mix.txt
 tokens drawn with the cell's seed (the same seed for prune and quantize). Perplexity: `moecompress eval`
 (windows of 256, fp32) on the first --max-tokens tokens of each domain; --split validation (default) uses
 the held-back tails of calib_<domain>.txt beyond its first 150,000 characters (benchmarks/quality.py), test
-the *_test texts. Bytes: the packed checkpoint's tensor bytes (moecompress.json total_bytes) and the
-safetensors files; bits/param = 8 x routed-expert bytes / the ORIGINAL routed-expert parameters.
+the *_test texts. Bytes: the packed checkpoint's tensor bytes (moecompress.json total_bytes), the
+safetensors files, and the output directory but run/ (what --budget counts); bits/param = 8 x routed-expert bytes / the ORIGINAL routed-expert parameters.
 
     # the full protocol (hours on 2 cores)
     python benchmarks/joint_budget.py --seeds 0 1 2 --nsamples 128 --max-tokens 32768 --json /tmp/joint.json
@@ -79,12 +79,16 @@ def texts_for(split: str, work: str) -> dict:
 
 
 def budget_size(model: str, bits: float) -> tuple[int, int, int]:
-    """(whole-checkpoint bytes for B bits per routed-expert parameter, fixed bytes, routed-expert params)."""
+    """(whole-checkpoint bytes for B bits per routed-expert parameter, fixed bytes, routed-expert params):
+    --budget counts every file of the output but run/, so the fixed part is everything but the routed
+    experts as stored plus the bound on the fixed metadata and the tokenizer files (passes/joint.fixed_on_disk);
+    the experts' own metadata comes out of their B bits."""
     from moecompress.checkpoint import CheckpointReader
     from moecompress.config import QuantizeConfig
-    from moecompress.passes.joint import fixed_bytes
+    from moecompress.passes.joint import fixed_on_disk
     r = CheckpointReader(model)
-    fixed, _ = fixed_bytes(r, QuantizeConfig(allocation="lp", group_size=GROUP), GROUP)
+    fixed = fixed_on_disk(r, QuantizeConfig(allocation="lp", group_size=GROUP, candidates=("prune", "sub1", 2, 3, 4)),
+                          GROUP)
     return fixed + int(bits * r.expert_params / 8), fixed, r.expert_params
 
 
@@ -104,15 +108,18 @@ def one(name: str, source: str, cands: str, size: int, params: int, seed: int, a
     secs = time.time() - t0
     man = json.load(open(os.path.join(out, "moecompress.json")))
     files = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".safetensors"))
+    from moecompress.passes.disk import directory_bytes
+    on_disk = directory_bytes(out)  # what --budget counts
     rec = json.load(open(os.path.join(out, "run", "allocation.json")))
     ppl = evaluate(out, texts, a.max_tokens)
     pruned = sum(len(p) for p in rec.get("pruned", {}).values())
-    row = {"row": name, "seed": seed, "ppl": ppl, "total_bytes": man["total_bytes"], "file_bytes": files,
+    row = {"row": name, "seed": seed, "ppl": ppl, "total_bytes": man["total_bytes"], "file_bytes": files, "directory_bytes": on_disk,
            "budget": size, "predicted_total_bytes": rec.get("predicted_total_bytes"),
            "bits_per_param": 8 * man["expert_bytes"] / params, "pruned": pruned, "seconds": round(secs, 1),
            "choice": rec.get("choice") or rec.get("allocation", {}).get("widths")}
     shutil.rmtree(out)
-    print(f"  {name:8s} seed {seed}: {row['bits_per_param']:.3f} b/param, {man['total_bytes']} B (budget {size}), "
+    print(f"  {name:8s} seed {seed}: {row['bits_per_param']:.3f} b/param, {man['total_bytes']} B of tensors, {on_disk} B on disk "
+          f"(budget {size}), "
           f"pruned {pruned}, {secs:.0f} s; " + " ".join(f"{d} {v:.2f}" for d, v in ppl.items()), flush=True)
     return row
 
@@ -188,8 +195,8 @@ def print_table(results: dict, a) -> None:
         reaps = [n for n in names if n.startswith("reap")]
         best = min(reaps, key=logm.get) if reaps else None
         print(f"\n{bits} bits per routed-expert parameter ({len(a.seeds)} seeds, {a.split}, {a.max_tokens} tokens)")
-        print("| row | bits/param | checkpoint bytes | pruned | " + " | ".join(DOMAINS) + " | mean log ppl |")
-        print("|---|---|---|---|" + "---|" * (len(DOMAINS) + 1))
+        print("| row | bits/param | tensor bytes | on disk (max) | pruned | " + " | ".join(DOMAINS) + " | mean log ppl |")
+        print("|---|---|---|---|---|" + "---|" * (len(DOMAINS) + 1))
         for n in names:
             rs = [r for r in rows if r["bits"] == bits and r["row"] == n]
             cells = []
@@ -198,7 +205,8 @@ def print_table(results: dict, a) -> None:
                 cells.append(f"{m:.2f}" + ("" if math.isnan(se) else f" ± {se:.2f}"))
             tag = " (best reap)" if n == best else ""
             print(f"| {n}{tag} | {mean_se([r['bits_per_param'] for r in rs])[0]:.3f} | "
-                  f"{int(mean_se([r['total_bytes'] for r in rs])[0])} | {mean_se([r['pruned'] for r in rs])[0]:.0f} | "
+                  f"{int(mean_se([r['total_bytes'] for r in rs])[0])} | "
+                  f"{max(r.get('directory_bytes', 0) for r in rs) or '-'} | {mean_se([r['pruned'] for r in rs])[0]:.0f} | "
                   + " | ".join(cells) + f" | {logm[n]:.4f} |")
 
 

@@ -67,6 +67,7 @@ OPTIONS = {
     "all-tokens": ["--all-tokens", "1"],  # L = 1: the all-token terms weigh what the routed ones do
     "grid-mse": ["--grid", "mse"],
     "rotate": ["--rotate"],
+    "sweeps": ["--sweeps", "4"],  # coordinate descent after GPTQ (quant/coord.py)
 }
 ROWS = ("original", "rtn", "gptq", "options", "combined", "llmc")
 

@@ -150,11 +150,27 @@ def _quantize(model: str | None, out: str, config: QuantizeConfig, *, plan: str 
         specs = allocator.specs(windows, progress)
         if "prune" in specs.values():  # joint plan: the pruned experts leave, the rest are packed (passes/joint.py)
             from .passes.joint import quantize_pruned
-            return quantize_pruned(reader, out, config, specs, windows, plan=plan, allocator=allocator,
-                                   progress=progress, dist=dist, device=device)
-    return quantize_checkpoint(reader, out, config, specs, windows,
-                               fingerprints=run_fingerprints(reader, config, specs, windows, plan),
-                               allocator=allocator, resume=resume, progress=progress, dist=dist, device=device)
+            return _check_budget(out, config, quantize_pruned(
+                reader, out, config, specs, windows, plan=plan, allocator=allocator, progress=progress, dist=dist,
+                device=device))
+    return _check_budget(out, config, quantize_checkpoint(
+        reader, out, config, specs, windows, fingerprints=run_fingerprints(reader, config, specs, windows, plan),
+        allocator=allocator, resume=resume, progress=progress, dist=dist, device=device))
+
+
+def _check_budget(out: str, config: QuantizeConfig, summary: dict) -> dict:
+    """--budget: the output directory's size as --budget counts it (every file but run/), in the summary; a
+    checkpoint over the budget (the metadata bound failed) is logged, never silent."""
+    if getattr(config, "budget", None) is None or not os.path.isdir(out):
+        return summary
+    from .allocation.joint import parse_size
+    from .passes.disk import directory_bytes
+    size, budget = directory_bytes(out), parse_size(config.budget)
+    summary["directory_bytes"] = size
+    if size > budget:
+        log.warning("the output takes %d bytes, %d over --budget %s (the metadata bound of passes/disk.py fell "
+                    "short)", size, size - budget, config.budget)
+    return summary
 
 
 def calibration_stats(model: str | None, calib: CalibConfig = CalibConfig(), *, threshold: int = 16,

@@ -63,6 +63,8 @@ class QuantizeConfig:
     percdamp: float = 0.01
     block_size: int = 128
     act_order: bool = True           # GPTQ columns by decreasing Hessian diagonal, static groups (issue 21: the default)
+    sweeps: int | None = None        # coordinate-descent sweeps over GPTQ's integer codes (quant/coord.py);
+    # None: AUTO_SWEEPS on 2-bit grids, none above (passes/quantize.sweeps_for; chosen on the validation split)
     affinity: bool = False           # AGQ: weight each token's Hessian term by its gate weight
     min_tokens: int = 16             # fewer routed tokens than this: round-to-nearest (GPTQ on the prior with hessian_prior)
     hessian_prior: float = 0.0       # a > 0: each expert's Hessian + a * K tokens' worth of its all-token statistics
@@ -74,6 +76,8 @@ class QuantizeConfig:
     grid: str = "mse"                # how integer grids fit each group's range: "mse" (the clipping of least
     # rounding error, quant/grids.py; the default) or "minmax"; same format and size. Every integer grid of the
     # run: routed experts (uniform or LP candidates) and shared experts
+    refit: int = 0                   # --refit T: after GPTQ, T rounds of Hessian-weighted least-squares refits of the
+    # integer grids' scales (quant/refit.py; zeros, codes and format unchanged); 0: off
     rotate: bool = False             # --rotate: randomized Hadamard rotation of the routed experts' input dimension
     # before GPTQ (incoherence processing, quant/hadamard.py); signs stored per layer in the packed checkpoint
     shared_bits: int | None = None   # shared experts' width (2/3/4/8; 0 keeps them dense); None: --bits when
@@ -115,6 +119,9 @@ class QuantizeConfig:
             raise MoeCompressError(f"--group-size must be positive, got {self.group_size}")
         if not 0 <= self.percdamp < 1:
             raise MoeCompressError(f"--percdamp must be in [0, 1), got {self.percdamp}")
+        if self.sweeps is not None and (isinstance(self.sweeps, bool) or not isinstance(self.sweeps, int)
+                                        or not 0 <= self.sweeps <= 16):
+            raise MoeCompressError(f"--sweeps must be an integer from 0 to 16, got {self.sweeps}")
         if self.ternary_threshold is not None and not 0 <= self.ternary_threshold < 0.5:
             raise MoeCompressError(f"--ternary-threshold must be in [0, 0.5), got {self.ternary_threshold}")
         if self.shared_bits is not None and (isinstance(self.shared_bits, bool) or self.shared_bits not in (0, 2, 3, 4, 8)):
@@ -132,6 +139,8 @@ class QuantizeConfig:
                                    "without --allocation lp); drop --symmetric or those options")
         if self.grid not in GRIDS:
             raise MoeCompressError(f"unknown --grid {self.grid!r}; choose one of {', '.join(GRIDS)}")
+        if isinstance(self.refit, bool) or not isinstance(self.refit, int) or not 0 <= self.refit <= 8:
+            raise MoeCompressError(f"--refit is a number of rounds from 0 (off) to 8, got {self.refit}")
         if self.rotate and self.method == "ternary":
             raise MoeCompressError("--rotate applies to integer codes (ternary codes live on the zeros a rotation would "
                                    "spread): use --method gptq or rtn, or drop --rotate")

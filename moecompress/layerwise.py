@@ -202,12 +202,17 @@ def _fit_batch(kwargs: dict, n: int) -> dict:
     return {k: cut(v) for k, v in kwargs.items()}
 
 
+def tokenizer_files(src: str) -> list[str]:
+    """The files beside the weights that an output keeps from its source: tokenizer, generation config."""
+    return [f for f in sorted(os.listdir(src))
+            if (f.startswith("tokenizer") or f in ("special_tokens_map.json", "generation_config.json", "vocab.json",
+                                                    "merges.txt", "chat_template.jinja", "added_tokens.json")
+                or f.endswith(".model")) and os.path.isfile(os.path.join(src, f))]
+
+
 def copy_tokenizer_files(src: str, dst: str) -> list[str]:
     import shutil
-    done = []
-    for f in sorted(os.listdir(src)):
-        if f.startswith("tokenizer") or f in ("special_tokens_map.json", "generation_config.json", "vocab.json",
-                                              "merges.txt", "chat_template.jinja", "added_tokens.json") or f.endswith(".model"):
-            shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
-            done.append(f)
+    done = tokenizer_files(src)
+    for f in done:
+        shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
     return done

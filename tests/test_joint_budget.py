@@ -152,7 +152,7 @@ def test_cli_budget_errors_are_one_line(tmp_path):
                  progress=False)
     msg = str(err.value)
     assert "\n" not in msg and "infeasible" in msg and "smallest plan" in msg and "MB on disk" in msg
-    assert "3.948 MB besides the routed experts" in msg  # the demo's attention and embeddings
+    assert "4.220 MB besides the routed experts" in msg  # attention, embeddings, tokenizer, metadata bound
     assert not os.path.exists(tmp_path / "y")
 
 
@@ -251,28 +251,60 @@ def test_report_grid_on_original_experts_marks_pruned(tmp_path):
 
 
 def test_budget_without_prune_runs_the_widths_lp_within_the_checkpoint_size(tiny_dir, tmp_path):
-    """--budget SIZE alone: the widths-only LP (its own cost model) with SIZE minus everything else as budget."""
+    """--budget SIZE alone: the widths-only LP (its own cost model) with SIZE minus everything else as budget;
+    the output directory (every file but run/) stays within SIZE, metadata and tokenizer included."""
     from moecompress.api import quantize
     from moecompress.config import CalibConfig, QuantizeConfig
     from moecompress.checkpoint import CheckpointReader
-    from moecompress.passes.joint import fixed_bytes
+    from moecompress.passes.disk import directory_bytes
+    from moecompress.passes.joint import fixed_bytes, fixed_on_disk
     model = tiny_dir("Mixtral")
     r = CheckpointReader(model)
     base = QuantizeConfig(allocation="lp", group_size=32, candidates=(2, 3, 4), cost="legacy",
                           calib=CalibConfig((os.path.join(TEXT, "calib_mix.txt"),), nsamples=4, seqlen=32))
     fixed, _ = fixed_bytes(r, base, 32)
-    size = fixed + int(3.4 * r.expert_params / 8)  # 3.4 stored bits: between uniform int2 (3.0 at g32) and int3 (4.0)
     from dataclasses import replace
+    # 4.4 stored bits, the experts' metadata included (0.86 bits on this tiny model): between uniform int2
+    # (3.0 at g32, 3.86 with it) and int3 (4.0, 4.86)
+    size = fixed_on_disk(r, base, 32) + int(4.4 * r.expert_params / 8)
     out = str(tmp_path / "b")
-    quantize(model, out, replace(base, budget=str(size)), progress=False)
+    summary = quantize(model, out, replace(base, budget=str(size)), progress=False)
     man = json.load(open(os.path.join(out, "moecompress.json")))
     rec = json.load(open(os.path.join(out, "run", "allocation.json")))
-    assert man["total_bytes"] <= size and man["total_bytes"] > fixed + 3.0 * r.expert_params / 8
-    assert abs(rec["budget_stored_bits"] - 3.4) < 8 / r.expert_params  # within one byte
+    assert summary["directory_bytes"] == directory_bytes(out) <= size
+    assert man["total_bytes"] - fixed == rec["predicted_bytes"] > 3.0 * r.expert_params / 8
+    assert abs(rec["budget_stored_bits"] - 4.4) < 8 / r.expert_params  # within one byte
+    assert rec["metadata_experts_bound"] > 0
     assert "prune" not in json.dumps(rec["allocation"]["candidates"]) and "joint" not in rec
     with pytest.raises(MoeCompressError, match="smallest plan takes"):
         quantize(model, str(tmp_path / "c"), replace(base, budget=str(fixed + 100)), progress=False)
     assert not os.path.exists(tmp_path / "c")
+
+
+def test_joint_budget_counts_the_whole_directory(tiny_dir, tmp_path):
+    """prune, sub1 and widths under --budget: the output directory (tensors, safetensors headers, index, manifest,
+    config, tokenizer; not run/) is within the budget, and the plan's bound on it is above it by under 1.5%
+    (passes/disk.py), which also checks its codec field lists against what the writer stores."""
+    from moecompress.api import quantize
+    from moecompress.config import CalibConfig, QuantizeConfig
+    from moecompress.checkpoint import CheckpointReader
+    from moecompress.passes.disk import directory_bytes
+    from moecompress.passes.joint import fixed_on_disk
+    model = tiny_dir("Mixtral")
+    r = CheckpointReader(model)
+    cfg = QuantizeConfig(allocation="lp", group_size=32, candidates=("prune", "sub1", "ternary", 2, 4),
+                         calib=CalibConfig((os.path.join(TEXT, "calib_mix.txt"),), nsamples=4, seqlen=32))
+    size = fixed_on_disk(r, cfg, 32) + int(2.5 * r.expert_params / 8)
+    from dataclasses import replace
+    out = str(tmp_path / "j")
+    summary = quantize(model, out, replace(cfg, budget=str(size)), progress=False)
+    rec = json.load(open(os.path.join(out, "run", "allocation.json")))
+    man = json.load(open(os.path.join(out, "moecompress.json")))
+    on_disk = directory_bytes(out)
+    assert summary["directory_bytes"] == on_disk <= size
+    assert rec["predicted_total_bytes"] == man["total_bytes"]
+    assert on_disk <= rec["predicted_directory_bytes"] < 1.015 * on_disk
+    assert len({e["codec"] for e in man["tensors"]}) >= 2  # more than one codec's fields were bounded
 
 
 def test_prune_error_units():

@@ -158,7 +158,7 @@ def sensitivity_pass(reader, config: QuantizeConfig, candidates, windows: torch.
     device = torch.device("cpu") if device is None else device
     streamer = LayerStreamer(reader, device=device)
     runner = LayerRunner(streamer, windows, config.calib, Dist(device=device), device)  # every rank runs it whole
-    gcfg = GPTQConfig(config.percdamp, config.block_size, config.act_order)
+    gcfg = GPTQConfig(config.percdamp, config.block_size, config.act_order, sweeps=config.sweeps, refit=config.refit)
     moe = list(reader.moe_layers)
     L, E, C = len(moe), reader.layer_num_experts(moe[0]), len(candidates)
     tokens, mass = np.zeros((L, E)), np.zeros((L, E))
@@ -212,8 +212,11 @@ def _num_experts(reader) -> int:
 class Allocator:
     """Shapes-first allocation: construct (checks everything from shapes), then `specs(windows)`."""
 
-    def __init__(self, reader, config: QuantizeConfig, plan: str | None = None, device=None):
+    def __init__(self, reader, config: QuantizeConfig, plan: str | None = None, device=None, meta=None):
+        """meta: {candidate label: (L,) bytes} each kept expert also pays (--budget: its metadata bound,
+        passes/disk.py), priced into the program beside the tensor bytes."""
         self.reader, self.config, self.plan_path = reader, config, plan
+        self.meta = None
         self.device = torch.device("cpu") if device is None else device  # where the sensitivity pass runs
         self.record: dict | None = None
         self.allocation: Allocation | None = None
@@ -240,6 +243,9 @@ class Allocator:
             beta=config.beta, budget_bits=float(config.bits) + self.overhead, budget_scope=config.budget_scope,
             min_bits=config.min_bits, max_bits=config.max_bits, top_two_each=config.top_two, seed=config.calib.seed)
         self.pricing = price_candidates(self.acfg.candidates, layer_shapes, len(moe), E)
+        if meta is not None:
+            self.meta = np.stack([np.asarray(meta[c.label], dtype=np.int64) for c in self.acfg.candidates], axis=1)
+            self.pricing = self.pricing._replace(bytes=self.pricing.bytes + self.meta[:, None, :])
         try:  # feasibility from shapes, before any weight is read
             build_problem(self.acfg, np.zeros(self.pricing.bytes.shape), self.pricing)
         except MoeCompressError as e:
@@ -280,6 +286,11 @@ class Allocator:
             "unmeasured": costs.unmeasured, "allocation": alloc.to_json(),
             "cost_model": cfg.cost, "uniform_guard": guard,
         }
+        if self.meta is not None:  # the program priced metadata too: the record's bytes are the tensors'
+            meta = int(sum(self.meta[l, c] for (l, e), c in np.ndenumerate(alloc.choice)))
+            P = int(self.pricing.params.sum())
+            self.record.update({"metadata_experts_bound": meta, "predicted_bytes": alloc.predicted_bytes - meta,
+                                "predicted_bits_per_param": 8 * (alloc.predicted_bytes - meta) / P})
         if fis is not None:  # the legacy costs stay recorded next to the Fisher ones (benchmarks/cost_model.py)
             self.record.update({
                 "fisher_seconds": round(fis.seconds, 3), "fisher_tokens": fis.tokens, "fisher_loss": fis.loss,

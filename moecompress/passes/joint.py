@@ -4,9 +4,11 @@ Budget (one, model-wide):
   --bits B       B stored bits per routed-expert parameter of the ORIGINAL model (codes, scales, zeros,
                  dictionaries counted; a pruned expert counts 0): the routed experts get floor(B P / 8) bytes.
                  (Without `prune` among the candidates, --bits keeps its LP meaning: code bits + overhead.)
-  --budget SIZE  the whole checkpoint on disk (24GB, 800MB, 1.5GiB, or bytes): the routed experts get SIZE
-                 minus everything else as it will be stored (attention, norms, embeddings and routers as in
-                 the source, shared experts at their packed size, every router row counted).
+  --budget SIZE  the whole checkpoint on disk (24GB, 800MB, 1.5GiB, or bytes: every file of the output but
+                 run/): the routed experts get SIZE minus everything else as it will be stored (attention,
+                 norms, embeddings and routers as in the source, shared experts at their packed size, every
+                 router row counted, tokenizer files) and minus a bound on the metadata (safetensors headers,
+                 index, manifest, config: passes/disk.py); each kept expert also pays its own metadata.
 A budget no plan can meet fails from shapes, before a weight is read, naming the smallest reachable size.
 
 Phases: `JointAllocator(reader, config)` prices from shapes and checks feasibility; `specs(windows)` runs the
@@ -47,8 +49,9 @@ def is_joint(config) -> bool:
 
 def make_allocator(reader, config, plan=None, device=None):
     """JointAllocator where prune is a candidate; else the bit-width Allocator (which also reads plans with
-    prune entries), with --budget SIZE turned into its code-bits budget: (SIZE - fixed bytes) * 8 / P stored
-    bits minus the scale/zero overhead, so the widths-only LP keeps its own cost model (--cost)."""
+    prune entries), with --budget SIZE turned into its code-bits budget: (SIZE - fixed bytes - fixed metadata)
+    * 8 / P stored bits minus the scale/zero overhead, each candidate also paying its metadata bound, so the
+    widths-only LP keeps its own cost model (--cost)."""
     from dataclasses import replace
     if plan or not is_joint(config):
         return Allocator(reader, config, plan, device)
@@ -61,7 +64,8 @@ def make_allocator(reader, config, plan=None, device=None):
         raise MoeCompressError(f"--budget {config.budget} leaves {joint.acfg.budget_bits:.4f} stored bits per expert "
                                f"parameter, below what the widths-only LP takes (1 code bit + scales); add prune to "
                                f"--candidates or raise --budget")
-    alloc = Allocator(reader, replace(config, bits=min(code, 8.0), budget=None), None, device)
+    meta = {c.label: joint.meta[:, k] for k, c in enumerate(joint.acfg.candidates)}  # each expert pays its entries
+    alloc = Allocator(reader, replace(config, bits=min(code, 8.0), budget=None), None, device, meta=meta)
     log.info("--budget %s: %.4f stored bits per routed-expert parameter for the widths-only LP", config.budget,
              joint.acfg.budget_bits)
     return alloc
@@ -75,24 +79,39 @@ def routing_shape(config: dict) -> tuple[int, int, int]:
     return top_k, multiple, (floor // multiple if multiple > 1 else 0)
 
 
+def shared_weights(reader, config, layer: int) -> list[tuple[str, object, tuple[int, int]]]:
+    """(disk key, QuantSpec, shape) of each shared-expert weight of `layer` that the quantize pass packs."""
+    from .shared import shared_spec
+    if config.shared_bits == 0:
+        return []
+    arch, out = reader.arch, []
+    for path in arch.shared_expert_paths:
+        keys = [arch.to_disk(f"{reader.prefix}.{layer}.{path}.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj")]
+        keys = [k for k in keys if k in reader.tensors]
+        if keys:
+            spec = shared_spec(config, resolve_group_size(config.group_size, [reader.tensors[k].shape[1] for k in keys]))
+            out += [(k, spec, tuple(reader.tensors[k].shape)) for k in keys]
+    return out
+
+
+def fixed_on_disk(reader, config, group_size: int) -> int:
+    """What --budget takes before the routed experts: fixed_bytes plus the bound on the fixed metadata
+    (passes/disk.py). A budget of fixed_on_disk + B P / 8 leaves B stored bits per routed-expert parameter,
+    the experts' own metadata included."""
+    from .disk import metadata_bound
+    cands = [candidate_spec(c, group_size, config.grid) for c in config.candidates if c != PRUNE]
+    return fixed_bytes(reader, config, group_size)[0] + metadata_bound(
+        reader, config, cands, lambda i: shared_weights(reader, config, i)).fixed
+
+
 def fixed_bytes(reader, config, group_size: int) -> tuple[int, dict[int, int]]:
     """(bytes of everything but the routed experts as the packed checkpoint stores it, {layer: router bytes
     per expert row}) — the same sum the quantize pass reports as total_bytes (passes/outputs.finish_run)."""
-    from .shared import shared_spec
     total = sum(reader.tensors[k].nbytes for k in reader.tensors
                 if not reader.is_expert_tensor(k) or k.endswith("_bias"))
-    if config.shared_bits != 0:
-        arch = reader.arch
-        for i in reader.moe_layers:
-            for path in arch.shared_expert_paths:
-                keys = [arch.to_disk(f"{reader.prefix}.{i}.{path}.{p}.weight")
-                        for p in ("gate_proj", "up_proj", "down_proj")]
-                keys = [k for k in keys if k in reader.tensors]
-                if not keys:
-                    continue
-                gs = resolve_group_size(config.group_size, [reader.tensors[k].shape[1] for k in keys])
-                spec = shared_spec(config, gs)
-                total += sum(int(nbytes(tuple(reader.tensors[k].shape), spec)) - reader.tensors[k].nbytes for k in keys)
+    for i in reader.moe_layers:
+        for k, spec, shape in shared_weights(reader, config, i):
+            total += int(nbytes(shape, spec)) - reader.tensors[k].nbytes
     rows = {}
     for i in reader.moe_layers:
         E = reader.layer_num_experts(i)
@@ -128,12 +147,16 @@ class JointAllocator:
         P = int(self.pricing.params.sum())
         self.fixed, self.router_rows = fixed_bytes(reader, config, gs)
         budget = getattr(config, "budget", None)
+        self.meta_fixed, self.meta = 0, np.zeros((len(moe), len(cands)), dtype=np.int64)
+        if budget is not None:  # the whole directory: metadata too (passes/disk.py)
+            from .disk import metadata_bound
+            self.meta_fixed, self.meta = metadata_bound(reader, config, cands, lambda i: shared_weights(reader, config, i))
         self.top_k, self.n_group, self.per_group = routing_shape(reader.config)
         stored = float(config.bits)
         self.budget_total = None
         if budget is not None:
             self.budget_total = parse_size(budget)
-            stored = 8 * (self.budget_total - self.fixed) / P
+            stored = 8 * (self.budget_total - self.fixed - self.meta_fixed) / P
         elif not self.prune:
             raise MoeCompressError("internal: the joint allocator needs prune or --budget")
         self.acfg = AllocationConfig(candidates=cands, group_size=gs, alpha=config.alpha, beta=config.beta,
@@ -142,11 +165,11 @@ class JointAllocator:
         probe = self._problem(np.zeros(self.pricing.bytes.shape), np.zeros((len(moe), E)))
         need = smallest_bytes(probe)[0]
         if need > (int(probe.base.budget[0]) if stored > 0 else -1):
-            total = self.fixed + need
+            total = self.fixed + self.meta_fixed + need
             what = (f"--budget {budget}" if budget is not None else f"--bits {config.bits:g}")
             raise MoeCompressError(
                 f"{what} is infeasible: the smallest plan{' (pruning to top-k per layer)' if self.prune else ''} takes "
-                f"{fmt_size(total)} on disk ({total} bytes: {fmt_size(self.fixed)} besides the routed experts, "
+                f"{fmt_size(total)} on disk ({total} bytes: {fmt_size(self.fixed + self.meta_fixed)} besides the routed experts, "
                 f"{8 * need / P:.4f} stored bits per routed-expert parameter); use --budget "
                 f"{int(np.ceil(total / 1e3))}KB or more" + ("" if budget is not None else
                                                              f", or --bits {np.ceil(8e4 * need / P) / 1e4:g} or more"))
@@ -166,7 +189,8 @@ class JointAllocator:
         if acfg.top_two_each:
             raise MoeCompressError("--top-two cannot be combined with the prune candidate or --budget; "
                                    "drop one of them")
-        base = AllocationProblem(acfg.candidates, np.asarray(cost, dtype=np.float64), self.pricing.bytes,
+        base = AllocationProblem(acfg.candidates, np.asarray(cost, dtype=np.float64),
+                                 self.pricing.bytes + self.meta[:, None, :],  # metadata: 0 without --budget
                                  self.pricing.params, allowed, None,
                                  budget_bytes(self.pricing.params, acfg.budget_bits, "model"), "model")
         if not self.prune:  # --budget without prune: every expert stays
@@ -204,15 +228,18 @@ class JointAllocator:
         labels = [c.label for c in acfg.candidates] + [PRUNE]
         pruned = {i: res.pruned(l) for l, i in enumerate(moe)}
         rows_saved = sum(self.router_rows[i] * len(p) for i, p in pruned.items())
-        predicted_total = self.fixed - rows_saved + res.predicted_bytes
+        kept = [(l, e, int(c)) for (l, e), c in np.ndenumerate(res.choice) if c < C]
+        meta = sum(int(self.meta[l, c]) for l, e, c in kept)  # the kept experts' metadata (--budget)
+        tensors = res.predicted_bytes - meta
+        predicted_total = self.fixed - rows_saved + tensors
         P = int(self.pricing.params.sum())
         self.record = {
             "format_version": 1, "joint": True, "config": acfg.to_json(), "moe_layers": moe,
             "candidates": labels, "budget": getattr(cfg, "budget", None), "budget_total_bytes": self.budget_total,
             "budget_stored_bits": acfg.budget_bits, "budget_bytes": int(prob.base.budget[0]),
             "fixed_bytes": self.fixed, "router_row_bytes": {str(i): b for i, b in self.router_rows.items()},
-            "predicted_bytes": res.predicted_bytes, "predicted_total_bytes": predicted_total,
-            "predicted_bits_per_param": 8 * res.predicted_bytes / P, "expert_params": P,
+            "predicted_bytes": tensors, "predicted_total_bytes": predicted_total,
+            "predicted_bits_per_param": 8 * tensors / P, "expert_params": P,
             "sensitivity_seconds": round(sens["seconds"], 3),
             "prune_cost_seconds": round(meter.seconds, 3) if meter else 0.0,
             "solve_seconds": round(res.seconds, 3), "status": res.status, "rounds": res.rounds,
@@ -225,13 +252,17 @@ class JointAllocator:
             "objective": res.objective, "cost_model": getattr(cfg, "cost", "legacy"),
             "objective_units": "predicted nats per token" if fis is not None else "phi^alpha w^beta eps",
         }
+        if self.budget_total is not None:  # what --budget measures: every file but run/ (passes/disk.py)
+            self.record.update({"metadata_fixed_bound": self.meta_fixed, "metadata_experts_bound": meta,
+                                "predicted_directory_bytes": predicted_total + self.meta_fixed + meta})
         if fis is not None:
             self.record.update({"fisher_seconds": round(fis.seconds, 3), "fisher_tokens": fis.tokens,
                                 "fisher_cost": {lab: wc[..., c].tolist() for c, lab in enumerate(labels[:C])}
                                 | ({PRUNE: pc.tolist()} if meter is not None else {})})
         log.info("joint allocation: %d experts pruned, %.4f stored bits per routed-expert parameter, "
                  "%s predicted on disk",
-                 sum(map(len, pruned.values())), 8 * res.predicted_bytes / P, fmt_size(predicted_total))
+                 sum(map(len, pruned.values())), 8 * tensors / P,
+                 fmt_size(self.record.get("predicted_directory_bytes", predicted_total)))
         out = {}
         for l, i in enumerate(moe):
             for e in range(res.choice.shape[1]):
@@ -255,7 +286,8 @@ def joint_table(record: dict) -> str:
         for v in row:
             hist[v] = hist.get(v, 0) + 1
     out.append(f"joint ({record['status']}): {record['predicted_bits_per_param']:.4f} stored bits per routed-expert "
-               f"parameter, {fmt_size(record['predicted_total_bytes'])} on disk predicted; experts per choice: "
+               f"parameter, {fmt_size(record.get('predicted_directory_bytes', record['predicted_total_bytes']))} on disk "
+               f"predicted; experts per choice: "
                + ", ".join(f"{k}: {v}" for k, v in sorted(hist.items())) + " (-- = pruned)")
     return "\n".join(out)
 
@@ -306,6 +338,8 @@ def quantize_pruned(reader, out: str, config, specs: dict, windows: torch.Tensor
     rec = getattr(allocator, "record", None) or {}
     if "predicted_total_bytes" in rec:
         summary["predicted_total_bytes"] = rec["predicted_total_bytes"]
+    if "predicted_directory_bytes" in rec:
+        summary["predicted_directory_bytes"] = rec["predicted_directory_bytes"]
     return summary
 
 

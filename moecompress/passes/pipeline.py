@@ -175,7 +175,10 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
         log.info("resuming %s after layer %d", out, completed - 1)
     else:
         acts = runner.embed()
-    gcfg = GPTQConfig(config.percdamp, config.block_size, config.act_order)
+    gcfg = GPTQConfig(config.percdamp, config.block_size, config.act_order, sweeps=config.sweeps, refit=config.refit)
+    if config.refit:
+        from ..quant.refit import reset_stats
+        reset_stats()
     encoder = qpass.LayerEncoder(len(reader.moe_layers), reader.expert_params)  # holds the sub1 dictionary
     if writer:
         encoder.restore_from(writer.tmp)
@@ -279,6 +282,9 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
     metrics = {"layer_forwards": sum(layer_forwards), "layer_forwards_per_layer": layer_forwards,
                "forward_windows": runner.fwd, "ranks": dist.world, "device": str(device),
                "memory": dict(mem, activations_spilled_bytes=runner.spilled_bytes)}
+    if config.refit:  # --refit: rows refit, and rows that kept GPTQ's scales (quant/refit.py)
+        from ..quant.refit import REFIT_STATS
+        metrics["refit"] = dict(REFIT_STATS)
     summary = None
     if writer:
         writer.write_shard("globals.safetensors", {k: reader.get(k) for k in reader.global_keys()})

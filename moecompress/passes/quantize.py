@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..codecs import PackedTensor, QuantSpec
-from ..quant.gptq import GPTQConfig, GPTQResult, Owned, gptq, rtn, tensor_of
+from ..quant.coord import coordinate_descent
+from ..quant.gptq import INPLACE_BYTES, GPTQConfig, GPTQResult, Owned, gptq, rtn, tensor_of
 from ..quant.grids import int_grid
 from .calibrate import PRIOR_TOKENS, HessianCollector, all_token_scale
 from .encoder import LayerEncoder, _Sizer
@@ -41,6 +42,7 @@ class LayerRecord:
     shared: list = field(default_factory=list)  # shared experts: one record each (passes/shared.py)
     all_tokens: dict | None = None  # --all-tokens: {"lambda", "scale", "score_sum"} (passes/calibrate.py)
     rotated: bool = False  # --rotate: gate/up and down quantized in a randomized Hadamard basis (quant/hadamard.py)
+    sweeps_skipped: list = field(default_factory=list)  # --sweeps: input widths K whose Hessians are too large
 
 
 TERNARY_CODECS = ("ternary", "sub1")
@@ -101,12 +103,23 @@ def _quantize_group(W: torch.Tensor, Hs: torch.Tensor | None, spec: QuantSpec, m
     if sizer is not None or method == "rtn" or Hs is None:  # several runs, or none that takes ownership
         W, Hs = tensor_of(W), tensor_of(Hs)
     if spec.codec in TERNARY_CODECS:  # error feedback fills the dead zone back in: damp it (measured trade-off)
-        gcfg = GPTQConfig(max(gcfg.percdamp, float(spec.option("percdamp", TERNARY_PERCDAMP))), gcfg.block_size, gcfg.act_order)
+        gcfg = GPTQConfig(max(gcfg.percdamp, float(spec.option("percdamp", TERNARY_PERCDAMP))), gcfg.block_size, gcfg.act_order,
+                          gcfg.sweeps)
+
+    sweeps = sweeps_for(spec, gcfg) if method != "rtn" and Hs is not None else 0
+    sweeps = sweeps if sweeps_apply(W.shape[-1]) else 0  # Owned and tensors both have a shape
+    if sweeps:  # coordinate descent (quant/coord.py) needs W and H after GPTQ: GPTQ copies instead of consuming
+        W, Hs = tensor_of(W), tensor_of(Hs)
 
     def run(grid) -> GPTQResult:
         if method == "rtn" or Hs is None:
             return rtn(W, grid, gs)
-        return gptq(W, Hs, grid, gs, gcfg)
+        res = gptq(W, Hs, grid, gs, gcfg)
+        if sweeps:
+            codes, deq = coordinate_descent(W, Hs, res.codes, res.deq, res.scale, res.zero, grid, gs, sweeps,
+                                            gcfg.percdamp)
+            res = res._replace(codes=codes, deq=deq)
+        return res
     if sizer is None:
         return run(grid_for(spec)), None
     from ..quant.ternary import TernaryGrid
@@ -115,6 +128,27 @@ def _quantize_group(W: torch.Tensor, Hs: torch.Tensor | None, spec: QuantSpec, m
     budget = sizer.budget(tuple(W.shape))
     s = search_threshold(lambda t: run(TernaryGrid(threshold=t, fit_method=fit)), sizer.nbytes, budget)
     return s.result, s
+
+
+AUTO_SWEEPS = 4  # --sweeps by default on 2-bit grids (validation split, benchmarks/README.md): none above
+
+
+def sweeps_for(spec: QuantSpec, gcfg: GPTQConfig) -> int:
+    """Coordinate-descent sweeps after GPTQ for weights stored as `spec`: integer grids only; --sweeps N for
+    every width, or by default (None) AUTO_SWEEPS at 2 bits and none above (at 3 bits they measured no better
+    on the validation split)."""
+    if spec.codec != "int":
+        return 0
+    if gcfg.sweeps is None:
+        return AUTO_SWEEPS if spec.bits <= 2 else 0
+    return gcfg.sweeps
+
+
+def sweeps_apply(K: int) -> bool:
+    """Coordinate descent (--sweeps) needs a copy of each (K, K) Hessian beside GPTQ's; where one is of the size
+    GPTQ factors in place to save memory (quant/gptq.INPLACE_BYTES: K >= 4096) the sweeps are skipped, logged
+    and recorded (LayerRecord.sweeps_skipped). By shape alone, so every device and rank does the same."""
+    return K * K * 4 < INPLACE_BYTES
 
 
 def gptq_units(specs: dict, rows: dict[str, int], K: dict[str, int]) -> list[list[int]]:
@@ -264,6 +298,12 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
                 stats["memory_chunks"] = max(stats.get("memory_chunks", 0), len(memory_chunks(mine, K, budget)))
             for group in chunk:
                 spec = specs[group[0]]
+                if (need_h and sweeps_for(spec, gcfg) and not sweeps_apply(K)
+                        and K not in record.sweeps_skipped):
+                    record.sweeps_skipped.append(K)
+                    log.warning("layer %d: --sweeps skipped for inputs of width %d (a (K, K) Hessian of %.0f MiB is "
+                                "factored in place; a copy for coordinate descent would double it)", layer_idx, K,
+                                K * K * 4 / 2 ** 20)
                 W = early.pop(tuple(group), None)
                 Hs = None
                 if need_h:

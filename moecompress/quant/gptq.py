@@ -32,6 +32,8 @@ class GPTQConfig:
     percdamp: float = 0.01
     block_size: int = 128
     act_order: bool = False
+    sweeps: int | None = 0  # coordinate-descent sweeps after GPTQ (quant/coord.py; passes/quantize.sweeps_for)
+    refit: int = 0  # rounds of Hessian-weighted scale refits after GPTQ (quant/refit.py); 0: off
 
     def __post_init__(self):
         if not 0 <= self.percdamp < 1:
@@ -220,6 +222,9 @@ def _permute_rows(M: torch.Tensor, p: torch.Tensor) -> None:
 def gptq(W, H, grid, group_size: int, config: GPTQConfig = GPTQConfig()) -> GPTQResult:
     """Quantize W: (E, N, K) against Hessians H: (E, K, K) with `grid`, groups of `group_size` along K.
     W and H may be handed over as `Owned` (consumed, no copies kept); plain tensors are left untouched."""
+    if config.refit:  # quant/refit.py: GPTQ, then scale refits
+        from .refit import gptq_refit
+        return gptq_refit(W, H, grid, group_size, config)
     own_w, own_h = isinstance(W, Owned), isinstance(H, Owned)
     W, H = tensor_of(W), tensor_of(H)
     E, N, K = W.shape
