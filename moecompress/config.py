@@ -63,8 +63,8 @@ class QuantizeConfig:
     percdamp: float = 0.01
     block_size: int = 128
     act_order: bool = True           # GPTQ columns by decreasing Hessian diagonal, static groups (issue 21: the default)
-    sweeps: int | None = None        # coordinate-descent sweeps over GPTQ's integer codes (quant/coord.py);
-    # None: AUTO_SWEEPS on 2-bit grids, none above (passes/quantize.sweeps_for; chosen on the validation split)
+    sweeps: int = 0                  # coordinate-descent sweeps over GPTQ's integer codes (quant/coord.py); opt-in:
+    # better at 2 bits on the validation split, but several times GPTQ's own time on real expert shapes
     affinity: bool = False           # AGQ: weight each token's Hessian term by its gate weight
     min_tokens: int = 16             # fewer routed tokens than this: round-to-nearest (GPTQ on the prior with hessian_prior)
     hessian_prior: float = 0.0       # a > 0: each expert's Hessian + a * K tokens' worth of its all-token statistics
@@ -119,8 +119,7 @@ class QuantizeConfig:
             raise MoeCompressError(f"--group-size must be positive, got {self.group_size}")
         if not 0 <= self.percdamp < 1:
             raise MoeCompressError(f"--percdamp must be in [0, 1), got {self.percdamp}")
-        if self.sweeps is not None and (isinstance(self.sweeps, bool) or not isinstance(self.sweeps, int)
-                                        or not 0 <= self.sweeps <= 16):
+        if isinstance(self.sweeps, bool) or not isinstance(self.sweeps, int) or not 0 <= self.sweeps <= 16:
             raise MoeCompressError(f"--sweeps must be an integer from 0 to 16, got {self.sweeps}")
         if self.ternary_threshold is not None and not 0 <= self.ternary_threshold < 0.5:
             raise MoeCompressError(f"--ternary-threshold must be in [0, 0.5), got {self.ternary_threshold}")

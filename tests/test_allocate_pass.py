@@ -207,9 +207,8 @@ def test_sub1_is_an_lp_candidate(tiny_dir, tmp_path):
     labels = set(man["expert_bits"].values())
     assert "sub1" in labels and labels & {"int2g32", "int3g32"}, labels
     # the tiny experts' rows (K = 64 / 128) spend 0.25-0.5 bits per weight on fp16 levels alone, so the
-    # sub1 budget search cannot reach 1.0 on gate/up (it warns, ~1.22 bits): over the LP's budget by an amount
-    # that grows with the number of sub1 experts in the plan (within 1% before the 2-bit sweeps, 2.528 with them)
-    assert 2.3 < man["expert_bits_per_param"] <= 2.5 * 1.02
+    # sub1 budget search cannot reach 1.0 on gate/up (it warns, ~1.22 bits): 1% over the LP's budget
+    assert 2.3 < man["expert_bits_per_param"] <= 2.5 * 1.01
     m = load(out)
     ids = torch.arange(16).view(1, 16)
     assert torch.isfinite(m(ids).logits).all()

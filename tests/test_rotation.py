@@ -159,14 +159,13 @@ def test_rotated_checkpoint_round_trip(demo2):
 
 
 def test_rotated_2bit_perplexity(demo2):
-    """2-bit perplexity on the built-in eval text (4096 tokens), 16 x 128 calibration tokens, seed 0. Measured
-    with the default 4 coordinate-descent sweeps at 2 bits: 46.43 unrotated, 47.03 rotated (+1.3%); before the
-    sweeps 50.25 and 48.86 (-2.8%; the block-diagonal I_3 (x) S_64 Hadamard gave 50.08). On the fixture
-    domains (3 seeds) the difference is within the seed spread on this small model, so this is a regression
-    guard for this configuration: rotated within 3% of unrotated; a rotation applied wrongly anywhere
-    (quantize basis, stored signs, decode path) costs far more."""
+    """2-bit perplexity on the built-in eval text (4096 tokens), 16 x 128 calibration tokens, seed 0. Measured:
+    50.25 unrotated, 48.86 rotated (-2.8%; the block-diagonal I_3 (x) S_64 Hadamard gave 50.08). On the fixture
+    domains (3 seeds) the gain is within the seed spread on this small model, so this is a regression guard for
+    this configuration: rotated no worse than unrotated; a rotation applied wrongly anywhere (quantize basis,
+    stored signs, decode path) costs far more."""
     ppl = {r: api.evaluate(demo2[r], [EVAL], max_tokens=4096, progress=False)[EVAL]["perplexity"] for r in (False, True)}
-    assert 40 < ppl[True] <= 1.03 * ppl[False] and ppl[False] < 48, ppl
+    assert 40 < ppl[True] <= ppl[False], ppl
 
 
 def test_export_refuses_rotated(demo2, tmp_path):

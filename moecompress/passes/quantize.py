@@ -130,18 +130,9 @@ def _quantize_group(W: torch.Tensor, Hs: torch.Tensor | None, spec: QuantSpec, m
     return s.result, s
 
 
-AUTO_SWEEPS = 4  # --sweeps by default on 2-bit grids (validation split, benchmarks/README.md): none above
-
-
 def sweeps_for(spec: QuantSpec, gcfg: GPTQConfig) -> int:
-    """Coordinate-descent sweeps after GPTQ for weights stored as `spec`: integer grids only; --sweeps N for
-    every width, or by default (None) AUTO_SWEEPS at 2 bits and none above (at 3 bits they measured no better
-    on the validation split)."""
-    if spec.codec != "int":
-        return 0
-    if gcfg.sweeps is None:
-        return AUTO_SWEEPS if spec.bits <= 2 else 0
-    return gcfg.sweeps
+    """Coordinate-descent sweeps after GPTQ for weights stored as `spec`: --sweeps N on integer grids only."""
+    return gcfg.sweeps if spec.codec == "int" else 0
 
 
 def sweeps_apply(K: int) -> bool:

@@ -32,7 +32,7 @@ class GPTQConfig:
     percdamp: float = 0.01
     block_size: int = 128
     act_order: bool = False
-    sweeps: int | None = 0  # coordinate-descent sweeps after GPTQ (quant/coord.py; passes/quantize.sweeps_for)
+    sweeps: int = 0  # coordinate-descent sweeps after GPTQ (quant/coord.py; passes/quantize.sweeps_for)
     refit: int = 0  # rounds of Hessian-weighted scale refits after GPTQ (quant/refit.py); 0: off
 
     def __post_init__(self):
