@@ -140,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "the all-token terms the layer's routed weight in total. Rarely or never routed experts get a "
                         "real Hessian (no round-to-nearest fallback); costs E expert forwards over all tokens "
                         f"(default {Q.all_tokens:g}: off)")
+    q.add_argument("--fp-target", type=float, default=Q.fp_target, metavar="A",
+                   help="aim each expert's GPTQ at what the unquantized model computes on the same tokens, not at its "
+                        "own weights on the already-quantized inputs: the target moves by A (0-1) times the "
+                        "least-squares correction for the input error. Costs one more layer forward and a second "
+                        f"(K, K) matrix per expert (default {Q.fp_target:g}: off)")
     q.add_argument("--min-tokens", type=int, default=Q.min_tokens,
                    help=f"experts with fewer routed calibration tokens fall back to round-to-nearest, or with "
                         f"--hessian-prior to GPTQ on their few tokens plus the prior (default {Q.min_tokens})")
@@ -229,7 +234,7 @@ def cmd_quantize(a) -> int:
     calib = calib_config(a)
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, method=a.method, allocation=a.allocation,
                          percdamp=a.percdamp, act_order=a.act_order, sweeps=a.sweeps, affinity=a.affinity, min_tokens=a.min_tokens,
-                         hessian_prior=a.hessian_prior, all_tokens=a.all_tokens,
+                         hessian_prior=a.hessian_prior, all_tokens=a.all_tokens, fp_target=a.fp_target,
                          router_bits=a.router_bits, shared_bits=a.shared_bits, symmetric=a.symmetric, grid=a.grid, refit=a.refit, rotate=a.rotate,
                          ternary_threshold=a.ternary_threshold, candidates=a.candidates, budget_scope=a.budget_scope, budget=a.budget,
                          min_bits=a.min_bits, max_bits=a.max_bits, top_two=a.top_two, alpha=a.alpha, beta=a.beta,

@@ -70,6 +70,8 @@ class QuantizeConfig:
     hessian_prior: float = 0.0       # a > 0: each expert's Hessian + a * K tokens' worth of its all-token statistics
     all_tokens: float = 0.0          # L > 0: each expert's Hessian + L x (layer-normalized) every token weighted by
     # its router score before top-k (passes/calibrate.py); 0: routed tokens only
+    fp_target: float = 0.0           # A > 0: GPTQ aims each expert at the full-precision model's output on its tokens
+    # (quant/target.py): the target moves by A x the least-squares correction for its already-perturbed inputs
     router_bits: int | None = None   # MoEQuant: GPTQ the router too (2/3/4/8), routing recomputed with it
     symmetric: bool = False          # symmetric integer grids (zero at 2^(b-1), scale from max|w|): routed and
     # shared experts; what compressed-tensors' symmetric pack-quantized stores (`moecompress export`)
@@ -131,6 +133,8 @@ class QuantizeConfig:
             raise MoeCompressError(f"--hessian-prior must be >= 0, got {self.hessian_prior}")
         if not (self.all_tokens >= 0 and self.all_tokens < float("inf")):
             raise MoeCompressError(f"--all-tokens must be a finite weight >= 0, got {self.all_tokens}")
+        if not (0 <= self.fp_target <= 1):
+            raise MoeCompressError(f"--fp-target must be in [0, 1], got {self.fp_target}")
         if self.min_tokens < 0:
             raise MoeCompressError(f"--min-tokens must be >= 0, got {self.min_tokens}")
         if self.symmetric and (self.method == "ternary" or self.allocation != "uniform"):

@@ -180,19 +180,28 @@ class PackedWriter:
             self.register(rec["shard"], rec["keys"], rec["entries"])
         return True
 
-    def load_hidden(self) -> torch.Tensor:
-        """The hidden states entering the first layer not yet done (saved by the last commit)."""
+    def load_hidden(self, stream: str = "hidden") -> torch.Tensor:
+        """The hidden states entering the first layer not yet done (saved by the last commit); stream
+        "hidden_fp": the unquantized model's (--fp-target)."""
         from safetensors.torch import load_file
-        return load_file(os.path.join(self.tmp, self.completed[-1]["hidden"]))["hidden"]
+        got = load_file(os.path.join(self.tmp, self.completed[-1]["hidden"]))
+        if stream not in got:
+            raise MoeCompressError(f"cannot resume: the saved activations in {self.tmp} hold no {stream!r}")
+        return got[stream]
 
     def commit_layer(self, layer: int, name: str, tensors: dict[str, torch.Tensor], entries: list[dict],
-                     hidden: torch.Tensor, record: dict | None = None, expert_bytes: int = 0) -> None:
-        """Write layer `layer`'s shard and the hidden states it outputs, then record both in progress.json."""
+                     hidden: torch.Tensor, record: dict | None = None, expert_bytes: int = 0,
+                     hidden_fp: torch.Tensor | None = None) -> None:
+        """Write layer `layer`'s shard and the hidden states it outputs (and with --fp-target the unquantized
+        model's, `hidden_fp`), then record both in progress.json."""
         assert layer == len(self.completed), (layer, len(self.completed))
         self.write_shard(name, tensors, entries)
         hname = f"hidden-{layer:05d}.safetensors"
         hpath = os.path.join(self.tmp, hname)
-        save_file({"hidden": hidden.contiguous()}, hpath + ".tmp")
+        streams = {"hidden": hidden.contiguous()}
+        if hidden_fp is not None:
+            streams["hidden_fp"] = hidden_fp.contiguous()
+        save_file(streams, hpath + ".tmp")
         os.replace(hpath + ".tmp", hpath)
         self.completed.append({"layer": layer, "shard": name, "sha256": sha256_file(os.path.join(self.tmp, name)),
                                "keys": sorted(tensors), "entries": list(entries), "record": record,

@@ -41,7 +41,8 @@ PRIOR_TOKENS = 1024  # tokens sampled per collector for the down projections' pr
 
 class HessianCollector:
     def __init__(self, num_experts: int, dim: int, which: str, subset=None, affinity: bool = False,
-                 prior: bool = False, sample_every: int = 1, device=None, all_scale: float = 0.0):
+                 prior: bool = False, sample_every: int = 1, device=None, all_scale: float = 0.0, fp_h=None,
+                 cross: bool = False):
         assert which in ("x", "h")
         self.device = device = torch.device("cpu") if device is None else device
         self.which, self.affinity, self.dim = which, affinity, dim
@@ -56,6 +57,11 @@ class HessianCollector:
         self._sample_x: torch.Tensor | None = None  # their concatenation, built once after the pass
         self.all_scale = float(all_scale)  # c of the module docstring; 0: routed tokens only
         self.score_sum = torch.zeros(num_experts, dtype=torch.float64)  # sum_t s_te over the all-token pass
+        # --fp-target (quant/target.py): D_e = sum_t c_t (u_t - v_t) v_t^T, u_t the unquantized model's input (x, or
+        # fp_h(e, x) from the expert's original gate/up), v_t the one the expert gets
+        self.wants_fp = cross
+        self.fp_h = fp_h
+        self.D = {e: torch.zeros(dim, dim, dtype=torch.float32, device=device) for e in sorted(self.subset)} if cross else {}
 
     def collect_all(self, cache, compute_h=None) -> None:
         """Add c * A_e to the subset's Hessians from the whole MoE cache (its router scores), after the routed
@@ -72,7 +78,8 @@ class HessianCollector:
         """sum_t s_te: the router mass behind expert e's all-token term (0 without one)."""
         return float(self.score_sum[e]) if self.all_scale else 0.0
 
-    def __call__(self, e: int, tok: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
+    def __call__(self, e: int, tok: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor,
+                 xf: torch.Tensor | None = None) -> None:
         self.tokens[e] += tok.numel()
         self.gate_sum[e] += float(w.double().sum())
         if self.prior:
@@ -87,9 +94,16 @@ class HessianCollector:
         if e not in self.subset:
             return
         v = (x if self.which == "x" else h).float()
+        if self.wants_fp:
+            u = (xf if self.which == "x" else self.fp_h(e, xf)).float()
         if self.affinity:
-            v = v * w.float().clamp(min=0).sqrt()[:, None]  # c_t x x^T = (sqrt(c_t) x)(sqrt(c_t) x)^T
+            c = w.float().clamp(min=0).sqrt()[:, None]
+            v = v * c  # c_t x x^T = (sqrt(c_t) x)(sqrt(c_t) x)^T
+            if self.wants_fp:
+                u = u * c
         self.H[e].addmm_(v.t(), v)
+        if self.wants_fp:
+            self.D[e].addmm_((u - v).t(), v)
 
     def stacked(self, experts: list[int]) -> torch.Tensor:
         return torch.stack([self.H[e] for e in experts])
@@ -101,6 +115,11 @@ class HessianCollector:
         out = torch.stack([self.H[e] for e in experts])
         for e in experts:
             del self.H[e]
+        return out
+
+    def take_cross(self, experts: list[int]) -> torch.Tensor:
+        """(G, K, K): the experts' --fp-target cross terms D_e, handed over like `take`."""
+        out = torch.stack([self.D.pop(e) for e in experts])
         return out
 
     def mean_weight(self, e: int) -> float:

@@ -58,6 +58,7 @@ class CacheChunk:
     w: torch.Tensor                      # (T_c, k) gate weights
     shared: dict[str, torch.Tensor] = field(default_factory=dict)  # shared expert path -> its input, if not x
     s: torch.Tensor | None = None        # (T_c, E) router scores before top-k (--all-tokens only)
+    xf: torch.Tensor | None = None       # (T_c, H) the unquantized model's x at the same positions (--fp-target)
 
     @property
     def nbytes(self) -> int:
@@ -93,6 +94,16 @@ class MoECache:
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.chunks)
 
+    def attach_fp(self, fp: "MoECache") -> None:
+        """--fp-target: chunk by chunk, the unquantized model's experts' input at the same token positions (the
+        cache of the same layer run on the unquantized hidden states; the routing stays this cache's)."""
+        if len(fp.chunks) != len(self.chunks):
+            raise MoeCompressError(f"--fp-target: {len(fp.chunks)} unquantized cache chunks for {len(self.chunks)}")
+        for c, f in zip(self.chunks, fp.chunks):
+            if f.x.shape != c.x.shape:
+                raise MoeCompressError(f"--fp-target: cache chunk shapes differ: {tuple(f.x.shape)} against {tuple(c.x.shape)}")
+            c.xf = f.x
+
     def shared_input(self, c: CacheChunk, path: str) -> torch.Tensor:
         return c.shared.get(path, c.x).to(self.device, non_blocking=True)
 
@@ -101,8 +112,10 @@ class MoECache:
         in `only` (None: all).
 
         tok: positions of expert e's tokens within the chunk, x: their inputs, w: their gate weights,
-        h: compute_h(e, x) for experts in `h_for` (the down projections' inputs), else None."""
+        h: compute_h(e, x) for experts in `h_for` (the down projections' inputs), else None.
+        An observer with `wants_fp` set also gets xf=, the unquantized model's inputs of those tokens."""
         want = set(h_for or ())
+        wants_fp = getattr(observer, "wants_fp", False)
         only = None if only is None else set(only)
         for c in self.chunks:
             X = c.x.to(self.device, non_blocking=True)
@@ -124,7 +137,12 @@ class MoECache:
                 tok = sel // k
                 xe = X[tok]
                 h = compute_h(e, xe) if compute_h is not None and e in want else None
-                observer(e, tok, xe, h, wf[sel])
+                if wants_fp:
+                    if c.xf is None:
+                        raise MoeCompressError("--fp-target: the MoE cache holds no unquantized inputs")
+                    observer(e, tok, xe, h, wf[sel], xf=c.xf.to(self.device, non_blocking=True)[tok])
+                else:
+                    observer(e, tok, xe, h, wf[sel])
 
     def replay_all(self, experts, observer, compute_h=None) -> None:
         """Feed `observer(e, v, s)` every calibration token for each expert in `experts` (index order), chunk by

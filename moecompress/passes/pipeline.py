@@ -167,14 +167,20 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
         expert_bytes += rec["expert_bytes"]
         if rec["record"] is not None:
             records.append(layer_record(rec["record"]))
+    fp_on = config.fp_target > 0 and config.method != "rtn"
     if completed:
         full = writer.load_hidden() if writer else None
         full = dist.broadcast_tensors({"h": full} if dist.main else None, 0)["h"]
         acts = runner.split(full)
+        acts_fp = acts
+        if fp_on:  # the unquantized model's hidden states, saved beside them
+            full = writer.load_hidden("hidden_fp") if writer else None
+            acts_fp = runner.split(dist.broadcast_tensors({"h": full} if dist.main else None, 0)["h"])
         del full
         log.info("resuming %s after layer %d", out, completed - 1)
     else:
         acts = runner.embed()
+        acts_fp = acts  # --fp-target: the unquantized model's hidden states (the same tensors until they differ)
     gcfg = GPTQConfig(config.percdamp, config.block_size, config.act_order, sweeps=config.sweeps, refit=config.refit)
     if config.refit:
         from ..quant.refit import reset_stats
@@ -209,6 +215,9 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
                 found = shared_experts(layer, arch) if config.shared_bits != 0 else []
                 shared_paths = [p for p, _, _ in found]
                 scores = (arch, arch.router_score) if config.all_tokens > 0 and config.method != "rtn" else None
+                fp_cache = None
+                if fp_on:  # the unquantized layer on the unquantized stream: its experts' inputs, its outputs
+                    fp_cache, acts_fp_next = runner.capture(layer, i, acts_fp, (), outputs=True)
                 cache = runner.capture(layer, i, acts, shared_paths, scores=scores)
                 if config.router_bits:  # before the experts: they are calibrated on the quantized routing
                     from .router import quantize_router
@@ -217,8 +226,11 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
                         resolve_group_size(config.group_size, [reader.expert_shapes(i)["gate"][1]]), gcfg)
                     del cache
                     cache = runner.capture(layer, i, acts, shared_paths, scores=scores)
-                mem["activation_cache_bytes"] = max(mem["activation_cache_bytes"],
-                                                    cache.nbytes + runner.hidden_bytes(acts))
+                if fp_cache is not None:
+                    cache.attach_fp(fp_cache)
+                    del fp_cache
+                mem["activation_cache_bytes"] = max(mem["activation_cache_bytes"], cache.nbytes + runner.hidden_bytes(acts)
+                                                    + (runner.hidden_bytes(acts_fp) if acts_fp is not acts else 0))
                 stats: dict = {}
                 rotation = (qpass.layer_rotation(layer_specs, i, config.calib.seed, reader.expert_shapes(i))
                             if config.rotate else None)  # --rotate: this layer's signs, stored beside its experts
@@ -229,7 +241,7 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
                     find_experts(layer)[1], cache, layer_idx=i, specs=layer_specs, method=config.method, gcfg=gcfg,
                     affinity=config.affinity, min_tokens=config.min_tokens, dtype=streamer.dtype, encoder=encoder,
                     hessian_prior=config.hessian_prior, dist=dist, budget=workspace_bytes(device), stats=stats,
-                    all_tokens=config.all_tokens, rotation=rotation)
+                    all_tokens=config.all_tokens, rotation=rotation, fp_target=config.fp_target if fp_on else 0.0)
                 mem["hessian_bytes_peak"] = max(mem["hessian_bytes_peak"], stats.get("hessian_bytes_peak", 0))
                 for (e, p), pt in sorted(packed.items()):
                     name = f"{reader.prefix}.{i}.{path}.{e}.{p}"
@@ -263,13 +275,23 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
                 if key not in tensors:
                     raise MoeCompressError(f"--router-bits: the router weight {key!r} is not in layer {i}'s tensors")
                 tensors[key] = router_w.to(tensors[key].dtype).cpu()
+            same = acts_fp is acts  # no layer quantized yet: one stream
+            if fp_on and i in reader.moe_layers:  # the unquantized stream, from before this layer's quantization
+                acts_fp, acts_fp_next = acts_fp_next, None
+            elif fp_on and not same:
+                acts_fp = runner.forward(layer, i, acts_fp)
             acts = runner.forward(layer, i, acts)
+            if same and i not in reader.moe_layers:
+                acts_fp = acts
             expert_bytes += layer_bytes
             hidden = runner.gather(acts) if dist.active else torch.cat([acts[j] for j in sorted(acts)]).cpu()
+            hidden_fp = None
+            if fp_on:
+                hidden_fp = runner.gather(acts_fp) if dist.active else torch.cat([acts_fp[j] for j in sorted(acts_fp)]).cpu()
             if writer:
                 writer.commit_layer(i, f"layer-{i:05d}.safetensors", tensors, entries, hidden,
-                                    None if rec is None else dict(rec.__dict__), layer_bytes)
-            del layer, hidden
+                                    None if rec is None else dict(rec.__dict__), layer_bytes, hidden_fp=hidden_fp)
+            del layer, hidden, hidden_fp
             dist.barrier()
     except KeyboardInterrupt:
         if writer:

@@ -23,6 +23,7 @@ from ..codecs import PackedTensor, QuantSpec
 from ..quant.coord import coordinate_descent
 from ..quant.gptq import INPLACE_BYTES, GPTQConfig, GPTQResult, Owned, gptq, rtn, tensor_of
 from ..quant.grids import int_grid
+from ..quant.target import move_target
 from .calibrate import PRIOR_TOKENS, HessianCollector, all_token_scale
 from .encoder import LayerEncoder, _Sizer
 
@@ -43,6 +44,7 @@ class LayerRecord:
     all_tokens: dict | None = None  # --all-tokens: {"lambda", "scale", "score_sum"} (passes/calibrate.py)
     rotated: bool = False  # --rotate: gate/up and down quantized in a randomized Hadamard basis (quant/hadamard.py)
     sweeps_skipped: list = field(default_factory=list)  # --sweeps: input widths K whose Hessians are too large
+    fp_target: dict | None = None  # --fp-target: {"strength", "kept": [[expert, proj]] left at W} (quant/target.py)
 
 
 TERNARY_CODECS = ("ternary", "sub1")
@@ -204,7 +206,7 @@ def layer_rotation(specs: dict, layer_idx: int, seed: int, shapes: dict[str, tup
 def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, gcfg: GPTQConfig, affinity: bool,
                        min_tokens: int, dtype=torch.float32, encoder: LayerEncoder | None = None,
                        hessian_prior: float = 0.0, dist=None, budget: int | None = None, stats: dict | None = None,
-                       all_tokens: float = 0.0, rotation: dict | None = None):
+                       all_tokens: float = 0.0, rotation: dict | None = None, fp_target: float = 0.0):
     """Quantize the experts `ex` (a layer's `MoEExperts`) in place from the layer's MoE cache.
 
     specs: {expert: QuantSpec}. Returns ({(expert, proj): PackedTensor}, LayerRecord).
@@ -228,6 +230,10 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
     rotation (`layer_rotation`, --rotate): {"gate_up": s_x, "down": s_h} sign vectors; each stage's weights are
     quantized as W' = W R^T against H' = R H R^T (R = Hd diag(s)), the packed codes are W''s, and the dense
     weights put back for the following stages are the effective unrotated deq(W') R.
+    fp_target = A > 0 (`--fp-target`, quant/target.py): the cache carries the unquantized model's inputs of the
+    same tokens; each expert's GPTQ aims at W + A W D H^-1 instead of W (D the cross term of unquantized and
+    actual inputs, collected beside H); the down projection's unquantized inputs come from a copy of the
+    original gate/up kept through the layer. Experts rounded to nearest keep W.
     """
     from ..experts import _linear
     from ..quant.hadamard import rotate, rotate_hessian, unrotate
@@ -265,6 +271,14 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
     def hidden_of(e, x):  # the down projection's input, from the expert's (quantized) gate/up
         w, b = ex.weights[e], ex.biases[e] if ex.biases else {}
         return ex.glu(_linear(x, w["gate"], b.get("gate")), _linear(x, w["up"], b.get("up")))
+    cross = need_h and fp_target > 0
+    original = {e: {p: ex.weights[e][p].clone() for p in ("gate", "up")} for e in live} if cross else {}
+
+    def fp_hidden_of(e, x):  # --fp-target: the down projection's unquantized input, from the original gate/up
+        w, b = original[e], ex.biases[e] if ex.biases else {}
+        return ex.glu(_linear(x, w["gate"], b.get("gate")), _linear(x, w["up"], b.get("up")))
+    if cross:
+        record.fp_target = {"strength": fp_target, "kept": []}
     for projs, which in ((("gate", "up"), "x"), (("down",), "h")):
         K = widths[projs[0]]
         signs = None if rotation is None else rotation["gate_up" if which == "x" else "down"].to(device)
@@ -280,7 +294,7 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
             if need_h:
                 col = HessianCollector(E, K, which, subset=subset, affinity=affinity,
                                        prior=want_prior and prior_of is None, sample_every=sample_every, device=device,
-                                       all_scale=all_scale)
+                                       all_scale=all_scale, fp_h=fp_hidden_of if which == "h" else None, cross=cross)
                 prior_of = prior_of or (col if col.prior else None)
                 cache.replay(E, col, hidden_of if which == "h" else None, h_for=subset, only=None if col.prior else subset)
                 if all_scale:  # every token, router-weighted, for this chunk's experts
@@ -308,6 +322,16 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
                             Hs[j] += (hessian_prior * K * col.mean_weight(e)) * P
                 if W is None:
                     W = _hand_over(ex, group, projs)
+                if cross:  # aim at the unquantized model's outputs (quant/target.py)
+                    Ds = col.take_cross(group)
+                    for j, e in enumerate(group):
+                        if e in rounded:
+                            Ds[j].zero_()
+                    for j in move_target(W, Hs, Ds, gcfg.percdamp, fp_target):
+                        record.fp_target["kept"] += [[group[j], p] for p in projs]
+                        log.warning("layer %d expert %d %s: --fp-target left the target at W (damped Hessian not "
+                                    "positive definite)", layer_idx, group[j], "+".join(projs))
+                    del Ds
                 if signs is not None:  # quantize W' = W R^T against H' = R H R^T
                     W = rotate(W.contiguous(), signs)  # in the layout it had before _stack_float
                     Hs = None if Hs is None else rotate_hessian(Hs, signs)
