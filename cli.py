@@ -80,8 +80,15 @@ def calib_config(a) -> CalibConfig:
                        balance_objective=a.balance_objective, forward_tokens=a.forward_tokens)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with bad input reported in one line (the command and the problem; `--help` has the usage), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="moecompress", description="Compress trained Mixture-of-Experts checkpoints.")
+    ap = _Parser(prog="moecompress", description="Compress trained Mixture-of-Experts checkpoints.")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -140,11 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "the all-token terms the layer's routed weight in total. Rarely or never routed experts get a "
                         "real Hessian (no round-to-nearest fallback); costs E expert forwards over all tokens "
                         f"(default {Q.all_tokens:g}: off)")
-    q.add_argument("--fp-target", type=float, default=Q.fp_target, metavar="A",
+    q.add_argument("--fp-target", type=_fp_target, default=Q.fp_target, metavar="A|auto",
                    help="aim each expert's GPTQ at what the unquantized model computes on the same tokens, not at its "
                         "own weights on the already-quantized inputs: the target moves by A (0-1) times the "
-                        "least-squares correction for the input error. Costs one more layer forward and a second "
-                        f"(K, K) matrix per expert (default {Q.fp_target:g}: off)")
+                        "least-squares correction for the input error. Costs one more forward of each layer and a "
+                        "second (K, K) matrix per expert (default auto: 1 for experts of 2 bits or fewer, else 0)")
     q.add_argument("--min-tokens", type=int, default=Q.min_tokens,
                    help=f"experts with fewer routed calibration tokens fall back to round-to-nearest, or with "
                         f"--hessian-prior to GPTQ on their few tokens plus the prior (default {Q.min_tokens})")
@@ -226,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", required=True, choices=["compressed-tensors"], help="target format")
     x.add_argument("--out", required=True, help="output directory")
     return ap
+
+
+def _fp_target(v: str):
+    """--fp-target: 'auto' (None) or a strength."""
+    if v == "auto":
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'auto', got {v!r}") from None
 
 
 def cmd_quantize(a) -> int:

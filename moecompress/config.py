@@ -70,8 +70,10 @@ class QuantizeConfig:
     hessian_prior: float = 0.0       # a > 0: each expert's Hessian + a * K tokens' worth of its all-token statistics
     all_tokens: float = 0.0          # L > 0: each expert's Hessian + L x (layer-normalized) every token weighted by
     # its router score before top-k (passes/calibrate.py); 0: routed tokens only
-    fp_target: float = 0.0           # A > 0: GPTQ aims each expert at the full-precision model's output on its tokens
-    # (quant/target.py): the target moves by A x the least-squares correction for its already-perturbed inputs
+    fp_target: float | None = None   # A > 0: GPTQ aims each expert at the full-precision model's output on its tokens
+    # (quant/target.py): the target moves by A x the least-squares correction for its already-perturbed inputs.
+    # None ("auto", the default): 1 for integer experts of 2 bits or fewer, 0 above (neutral at 3 and 4 bits on the
+    # validation split; docs/calibration.md)
     router_bits: int | None = None   # MoEQuant: GPTQ the router too (2/3/4/8), routing recomputed with it
     symmetric: bool = False          # symmetric integer grids (zero at 2^(b-1), scale from max|w|): routed and
     # shared experts; what compressed-tensors' symmetric pack-quantized stores (`moecompress export`)
@@ -133,7 +135,7 @@ class QuantizeConfig:
             raise MoeCompressError(f"--hessian-prior must be >= 0, got {self.hessian_prior}")
         if not (self.all_tokens >= 0 and self.all_tokens < float("inf")):
             raise MoeCompressError(f"--all-tokens must be a finite weight >= 0, got {self.all_tokens}")
-        if not (0 <= self.fp_target <= 1):
+        if self.fp_target is not None and not (0 <= self.fp_target <= 1):
             raise MoeCompressError(f"--fp-target must be in [0, 1], got {self.fp_target}")
         if self.min_tokens < 0:
             raise MoeCompressError(f"--min-tokens must be >= 0, got {self.min_tokens}")
@@ -184,3 +186,31 @@ def resolve_group_size(requested: int | None, widths: list[int]) -> int:
         if all(k % g == 0 for k in widths):
             return g
     raise MoeCompressError(f"no group size in 128/64/32/16/8 divides the expert widths {sorted(set(widths))}; pass --group-size")
+
+
+AUTO_FP_TARGET_BITS = 2  # --fp-target auto: on for integer experts this narrow or narrower
+
+
+def fp_strength(config, spec) -> float:
+    """--fp-target's strength for experts stored as `spec` (quant/target.py): the option's value, or with auto
+    (None) 1 for integer codecs of at most AUTO_FP_TARGET_BITS bits and 0 otherwise; 0 for round-to-nearest."""
+    if config.method == "rtn":
+        return 0.0
+    if config.fp_target is not None:
+        return float(config.fp_target)
+    return 1.0 if spec.codec == "int" and spec.bits <= AUTO_FP_TARGET_BITS else 0.0
+
+
+def fp_target_possible(config) -> bool:
+    """Whether --fp-target can act anywhere in a quantize run, from its options alone (`quantize --dry-run`): a
+    strength given, or under auto an integer width of at most AUTO_FP_TARGET_BITS (the uniform --bits or, with
+    --allocation lp, a candidate width)."""
+    if config.method == "rtn":
+        return False
+    if config.fp_target is not None:
+        return config.fp_target > 0
+    if config.method == "ternary":
+        return False
+    widths = [c for c in config.candidates if isinstance(c, int)] if config.allocation == "lp" else [config.bits]
+    return any(w <= AUTO_FP_TARGET_BITS for w in widths)
+

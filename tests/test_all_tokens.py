@@ -121,13 +121,13 @@ def _toy_cache(E=4, H=8, k=2, chunks=(5, 3), zero_expert=3):
 def test_blended_hessian_is_the_brute_force_sum(which, affinity, monkeypatch):
     import moecompress.passes.moe_cache as mc
     from moecompress.passes.calibrate import HessianCollector, all_token_scale
-    from moecompress.passes.quantize import _routing_stats
+    from moecompress.passes.calibrate import routing_stats
     monkeypatch.setattr(mc, "ALL_TOKEN_ROWS", 2)  # several row steps per chunk
     E, H, lam = 4, 8, 0.3
     cache = _toy_cache(E, H)
     Wh = torch.randn(E, 6, H, generator=torch.Generator().manual_seed(2))
     f = (lambda e, x: torch.tanh(x @ Wh[e].t())) if which == "h" else None
-    tokens, gate_sum = _routing_stats(cache, E)
+    tokens, gate_sum = routing_stats(cache, E)
     c = all_token_scale(cache, tokens, gate_sum, affinity, lam)
     R = float(gate_sum.sum()) if affinity else 2 * 8  # 8 tokens, top-2
     assert c == pytest.approx(lam * R / 8)  # softmax scores: one unit of mass per token

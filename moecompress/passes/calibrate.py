@@ -162,3 +162,29 @@ def expert_chunks(experts: list[int], dim: int, budget_bytes: int) -> list[list[
     per = 3 * dim * dim * 4
     n = max(1, budget_bytes // per)
     return [experts[i:i + n] for i in range(0, len(experts), n)]
+
+
+def score_sums(cache, E: int) -> list[float]:
+    """Each expert's router score mass sum_t s_te over the cache (--all-tokens), for the layer record."""
+    out = torch.zeros(E, dtype=torch.float64)
+    for c in cache.chunks:
+        out += c.s.double().sum(0).cpu()
+    return out.tolist()
+
+
+def routing_stats(cache, E: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens routed to each expert and their summed gate weight, summed chunk by chunk in window order."""
+    tokens = torch.zeros(E, dtype=torch.long)
+    gate_sum = torch.zeros(E, dtype=torch.float64)
+    for c in cache.chunks:
+        flat = c.idx.reshape(-1).to(cache.device)
+        w = c.w.reshape(-1).to(cache.device)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat.clamp(0, E), minlength=E + 1)[:E].tolist()
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                tokens[e] += n
+                gate_sum[e] += float(w[order[start:start + n]].double().sum())
+                start += n
+    return tokens, gate_sum

@@ -12,6 +12,11 @@ at most three times, whatever its number of experts:
      quantized gate/up) in memory chunks of whole GPTQ units, the shared experts;
   3. the quantized layer runs once more to produce the next layer's inputs.
 
+With --fp-target (quant/target.py) the run also carries the unquantized model's hidden states: step 1 first
+runs the layer, still unquantized, on them (its experts' inputs join the cache as the targets' inputs, its
+outputs are the next layer's unquantized hidden states). While no layer is quantized yet both streams are
+one, and step 1 runs once with outputs; later layers run three times.
+
 With several processes (torchrun) the micro-batches are split across ranks (each rank keeps the hidden
 states of its own windows), the cache is broadcast so every rank holds all of it, the experts' GPTQ units
 are split across ranks and their results exchanged, and rank 0 writes every file (distributed.py).
@@ -167,7 +172,8 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
         expert_bytes += rec["expert_bytes"]
         if rec["record"] is not None:
             records.append(layer_record(rec["record"]))
-    fp_on = config.fp_target > 0 and config.method != "rtn"
+    from ..config import fp_strength
+    fp_on = any(fp_strength(config, s) > 0 for s in specs.values())  # --fp-target: two hidden streams
     if completed:
         full = writer.load_hidden() if writer else None
         full = dist.broadcast_tensors({"h": full} if dist.main else None, 0)["h"]
@@ -205,6 +211,8 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
                 layer_specs = {e: specs[(i, e)] for e in range(reader.layer_num_experts(i))}
                 mine = qpass.split_units(qpass.layer_units(layer_specs, reader.expert_shapes(i)), layer_specs, dist)
                 own = None if mine is None else {e for u in mine for e in u}
+                if fp_on:  # the unquantized layer's outputs (the next layer's unquantized stream) need every expert
+                    own = None
             layer = streamer.build_layer(i, only=own)
             mem["layer_weights_bytes"] = max(mem["layer_weights_bytes"], _module_bytes(layer))
             tensors, entries, rec, layer_bytes = {}, [], None, 0
@@ -216,9 +224,13 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
                 shared_paths = [p for p, _, _ in found]
                 scores = (arch, arch.router_score) if config.all_tokens > 0 and config.method != "rtn" else None
                 fp_cache = None
-                if fp_on:  # the unquantized layer on the unquantized stream: its experts' inputs, its outputs
-                    fp_cache, acts_fp_next = runner.capture(layer, i, acts_fp, (), outputs=True)
-                cache = runner.capture(layer, i, acts, shared_paths, scores=scores)
+                if fp_on and acts_fp is acts and not config.router_bits:  # one stream still: one capture
+                    cache, acts_fp_next = runner.capture(layer, i, acts, shared_paths, scores=scores, outputs=True)
+                    fp_cache = cache
+                else:
+                    if fp_on:  # the unquantized layer on the unquantized stream: its experts' inputs, its outputs
+                        fp_cache, acts_fp_next = runner.capture(layer, i, acts_fp, (), outputs=True)
+                    cache = runner.capture(layer, i, acts, shared_paths, scores=scores)
                 if config.router_bits:  # before the experts: they are calibrated on the quantized routing
                     from .router import quantize_router
                     router_w, router_rec = quantize_router(
@@ -241,7 +253,8 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
                     find_experts(layer)[1], cache, layer_idx=i, specs=layer_specs, method=config.method, gcfg=gcfg,
                     affinity=config.affinity, min_tokens=config.min_tokens, dtype=streamer.dtype, encoder=encoder,
                     hessian_prior=config.hessian_prior, dist=dist, budget=workspace_bytes(device), stats=stats,
-                    all_tokens=config.all_tokens, rotation=rotation, fp_target=config.fp_target if fp_on else 0.0)
+                    all_tokens=config.all_tokens, rotation=rotation, fp_target={e: fp_strength(config, s) for e, s in layer_specs.items()},
+                    original=_original_reader(reader, i, streamer.dtype, device))
                 mem["hessian_bytes_peak"] = max(mem["hessian_bytes_peak"], stats.get("hessian_bytes_peak", 0))
                 for (e, p), pt in sorted(packed.items()):
                     name = f"{reader.prefix}.{i}.{path}.{e}.{p}"
@@ -315,6 +328,12 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
                              metrics, time.time() - t_start, device)
     dist.barrier()
     return summary
+
+
+def _original_reader(reader, i: int, dtype, device):
+    """--fp-target: expert e's original projection p of layer i, read again from the checkpoint (e, p) -> tensor."""
+    from ..arch import ExpertKey
+    return lambda e, p: reader.expert(ExpertKey(i, e, p)).to(device=device, dtype=dtype)
 
 
 def _module_bytes(module) -> int:

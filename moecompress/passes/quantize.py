@@ -24,7 +24,7 @@ from ..quant.coord import coordinate_descent
 from ..quant.gptq import INPLACE_BYTES, GPTQConfig, GPTQResult, Owned, gptq, rtn, tensor_of
 from ..quant.grids import int_grid
 from ..quant.target import move_target
-from .calibrate import PRIOR_TOKENS, HessianCollector, all_token_scale
+from .calibrate import PRIOR_TOKENS, HessianCollector, all_token_scale, routing_stats, score_sums
 from .encoder import LayerEncoder, _Sizer
 
 log = logging.getLogger("moecompress")
@@ -173,10 +173,11 @@ def layer_units(specs: dict, shapes: dict[str, tuple[int, int]]) -> list[list[in
     return gptq_units(specs, {p: s[0] for p, s in shapes.items()}, {p: s[1] for p, s in shapes.items()})
 
 
-def memory_chunks(units: list[list[int]], K: int, budget: int) -> list[list[list[int]]]:
-    """Consecutive units whose Hessians (plus GPTQ's working copies, ~3x) fit in `budget` bytes; at least
-    one unit per chunk, so a budget smaller than one unit streams one unit at a time."""
-    per = 3 * K * K * 4
+def memory_chunks(units: list[list[int]], K: int, budget: int, cross: bool = False) -> list[list[list[int]]]:
+    """Consecutive units whose Hessians (plus GPTQ's working copies, ~3x; with cross, --fp-target's cross terms
+    too, 4x) fit in `budget` bytes; at least one unit per chunk, so a budget smaller than one unit streams one
+    unit at a time."""
+    per = (4 if cross else 3) * K * K * 4
     chunks, cur, used = [], [], 0
     for u in units:
         need = per * len(u)
@@ -206,7 +207,8 @@ def layer_rotation(specs: dict, layer_idx: int, seed: int, shapes: dict[str, tup
 def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, gcfg: GPTQConfig, affinity: bool,
                        min_tokens: int, dtype=torch.float32, encoder: LayerEncoder | None = None,
                        hessian_prior: float = 0.0, dist=None, budget: int | None = None, stats: dict | None = None,
-                       all_tokens: float = 0.0, rotation: dict | None = None, fp_target: float = 0.0):
+                       all_tokens: float = 0.0, rotation: dict | None = None, fp_target: dict | None = None,
+                       original=None):
     """Quantize the experts `ex` (a layer's `MoEExperts`) in place from the layer's MoE cache.
 
     specs: {expert: QuantSpec}. Returns ({(expert, proj): PackedTensor}, LayerRecord).
@@ -230,10 +232,11 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
     rotation (`layer_rotation`, --rotate): {"gate_up": s_x, "down": s_h} sign vectors; each stage's weights are
     quantized as W' = W R^T against H' = R H R^T (R = Hd diag(s)), the packed codes are W''s, and the dense
     weights put back for the following stages are the effective unrotated deq(W') R.
-    fp_target = A > 0 (`--fp-target`, quant/target.py): the cache carries the unquantized model's inputs of the
+    fp_target = {expert: A} (`--fp-target`, config.fp_strength), any A > 0 (quant/target.py): the cache carries the unquantized model's inputs of the
     same tokens; each expert's GPTQ aims at W + A W D H^-1 instead of W (D the cross term of unquantized and
-    actual inputs, collected beside H); the down projection's unquantized inputs come from a copy of the
-    original gate/up kept through the layer. Experts rounded to nearest keep W.
+    actual inputs, collected beside H); the down projection's unquantized inputs come from the original gate/up,
+    `original(e, proj)` (read again from the checkpoint, one memory chunk of experts at a time; None: copies
+    taken before the gate/up stage). Experts rounded to nearest keep W.
     """
     from ..experts import _linear
     from ..quant.hadamard import rotate, rotate_hessian, unrotate
@@ -244,7 +247,7 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
     device = cache.device
     tokens_all = cache.tokens
     sample_every = max(1, tokens_all // PRIOR_TOKENS)
-    tokens, gate_sum = _routing_stats(cache, E)
+    tokens, gate_sum = routing_stats(cache, E)
     fallback = [e for e in live if int(tokens[e]) < min_tokens]
     record = LayerRecord(layer_idx, tokens.tolist(), [round(float(g), 6) for g in gate_sum], fallback, 0.0,
                          rotated=rotation is not None)
@@ -271,19 +274,21 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
     def hidden_of(e, x):  # the down projection's input, from the expert's (quantized) gate/up
         w, b = ex.weights[e], ex.biases[e] if ex.biases else {}
         return ex.glu(_linear(x, w["gate"], b.get("gate")), _linear(x, w["up"], b.get("up")))
-    cross = need_h and fp_target > 0
-    original = {e: {p: ex.weights[e][p].clone() for p in ("gate", "up")} for e in live} if cross else {}
+    strength = {e: (fp_target or {}).get(e, 0.0) for e in live}
+    cross = need_h and any(a > 0 for a in strength.values())
+    kept = {e: {p: ex.weights[e][p].clone() for p in ("gate", "up")} for e in live} if cross and original is None else {}
+    loaded: dict = {}  # --fp-target: the down stage's memory chunk's original gate/up
 
     def fp_hidden_of(e, x):  # --fp-target: the down projection's unquantized input, from the original gate/up
-        w, b = original[e], ex.biases[e] if ex.biases else {}
+        w, b = kept.get(e) or loaded[e], ex.biases[e] if ex.biases else {}
         return ex.glu(_linear(x, w["gate"], b.get("gate")), _linear(x, w["up"], b.get("up")))
     if cross:
-        record.fp_target = {"strength": fp_target, "kept": []}
+        record.fp_target = {"strength": {specs[e].label: strength[e] for e in live}, "kept": []}
     for projs, which in ((("gate", "up"), "x"), (("down",), "h")):
         K = widths[projs[0]]
         signs = None if rotation is None else rotation["gate_up" if which == "x" else "down"].to(device)
         prior_of = None  # the first chunk's collector, which gathered the layer's prior statistics
-        for chunk in memory_chunks(mine, K, budget):
+        for chunk in memory_chunks(mine, K, budget, cross):
             subset = [e for u in chunk for e in u]
             # GPTQ's working copies, taken from the layer (which keeps meta placeholders until the dequantized
             # weights are set): before the chunk's Hessians exist, so a weight and its copy never coexist beside
@@ -291,6 +296,9 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
             # prior Hessians run the experts' own weights), group by group after them
             early = {} if want_prior or w0["gate"].dtype != torch.float32 else {
                 tuple(g): _hand_over(ex, g, projs) for g in chunk}
+            if cross and which == "h" and original is not None:
+                loaded.clear()
+                loaded.update({e: {p: original(e, p) for p in ("gate", "up")} for e in subset})
             if need_h:
                 col = HessianCollector(E, K, which, subset=subset, affinity=affinity,
                                        prior=want_prior and prior_of is None, sample_every=sample_every, device=device,
@@ -299,8 +307,8 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
                 cache.replay(E, col, hidden_of if which == "h" else None, h_for=subset, only=None if col.prior else subset)
                 if all_scale:  # every token, router-weighted, for this chunk's experts
                     col.collect_all(cache, hidden_of)
-                stats["hessian_bytes_peak"] = max(stats.get("hessian_bytes_peak", 0), len(subset) * K * K * 4)
-                stats["memory_chunks"] = max(stats.get("memory_chunks", 0), len(memory_chunks(mine, K, budget)))
+                stats["hessian_bytes_peak"] = max(stats.get("hessian_bytes_peak", 0), (2 if cross else 1) * len(subset) * K * K * 4)
+                stats["memory_chunks"] = max(stats.get("memory_chunks", 0), len(memory_chunks(mine, K, budget, cross)))
             for group in chunk:
                 spec = specs[group[0]]
                 if (need_h and sweeps_for(spec, gcfg) and not sweeps_apply(K)
@@ -327,7 +335,7 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
                     for j, e in enumerate(group):
                         if e in rounded:
                             Ds[j].zero_()
-                    for j in move_target(W, Hs, Ds, gcfg.percdamp, fp_target):
+                    for j in move_target(W, Hs, Ds, gcfg.percdamp, strength[group[0]]):
                         record.fp_target["kept"] += [[group[j], p] for p in projs]
                         log.warning("layer %d expert %d %s: --fp-target left the target at W (damped Hessian not "
                                     "positive definite)", layer_idx, group[j], "+".join(projs))
@@ -362,6 +370,8 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
                             results[f"{e}.{p}.deq"] = deq
                         del part  # its int32 codes (as big as the weight) would stay until the next group's GPTQ
                 del res
+        loaded.clear()
+    kept.clear()
     if split:  # every rank gets every expert's result, bit for bit
         results["rounded"] = torch.tensor(sorted(rounded), dtype=torch.int64)
         for r in range(dist.world):
@@ -379,7 +389,7 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
         record.fallback = sorted(rounded)
     if all_scale:
         record.all_tokens = {"lambda": all_tokens, "scale": round(all_scale, 8),
-                             "score_sum": [round(v, 6) for v in _score_sums(cache, E)]}
+                             "score_sum": [round(v, 6) for v in score_sums(cache, E)]}
     record.seconds = round(time.time() - t0, 3)
     record.specs = {e: specs[e].label for e in live}
     record.ternary = searched
@@ -395,29 +405,3 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
                     "by GPTQ on them plus " + " and ".join(n for n, on in (("the --hessian-prior", want_prior),
                                                                         ("all tokens (--all-tokens)", all_scale > 0)) if on))
     return packed, record
-
-
-def _score_sums(cache, E: int) -> list[float]:
-    """Each expert's router score mass sum_t s_te over the cache (--all-tokens), for the layer record."""
-    out = torch.zeros(E, dtype=torch.float64)
-    for c in cache.chunks:
-        out += c.s.double().sum(0).cpu()
-    return out.tolist()
-
-
-def _routing_stats(cache, E: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens routed to each expert and their summed gate weight, summed chunk by chunk in window order."""
-    tokens = torch.zeros(E, dtype=torch.long)
-    gate_sum = torch.zeros(E, dtype=torch.float64)
-    for c in cache.chunks:
-        flat = c.idx.reshape(-1).to(cache.device)
-        w = c.w.reshape(-1).to(cache.device)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat.clamp(0, E), minlength=E + 1)[:E].tolist()
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                tokens[e] += n
-                gate_sum[e] += float(w[order[start:start + n]].double().sum())
-                start += n
-    return tokens, gate_sum
