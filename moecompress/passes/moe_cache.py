@@ -85,6 +85,7 @@ class MoECache:
     def __init__(self, chunks: list[CacheChunk], device: torch.device):
         self.chunks = chunks
         self.device = device
+        self.fp_is_self = False  # --fp-target: the unquantized inputs are these very ones (no layer quantized yet)
 
     @property
     def tokens(self) -> int:
@@ -97,6 +98,7 @@ class MoECache:
     def attach_fp(self, fp: "MoECache") -> None:
         """--fp-target: chunk by chunk, the unquantized model's experts' input at the same token positions (the
         cache of the same layer run on the unquantized hidden states; the routing stays this cache's)."""
+        self.fp_is_self = fp is self
         if len(fp.chunks) != len(self.chunks):
             raise MoeCompressError(f"--fp-target: {len(fp.chunks)} unquantized cache chunks for {len(self.chunks)}")
         for c, f in zip(self.chunks, fp.chunks):

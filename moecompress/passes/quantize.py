@@ -275,7 +275,7 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
         w, b = ex.weights[e], ex.biases[e] if ex.biases else {}
         return ex.glu(_linear(x, w["gate"], b.get("gate")), _linear(x, w["up"], b.get("up")))
     strength = {e: (fp_target or {}).get(e, 0.0) for e in live}
-    cross = need_h and any(a > 0 for a in strength.values())
+    cross = cross_any = need_h and any(a > 0 for a in strength.values())
     kept = {e: {p: ex.weights[e][p].clone() for p in ("gate", "up")} for e in live} if cross and original is None else {}
     loaded: dict = {}  # --fp-target: the down stage's memory chunk's original gate/up
 
@@ -288,6 +288,8 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
         K = widths[projs[0]]
         signs = None if rotation is None else rotation["gate_up" if which == "x" else "down"].to(device)
         prior_of = None  # the first chunk's collector, which gathered the layer's prior statistics
+        # --fp-target: the gate/up inputs need no correction while they are the unquantized ones (D = 0)
+        cross = cross_any and not (which == "x" and cache.fp_is_self)
         for chunk in memory_chunks(mine, K, budget, cross):
             subset = [e for u in chunk for e in u]
             # GPTQ's working copies, taken from the layer (which keeps meta placeholders until the dequantized
