@@ -180,14 +180,14 @@ class PackedWriter:
             self.register(rec["shard"], rec["keys"], rec["entries"])
         return True
 
-    def load_hidden(self, stream: str = "hidden") -> torch.Tensor:
+    def load_hidden(self, stream: str = "hidden") -> torch.Tensor | None:
         """The hidden states entering the first layer not yet done (saved by the last commit); stream
-        "hidden_fp": the unquantized model's (--fp-target)."""
+        "hidden_fp": the unquantized model's (--fp-target), None where they were still the same."""
         from safetensors.torch import load_file
         got = load_file(os.path.join(self.tmp, self.completed[-1]["hidden"]))
-        if stream not in got:
+        if stream == "hidden" and stream not in got:
             raise MoeCompressError(f"cannot resume: the saved activations in {self.tmp} hold no {stream!r}")
-        return got[stream]
+        return got.get(stream)
 
     def commit_layer(self, layer: int, name: str, tensors: dict[str, torch.Tensor], entries: list[dict],
                      hidden: torch.Tensor, record: dict | None = None, expert_bytes: int = 0,

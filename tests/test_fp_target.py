@@ -171,6 +171,28 @@ def test_resume_restores_the_unquantized_stream(qwen, tmp_path, monkeypatch):
     assert digest(out) == one
 
 
+def test_dense_layers_before_the_first_moe_layer_keep_one_stream(tmp_path, monkeypatch):
+    """A tiny DeepSeek-V3 (layer 0 dense, layer 1 MoE): one stream until a layer is quantized (1 and 2 forwards),
+    nothing extra saved for --resume, and a run resumed before the MoE layer writes the same bytes."""
+    import moecompress.passes.quantize as q
+    from moecompress.api import quantize
+    src = str(tmp_path / "src")
+    write_tiny(src, "DeepseekV3")
+    quantize(src, str(tmp_path / "one"), _cfg(fp_target=1.0), progress=False, device="cpu")
+    assert json.load(open(tmp_path / "one" / "run" / "metrics.json"))["layer_forwards_per_layer"] == [1, 2]
+    out = str(tmp_path / "resumed")
+    real = interrupt_at(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(src, out, _cfg(fp_target=1.0), progress=False, device="cpu")
+    from safetensors import safe_open
+    from moecompress.packed import partial_dir
+    with safe_open(os.path.join(partial_dir(out), "hidden-00000.safetensors"), "pt") as f:
+        assert list(f.keys()) == ["hidden"]
+    monkeypatch.setattr(q, "quantize_moe_layer", real)
+    quantize(src, out, _cfg(fp_target=1.0), progress=False, device="cpu", resume=True)
+    assert digest(out) == digest(str(tmp_path / "one"))
+
+
 def test_two_gloo_ranks_write_the_bytes_of_one_process(qwen, tmp_path):
     _, src, one = qwen
     script = tmp_path / "ranks.py"

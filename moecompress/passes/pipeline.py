@@ -179,9 +179,10 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
         full = dist.broadcast_tensors({"h": full} if dist.main else None, 0)["h"]
         acts = runner.split(full)
         acts_fp = acts
-        if fp_on:  # the unquantized model's hidden states, saved beside them
+        if fp_on:  # the unquantized model's hidden states, saved beside them once they differ
             full = writer.load_hidden("hidden_fp") if writer else None
-            acts_fp = runner.split(dist.broadcast_tensors({"h": full} if dist.main else None, 0)["h"])
+            full = dist.broadcast_tensors(({} if full is None else {"h": full}) if dist.main else None, 0).get("h")
+            acts_fp = acts if full is None else runner.split(full)
         del full
         log.info("resuming %s after layer %d", out, completed - 1)
     else:
@@ -299,7 +300,7 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
             expert_bytes += layer_bytes
             hidden = runner.gather(acts) if dist.active else torch.cat([acts[j] for j in sorted(acts)]).cpu()
             hidden_fp = None
-            if fp_on:
+            if fp_on and acts_fp is not acts:
                 hidden_fp = runner.gather(acts_fp) if dist.active else torch.cat([acts_fp[j] for j in sorted(acts_fp)]).cpu()
             if writer:
                 writer.commit_layer(i, f"layer-{i:05d}.safetensors", tensors, entries, hidden,
