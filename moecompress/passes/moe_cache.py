@@ -62,7 +62,8 @@ class CacheChunk:
 
     @property
     def nbytes(self) -> int:
-        ts = (self.x, self.idx, self.w, *self.shared.values()) + (() if self.s is None else (self.s,))
+        ts = (self.x, self.idx, self.w, *self.shared.values()) + (() if self.s is None else (self.s,)) + (
+            () if self.xf is None or self.xf is self.x else (self.xf,))
         return sum(t.numel() * t.element_size() for t in ts)
 
     def to_tensors(self, j: int) -> dict[str, torch.Tensor]:
