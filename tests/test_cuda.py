@@ -493,3 +493,19 @@ def test_cuda_from_pretrained_device_map(on_gpu, monkeypatch, packed_tiny, backe
         got = m(ids.to(on_gpu)).logits.cpu()
     err = (got - want).abs().max().item() / want.abs().max().item()
     assert err <= 1e-4, err
+
+
+@cuda
+@needs_cuda
+def test_cuda_fp_target_moves_the_target_as_on_the_cpu(on_gpu):
+    """--fp-target's W + W D H_d^-1 (quant/target.py) on the GPU: the CPU's answer within float32 rounding."""
+    from moecompress.quant.target import move_target
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3, 24, 32, generator=g) / 32 ** 0.5
+    X = torch.randn(400, 32, generator=g)
+    Xq = X + 0.1 * torch.randn(400, 32, generator=g)
+    H, D = (Xq.T @ Xq).expand(3, 32, 32).clone(), ((X - Xq).T @ Xq).expand(3, 32, 32).clone()
+    cpu, gpu = W.clone(), W.to(on_gpu)
+    move_target(cpu, H, D, 0.01, 1.0)
+    assert move_target(gpu, H.to(on_gpu), D.to(on_gpu), 0.01, 1.0) == []
+    assert torch.allclose(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
