@@ -202,7 +202,9 @@ def test_sub1_is_an_lp_candidate(tiny_dir, tmp_path):
     assert build_parser().parse_args(["quantize", "--candidates", "sub1,2,3"]).candidates == ("sub1", 2, 3)
     out = str(tmp_path / "lp")
     # 1.5 code bits + 1.0 scale/zero bits at group 32: 2.5 stored bits, below int2's 3.0: sub1 must be used
-    quantize(tiny_dir("Mixtral"), out, _cfg(bits=1.5, candidates=("sub1", 2, 3)), progress=False)
+    # --fp-target 0: the sub1 overrun below depends on every upstream layer's rounding (with auto, the int2
+    # experts' moved targets change the later layers' ternary codes: measured 2.533, 1.3% over)
+    quantize(tiny_dir("Mixtral"), out, _cfg(bits=1.5, candidates=("sub1", 2, 3), fp_target=0.0), progress=False)
     man = _json(os.path.join(out, "moecompress.json"))
     labels = set(man["expert_bits"].values())
     assert "sub1" in labels and labels & {"int2g32", "int3g32"}, labels
