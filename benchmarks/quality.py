@@ -68,6 +68,8 @@ OPTIONS = {
     "grid-mse": ["--grid", "mse"],
     "rotate": ["--rotate"],
     "sweeps": ["--sweeps", "4"],  # coordinate descent after GPTQ (quant/coord.py)
+    "fp-target": ["--fp-target", "1"],  # GPTQ aimed at the unquantized model's outputs (quant/target.py; auto: at <= 2 bits)
+    "no-fp-target": ["--fp-target", "0"],  # the defaults before --fp-target auto
 }
 ROWS = ("original", "rtn", "gptq", "options", "combined", "llmc")
 
