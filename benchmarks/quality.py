@@ -231,7 +231,7 @@ def main() -> None:
     ap.add_argument("--options", nargs="+", default=list(OPTIONS), metavar="NAME|NAME=ARGS",
                     help=f"options run alone, from {', '.join(OPTIONS)}, or NAME=ARGS (default: all)")
     ap.add_argument("--combined", nargs="+", metavar="NAME",
-                    help="options the combined row joins (default: every --options entry that ran)")
+                    help="options the combined row joins (default: every --options entry that ran, but no-*)")
     ap.add_argument("--split", choices=("test", "validation"), default="test")
     ap.add_argument("--calib", default=CALIB_MIX, help="calibration text (default: the fixture's calib_mix.txt)")
     ap.add_argument("--smoke", action="store_true", help="1 seed, 2 bits, 4,096 tokens per domain, 16 windows")
@@ -261,7 +261,8 @@ def run(a, env: dict) -> None:
     notes = [f"option {n} skipped: {why}" for n, why in skipped.items()]
     for n in notes:
         print(n, flush=True)
-    combined = {n: opts[n] for n in (a.combined or opts) if n in opts}
+    # by default every option that ran except those undoing a default ("no-..."), which the others contradict
+    combined = {n: opts[n] for n in (a.combined or [n for n in opts if not n.startswith("no-")]) if n in opts}
     for n in a.combined or []:
         if n not in opts:
             notes.append(f"combined: {n} left out (not run alone or skipped)")
