@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import torch
 
+from .gptq import _prepare_hessian
+
 
 def damped(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """(G, K, K) -> a damped copy as GPTQ prepares it (quant/gptq._prepare_hessian): dead inputs H_jj = 0 get 1,
-    then lambda = percdamp * mean diag on the diagonal."""
+    """(G, K, K) -> a damped copy, as GPTQ prepares it (dead inputs H_jj = 0 get 1, then relative damping)."""
     Hd = H.clone()
-    diag = Hd.diagonal(dim1=-2, dim2=-1)
-    diag[diag == 0] = 1.0
-    diag += (percdamp * diag.mean(-1))[:, None]
+    _prepare_hessian(Hd, percdamp)
     return Hd
 
 
