@@ -114,6 +114,7 @@ def test_record_forwards_and_prediction(qwen, tmp_path):
     root, src, one = qwen
     rec = json.load(open(root / "one" / "run" / "calibration.json"))["layers"]
     assert [r["fp_target"] for r in rec] == [{"strength": {"int3g16": 1.0}, "kept": []}] * 2
+    assert [[sh.get("fp_target") for sh in r["shared"]] for r in rec] == [[1.0]] * 2  # the shared experts too
     m = json.load(open(root / "one" / "run" / "metrics.json"))
     assert m["layer_forwards_per_layer"] == [2, 3]
     assert predict_run(src, _cfg(fp_target=1.0), "cpu").forwards_per_layer == [2, 3]

@@ -41,8 +41,8 @@ def test_affinity_weights_the_shared_expert_by_its_sigmoid_gate(tiny_dir):
     runner = LayerRunner(s, ids, CalibConfig(nsamples=2, seqlen=16, batch_size=1), Dist(), torch.device("cpu"))
     cache = runner.capture(layer, 0, runner.embed(), [path])  # two chunks of one window each
     assert len(cache.chunks) == 2
-    Ha, n, mean = _hessian(cache, path, mod, gate, mod.gate_proj, True)
-    H1, _, one = _hessian(cache, path, mod, gate, mod.gate_proj, False)
+    Ha, n, mean, _ = _hessian(cache, path, mod, gate, mod.gate_proj, True)
+    H1, _, one, _ = _hessian(cache, path, mod, gate, mod.gate_proj, False)
     assert n == 32 and one == 1.0 and mean == pytest.approx(float(w.mean()), rel=1e-5)
     torch.testing.assert_close(Ha, (x * w[:, None]).T @ x, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(H1, x.T @ x, rtol=1e-4, atol=1e-4)

@@ -59,11 +59,13 @@ class CacheChunk:
     shared: dict[str, torch.Tensor] = field(default_factory=dict)  # shared expert path -> its input, if not x
     s: torch.Tensor | None = None        # (T_c, E) router scores before top-k (--all-tokens only)
     xf: torch.Tensor | None = None       # (T_c, H) the unquantized model's x at the same positions (--fp-target)
+    shared_fp: dict | None = None        # --fp-target: the unquantized model's shared-expert inputs, if not xf
 
     @property
     def nbytes(self) -> int:
         ts = (self.x, self.idx, self.w, *self.shared.values()) + (() if self.s is None else (self.s,)) + (
-            () if self.xf is None or self.xf is self.x else (self.xf,))
+            () if self.xf is None or self.xf is self.x else (self.xf,)) + tuple(
+            t for p, t in (self.shared_fp or {}).items() if t is not self.shared.get(p))
         return sum(t.numel() * t.element_size() for t in ts)
 
     def to_tensors(self, j: int) -> dict[str, torch.Tensor]:
@@ -87,6 +89,7 @@ class MoECache:
         self.chunks = chunks
         self.device = device
         self.fp_is_self = False  # --fp-target: the unquantized inputs are these very ones (no layer quantized yet)
+        self.fp_attached = False  # --fp-target: attach_fp was called
 
     @property
     def tokens(self) -> int:
@@ -100,15 +103,23 @@ class MoECache:
         """--fp-target: chunk by chunk, the unquantized model's experts' input at the same token positions (the
         cache of the same layer run on the unquantized hidden states; the routing stays this cache's)."""
         self.fp_is_self = fp is self
+        self.fp_attached = True
         if len(fp.chunks) != len(self.chunks):
             raise MoeCompressError(f"--fp-target: {len(fp.chunks)} unquantized cache chunks for {len(self.chunks)}")
         for c, f in zip(self.chunks, fp.chunks):
             if f.x.shape != c.x.shape:
                 raise MoeCompressError(f"--fp-target: cache chunk shapes differ: {tuple(f.x.shape)} against {tuple(c.x.shape)}")
             c.xf = f.x
+            c.shared_fp = f.shared
 
     def shared_input(self, c: CacheChunk, path: str) -> torch.Tensor:
         return c.shared.get(path, c.x).to(self.device, non_blocking=True)
+
+    def shared_input_fp(self, c: CacheChunk, path: str) -> torch.Tensor:
+        """--fp-target: the unquantized model's input of the shared expert at `path` (attach_fp)."""
+        if c.xf is None:
+            raise MoeCompressError("--fp-target: the MoE cache holds no unquantized inputs")
+        return (c.shared_fp or {}).get(path, c.xf).to(self.device, non_blocking=True)
 
     def replay(self, num_experts: int, observer, compute_h=None, h_for=None, only=None) -> None:
         """Feed `observer(e, tok, x, h, w)` as `MoEExperts.forward` would, chunk by chunk, for the experts

@@ -173,7 +173,10 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
         if rec["record"] is not None:
             records.append(layer_record(rec["record"]))
     from ..config import fp_strength
-    fp_on = any(fp_strength(config, s) > 0 for s in specs.values())  # --fp-target: two hidden streams
+    from .shared import shared_spec
+    # --fp-target: two hidden streams when a routed expert or the shared experts (if the family has them) qualify
+    fp_on = any(fp_strength(config, s) > 0 for s in specs.values()) or (
+        config.shared_bits != 0 and reader.arch.shared_expert_paths and fp_strength(config, shared_spec(config, 64)) > 0)  # (the width decides)
     if completed:
         full = writer.load_hidden() if writer else None
         full = dist.broadcast_tensors({"h": full} if dist.main else None, 0)["h"]
@@ -230,7 +233,7 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
                     fp_cache = cache
                 else:
                     if fp_on:  # the unquantized layer on the unquantized stream: its experts' inputs, its outputs
-                        fp_cache, acts_fp_next = runner.capture(layer, i, acts_fp, (), outputs=True)
+                        fp_cache, acts_fp_next = runner.capture(layer, i, acts_fp, shared_paths, outputs=True)
                     cache = runner.capture(layer, i, acts, shared_paths, scores=scores)
                 if config.router_bits:  # before the experts: they are calibrated on the quantized routing
                     from .router import quantize_router
@@ -352,9 +355,11 @@ def _quantize_shared(layer, cache, reader, i: int, config, gcfg, found, dist):
         return {}, []
     widths = [w for _, mod, _ in found for w in (mod.gate_proj.in_features, mod.down_proj.in_features)]
     spec = shared_spec(config, shared_group_size(config, widths, ", ".join(p for p, _, _ in found)))
+    from ..config import fp_strength
     packed, recs = quantize_shared_experts(layer, cache, arch=reader.arch, layer_idx=i, prefix=reader.prefix,
                                            spec=spec, method=config.method, gcfg=gcfg, affinity=config.affinity,
-                                           min_tokens=config.min_tokens, dist=dist)
+                                           min_tokens=config.min_tokens, dist=dist,
+                                           fp_target=fp_strength(config, spec) if cache.fp_attached else 0.0)
     for rec in recs:
         names = [n for n in packed if n.startswith(f"{reader.prefix}.{i}.{rec['path']}.")]
         rec["bytes"] = sum(tensor_bytes(packed[n].tensors) for n in names)
