@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="aim each expert's GPTQ at what the unquantized model computes on the same tokens, not at its "
                         "own weights on the already-quantized inputs: the target moves by A (0-1) times the "
                         "least-squares correction for the input error. Costs one more forward of each layer and a "
-                        "second (K, K) matrix per expert (default auto: 1 for experts of 2 bits or fewer, else 0)")
+                        "second (K, K) matrix per expert (default auto: 1 for experts of 2 bits or fewer with at least 8 calibration tokens per expert "
+                        "input on average, else 0)")
     q.add_argument("--min-tokens", type=int, default=Q.min_tokens,
                    help=f"experts with fewer routed calibration tokens fall back to round-to-nearest, or with "
                         f"--hessian-prior to GPTQ on their few tokens plus the prior (default {Q.min_tokens})")

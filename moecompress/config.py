@@ -189,22 +189,36 @@ def resolve_group_size(requested: int | None, widths: list[int]) -> int:
 
 
 AUTO_FP_TARGET_BITS = 2  # --fp-target auto: on for integer experts this narrow or narrower
+AUTO_FP_TARGET_TOKENS = 8  # ... and where an expert's mean calibration tokens reach this many per input of its widest projection
 
 
-def fp_strength(config, spec) -> float:
+def fp_strength(config, spec, tokens_per_input: float | None = None) -> float:
     """--fp-target's strength for experts stored as `spec` (quant/target.py): the option's value, or with auto
-    (None) 1 for integer codecs of at most AUTO_FP_TARGET_BITS bits and 0 otherwise; 0 for round-to-nearest."""
+    (None) 1 for integer codecs of at most AUTO_FP_TARGET_BITS bits whose layer gives an expert on average at
+    least AUTO_FP_TARGET_TOKENS calibration tokens per input of its widest projection (`tokens_per_input`; the
+    cross term D is a (K, K) estimate, and from few tokens it fits their noise), 0 otherwise; 0 for
+    round-to-nearest."""
     if config.method == "rtn":
         return 0.0
     if config.fp_target is not None:
         return float(config.fp_target)
-    return 1.0 if spec.codec == "int" and spec.bits <= AUTO_FP_TARGET_BITS else 0.0
+    enough = tokens_per_input is None or tokens_per_input >= AUTO_FP_TARGET_TOKENS
+    return 1.0 if spec.codec == "int" and spec.bits <= AUTO_FP_TARGET_BITS and enough else 0.0
 
 
-def fp_target_possible(config) -> bool:
-    """Whether --fp-target can act anywhere in a quantize run, from its options alone (`quantize --dry-run`): a
-    strength given, or under auto an integer width of at most AUTO_FP_TARGET_BITS (the uniform --bits or, with
-    --allocation lp, a candidate width)."""
+def tokens_per_input(reader, layer: int, tokens: int) -> float:
+    """Mean routed calibration tokens of an expert of MoE layer `layer` (tokens x top-k / experts) per input of its
+    widest projection: what --fp-target auto asks to be at least AUTO_FP_TARGET_TOKENS."""
+    k = int(reader.config.get("num_experts_per_tok") or reader.config.get("moe_topk") or 1)
+    shapes = reader.expert_shapes(layer)
+    return tokens * k / reader.layer_num_experts(layer) / max(s[1] for s in shapes.values())
+
+
+def fp_target_possible(config, reader=None) -> bool:
+    """Whether --fp-target can act anywhere in a quantize run, from its options and shapes alone (`quantize
+    --dry-run`): a strength given, or under auto an integer width of at most AUTO_FP_TARGET_BITS (the uniform --bits
+    or, with --allocation lp, a candidate width) and, given the checkpoint's reader, a MoE layer with enough
+    calibration tokens per expert input (`tokens_per_input`)."""
     if config.method == "rtn":
         return False
     if config.fp_target is not None:
@@ -212,5 +226,8 @@ def fp_target_possible(config) -> bool:
     if config.method == "ternary":
         return False
     widths = [c for c in config.candidates if isinstance(c, int)] if config.allocation == "lp" else [config.bits]
-    return any(w <= AUTO_FP_TARGET_BITS for w in widths)
+    if not any(w <= AUTO_FP_TARGET_BITS for w in widths):
+        return False
+    tokens = config.calib.nsamples * config.calib.seqlen
+    return reader is None or any(tokens_per_input(reader, i, tokens) >= AUTO_FP_TARGET_TOKENS for i in reader.moe_layers)
 

@@ -132,6 +132,9 @@ def test_auto_strength_follows_the_width():
     assert fp_strength(auto, QuantSpec("int", 2, 64)) == 1.0
     assert fp_strength(auto, QuantSpec("int", 3, 64)) == fp_strength(auto, QuantSpec("int", 4, 64)) == 0.0
     assert fp_strength(auto, QuantSpec("sub1", 1, 0)) == 0.0
+    assert fp_strength(auto, QuantSpec("int", 2, 64), tokens_per_input=8.0) == 1.0
+    assert fp_strength(auto, QuantSpec("int", 2, 64), tokens_per_input=5.3) == 0.0  # too few tokens: D fits noise
+    assert fp_strength(QuantizeConfig(bits=2, fp_target=1.0), QuantSpec("int", 2, 64), tokens_per_input=1.0) == 1.0
     assert fp_strength(QuantizeConfig(bits=4, fp_target=0.5), QuantSpec("int", 4, 64)) == 0.5
     assert fp_strength(QuantizeConfig(bits=2, method="rtn", fp_target=1.0), QuantSpec("int", 2, 64)) == 0.0
     assert fp_target_possible(auto) and not fp_target_possible(QuantizeConfig(bits=3))
@@ -211,6 +214,21 @@ def test_option_is_checked():
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(MoeCompressError, match="--fp-target must be in"):
             QuantizeConfig(bits=3, fp_target=bad)
+
+
+def test_auto_needs_enough_calibration_tokens(tmp_path):
+    """The demo model (8 experts, top-2, widest input 384): 16 windows of 256 are 2.7 tokens per input, under
+    AUTO_FP_TARGET_TOKENS, so auto stays off (one stream, the bytes of --fp-target 0); --dry-run agrees."""
+    from moecompress.api import predict_run, quantize
+    from moecompress.config import CalibConfig, QuantizeConfig
+    runs = {}
+    for name, a in (("auto", None), ("off", 0.0)):
+        cfg = QuantizeConfig(bits=2, group_size=64, fp_target=a, calib=CalibConfig((CALIB,), nsamples=16, seqlen=256))
+        quantize(TRAINED, str(tmp_path / name), cfg, progress=False, device="cpu")
+        runs[name] = digest(str(tmp_path / name))
+        assert predict_run(TRAINED, cfg, "cpu").forwards_per_layer == [2, 2, 2, 2]
+    assert runs["auto"] == runs["off"]
+    assert json.load(open(tmp_path / "auto" / "run" / "metrics.json"))["layer_forwards_per_layer"] == [2, 2, 2, 2]
 
 
 def test_two_bit_perplexity_on_the_demo_model_improves(tmp_path):

@@ -172,11 +172,14 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
         expert_bytes += rec["expert_bytes"]
         if rec["record"] is not None:
             records.append(layer_record(rec["record"]))
-    from ..config import fp_strength
+    from ..config import fp_strength, tokens_per_input
     from .shared import shared_spec
+    tokens = int(windows.numel())  # calibration tokens
     # --fp-target: two hidden streams when a routed expert or the shared experts (if the family has them) qualify
-    fp_on = any(fp_strength(config, s) > 0 for s in specs.values()) or (
-        config.shared_bits != 0 and reader.arch.shared_expert_paths and fp_strength(config, shared_spec(config, 64)) > 0)  # (the width decides)
+    # (shared experts see every token: their tokens per input are checked against their widths when quantized)
+    fp_on = any(fp_strength(config, s, tokens_per_input(reader, i, tokens)) > 0 for (i, _), s in specs.items()) or (
+        config.shared_bits != 0 and reader.arch.shared_expert_paths
+        and fp_strength(config, shared_spec(config, 64), tokens / int(reader.config.get("hidden_size") or 1)) > 0)
     if completed:
         full = writer.load_hidden() if writer else None
         full = dist.broadcast_tensors({"h": full} if dist.main else None, 0)["h"]
@@ -257,7 +260,7 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
                     find_experts(layer)[1], cache, layer_idx=i, specs=layer_specs, method=config.method, gcfg=gcfg,
                     affinity=config.affinity, min_tokens=config.min_tokens, dtype=streamer.dtype, encoder=encoder,
                     hessian_prior=config.hessian_prior, dist=dist, budget=workspace_bytes(device), stats=stats,
-                    all_tokens=config.all_tokens, rotation=rotation, fp_target={e: fp_strength(config, s) for e, s in layer_specs.items()},
+                    all_tokens=config.all_tokens, rotation=rotation, fp_target={e: fp_strength(config, s, tokens_per_input(reader, i, tokens)) for e, s in layer_specs.items()},
                     original=_original_reader(reader, i, streamer.dtype, device))
                 mem["hessian_bytes_peak"] = max(mem["hessian_bytes_peak"], stats.get("hessian_bytes_peak", 0))
                 for (e, p), pt in sorted(packed.items()):
@@ -356,10 +359,11 @@ def _quantize_shared(layer, cache, reader, i: int, config, gcfg, found, dist):
     widths = [w for _, mod, _ in found for w in (mod.gate_proj.in_features, mod.down_proj.in_features)]
     spec = shared_spec(config, shared_group_size(config, widths, ", ".join(p for p, _, _ in found)))
     from ..config import fp_strength
+    per_input = cache.tokens / max(widths)  # every token goes through a shared expert
     packed, recs = quantize_shared_experts(layer, cache, arch=reader.arch, layer_idx=i, prefix=reader.prefix,
                                            spec=spec, method=config.method, gcfg=gcfg, affinity=config.affinity,
                                            min_tokens=config.min_tokens, dist=dist,
-                                           fp_target=fp_strength(config, spec) if cache.fp_attached else 0.0)
+                                           fp_target=fp_strength(config, spec, per_input) if cache.fp_attached else 0.0)
     for rec in recs:
         names = [n for n in packed if n.startswith(f"{reader.prefix}.{i}.{rec['path']}.")]
         rec["bytes"] = sum(tensor_bytes(packed[n].tensors) for n in names)

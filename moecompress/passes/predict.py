@@ -55,7 +55,7 @@ def predict(reader, config, device) -> RunPrediction:
     k = int(reader.config.get("num_experts_per_tok") or reader.config.get("moe_topk") or 1)
     per_layer, weights, hess = [], 0, 0
     budget = workspace_bytes(device)
-    fp = fp_target_possible(config)
+    fp = fp_target_possible(config, reader)
     per_expert = 2 if fp else 1  # (K, K) matrices an expert holds in flight: H, and D with --fp-target
     two_streams = False  # --fp-target: after the first MoE layer, the unquantized stream runs every layer too
     for i in range(reader.num_layers):
