@@ -96,6 +96,30 @@ def digest(d: str) -> dict[str, str]:
     return {os.path.basename(f): hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}
 
 
+def tiny_qwen_run(root, config) -> tuple:
+    """A tiny Qwen2-MoE (8 routed experts and a shared one per layer) at root/src, quantized in one process with
+    `config` into root/one -> (root, src, digest of root/one)."""
+    from moecompress.api import quantize
+    src = str(root / "src")
+    write_tiny(src, "Qwen2Moe")
+    quantize(src, str(root / "one"), config, progress=False, device="cpu")
+    return root, src, digest(str(root / "one"))
+
+
+def quantize_under_two_ranks(tmp_path, module: str, cfg: str, src: str, out: str):
+    """`quantize(src, out, <module>._cfg(<cfg>))` under `torchrun --nproc-per-node 2` (gloo, one thread per rank)
+    -> the CompletedProcess."""
+    import subprocess
+    import sys
+    script = tmp_path / "ranks.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+                      f"from {module} import _cfg\nfrom moecompress.api import quantize\n"
+                      f"quantize({src!r}, {out!r}, _cfg({cfg}), progress=False, device='cpu')\n")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          timeout=600)
+
+
 def interrupt_at(monkeypatch, layer: int):
     """Make the quantize pass raise KeyboardInterrupt (Ctrl-C) when it reaches MoE layer `layer`;
     returns the real pass, to put back with monkeypatch.setattr before resuming."""

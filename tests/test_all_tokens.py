@@ -6,13 +6,11 @@ budget, GPTQ (not round-to-nearest) for never-routed experts, and 2-bit perplexi
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import BASE, FAMILIES, TEXT, TRAINED, digest, write_tiny
+from conftest import BASE, FAMILIES, TEXT, TRAINED, digest, quantize_under_two_ranks, tiny_qwen_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -168,24 +166,10 @@ def _cfg(**kw):
                           calib=CalibConfig((CALIB,), nsamples=24, seqlen=32, forward_tokens=256), **kw)
 
 
-RANKS = """
-import sys
-sys.path.insert(0, {tests!r})
-from test_all_tokens import _cfg
-from moecompress.api import quantize
-quantize({src!r}, {out!r}, _cfg(all_tokens=0.5), progress=False, device="cpu")
-"""
-
-
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory, one_thread):
     """A tiny Qwen2-MoE (8 routed experts and a shared one per layer) and its one-process --all-tokens 0.5 run."""
-    from moecompress.api import quantize
-    root = tmp_path_factory.mktemp("qwen")
-    src = str(root / "src")
-    write_tiny(src, "Qwen2Moe")
-    quantize(src, str(root / "one"), _cfg(all_tokens=0.5), progress=False, device="cpu")
-    return root, src, digest(str(root / "one"))
+    return tiny_qwen_run(tmp_path_factory.mktemp("qwen"), _cfg(all_tokens=0.5))
 
 
 def test_all_tokens_record(qwen):
@@ -224,11 +208,7 @@ def test_zero_writes_the_default_bytes_and_records_no_scores(qwen, tmp_path, mon
 def test_two_gloo_ranks_write_the_bytes_of_one_process(qwen, tmp_path):
     """Windows and experts split across 2 ranks: the router scores travel with the cache, same bytes."""
     _, src, one = qwen
-    script = tmp_path / "ranks.py"
-    script.write_text(RANKS.format(tests=os.path.dirname(__file__), src=src, out=str(tmp_path / "two")))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(script)], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                       timeout=600)
+    r = quantize_under_two_ranks(tmp_path, "test_all_tokens", "all_tokens=0.5", src, str(tmp_path / "two"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert digest(str(tmp_path / "two")) == one
 

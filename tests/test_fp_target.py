@@ -7,13 +7,11 @@ working budget, of a resumed run, of the re-read originals against copies, of tw
 perplexity on the demo model."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import TEXT, TRAINED, digest, interrupt_at, write_tiny
+from conftest import TEXT, TRAINED, digest, interrupt_at, quantize_under_two_ranks, tiny_qwen_run, write_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,24 +84,10 @@ def _cfg(**kw):
                           **kw)
 
 
-RANKS = """
-import sys
-sys.path.insert(0, {tests!r})
-from test_fp_target import _cfg
-from moecompress.api import quantize
-quantize({src!r}, {out!r}, _cfg(fp_target=1.0), progress=False, device="cpu")
-"""
-
-
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory, one_thread):
     """A tiny Qwen2-MoE (2 MoE layers of 8 routed experts and a shared one) and its one-process --fp-target 1 run."""
-    from moecompress.api import quantize
-    root = tmp_path_factory.mktemp("qwen")
-    src = str(root / "src")
-    write_tiny(src, "Qwen2Moe")
-    quantize(src, str(root / "one"), _cfg(fp_target=1.0), progress=False, device="cpu")
-    return root, src, digest(str(root / "one"))
+    return tiny_qwen_run(tmp_path_factory.mktemp("qwen"), _cfg(fp_target=1.0))
 
 
 def test_record_forwards_and_prediction(qwen, tmp_path):
@@ -199,11 +183,7 @@ def test_dense_layers_before_the_first_moe_layer_keep_one_stream(tmp_path, monke
 
 def test_two_gloo_ranks_write_the_bytes_of_one_process(qwen, tmp_path):
     _, src, one = qwen
-    script = tmp_path / "ranks.py"
-    script.write_text(RANKS.format(tests=os.path.dirname(__file__), src=src, out=str(tmp_path / "two")))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(script)], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                       timeout=600)
+    r = quantize_under_two_ranks(tmp_path, "test_fp_target", "fp_target=1.0", src, str(tmp_path / "two"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert digest(str(tmp_path / "two")) == one
 

@@ -110,17 +110,11 @@ class HessianCollector:
 
     def take(self, experts: list[int]) -> torch.Tensor:
         """(G, K, K): the experts' Hessians, handed over (the collector keeps no copy; one expert: no copy)."""
-        if len(experts) == 1:
-            return self.H.pop(experts[0])[None]
-        out = torch.stack([self.H[e] for e in experts])
-        for e in experts:
-            del self.H[e]
-        return out
+        return _hand_over(self.H, experts)
 
     def take_cross(self, experts: list[int]) -> torch.Tensor:
         """(G, K, K): the experts' --fp-target cross terms D_e, handed over like `take`."""
-        out = torch.stack([self.D.pop(e) for e in experts])
-        return out
+        return _hand_over(self.D, experts)
 
     def mean_weight(self, e: int) -> float:
         """A routed token's average Hessian weight for expert e: its mean gate weight with affinity, else 1."""
@@ -140,6 +134,16 @@ class HessianCollector:
         with torch.no_grad():
             h = expert_forward(e, self._sample_x)[0].float()
         return h.t() @ h / h.shape[0]
+
+
+def _hand_over(store: dict, experts: list[int]) -> torch.Tensor:
+    """Pop the experts' (K, K) matrices from `store` as one (G, K, K) tensor (one expert: a view, no copy)."""
+    if len(experts) == 1:
+        return store.pop(experts[0])[None]
+    out = torch.stack([store[e] for e in experts])
+    for e in experts:
+        del store[e]
+    return out
 
 
 def all_token_scale(cache, tokens: torch.Tensor, gate_sum: torch.Tensor, affinity: bool, lam: float) -> float:

@@ -175,9 +175,10 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
     from ..config import fp_strength, tokens_per_input
     from .shared import shared_spec
     tokens = int(windows.numel())  # calibration tokens
+    per_input = {i: tokens_per_input(reader, i, tokens) for i in reader.moe_layers}  # --fp-target auto's measure
     # --fp-target: two hidden streams when a routed expert or the shared experts (if the family has them) qualify
     # (shared experts see every token: their tokens per input are checked against their widths when quantized)
-    fp_on = any(fp_strength(config, s, tokens_per_input(reader, i, tokens)) > 0 for (i, _), s in specs.items()) or (
+    fp_on = any(fp_strength(config, s, per_input[i]) > 0 for (i, _), s in specs.items()) or (
         config.shared_bits != 0 and reader.arch.shared_expert_paths
         and fp_strength(config, shared_spec(config, 64), tokens / int(reader.config.get("hidden_size") or 1)) > 0)
     if completed:
@@ -260,7 +261,7 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
                     find_experts(layer)[1], cache, layer_idx=i, specs=layer_specs, method=config.method, gcfg=gcfg,
                     affinity=config.affinity, min_tokens=config.min_tokens, dtype=streamer.dtype, encoder=encoder,
                     hessian_prior=config.hessian_prior, dist=dist, budget=workspace_bytes(device), stats=stats,
-                    all_tokens=config.all_tokens, rotation=rotation, fp_target={e: fp_strength(config, s, tokens_per_input(reader, i, tokens)) for e, s in layer_specs.items()},
+                    all_tokens=config.all_tokens, rotation=rotation, fp_target={e: fp_strength(config, s, per_input[i]) for e, s in layer_specs.items()},
                     original=_original_reader(reader, i, streamer.dtype, device))
                 mem["hessian_bytes_peak"] = max(mem["hessian_bytes_peak"], stats.get("hessian_bytes_peak", 0))
                 for (e, p), pt in sorted(packed.items()):

@@ -271,8 +271,8 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
     rounded: set[int] = set()  # of the fallback experts, those rounded to nearest (all of them, without the prior)
     searched: list[dict] = []
 
-    def hidden_of(e, x):  # the down projection's input, from the expert's (quantized) gate/up
-        w, b = ex.weights[e], ex.biases[e] if ex.biases else {}
+    def hidden_of(e, x, w=None):  # the down projection's input, from the expert's (quantized) gate/up, or from w
+        w, b = w or ex.weights[e], ex.biases[e] if ex.biases else {}
         return ex.glu(_linear(x, w["gate"], b.get("gate")), _linear(x, w["up"], b.get("up")))
     strength = {e: (fp_target or {}).get(e, 0.0) for e in live}
     cross = cross_any = need_h and any(a > 0 for a in strength.values())
@@ -280,8 +280,7 @@ def quantize_moe_layer(ex, cache, *, layer_idx: int, specs: dict, method: str, g
     loaded: dict = {}  # --fp-target: the down stage's memory chunk's original gate/up
 
     def fp_hidden_of(e, x):  # --fp-target: the down projection's unquantized input, from the original gate/up
-        w, b = kept.get(e) or loaded[e], ex.biases[e] if ex.biases else {}
-        return ex.glu(_linear(x, w["gate"], b.get("gate")), _linear(x, w["up"], b.get("up")))
+        return hidden_of(e, x, kept.get(e) or loaded[e])
     if cross:
         record.fp_target = {"strength": {specs[e].label: strength[e] for e in live}, "kept": []}
     for projs, which in ((("gate", "up"), "x"), (("down",), "h")):
