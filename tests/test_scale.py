@@ -47,11 +47,12 @@ def _count_calls(monkeypatch, module, names):
     return calls
 
 
-@pytest.mark.parametrize("router_bits", [None, 4])
-def test_attention_and_router_run_at_most_three_times_per_layer(tmp_path, monkeypatch, router_bits):
+@pytest.mark.parametrize("router_bits,fp_target", [(None, 0.0), (4, 0.0), (4, 1.0)])
+def test_attention_and_router_run_at_most_three_times_per_layer(tmp_path, monkeypatch, router_bits, fp_target):
     """A one-layer Qwen2-MoE with 32 experts and a shared expert: the decoder layer's attention and router
     run once per stage (capture, [recapture on the quantized router,] the quantized output), not once per
-    expert chunk; the metrics record it and --dry-run predicts it."""
+    expert chunk; the metrics record it and --dry-run predicts it. With --fp-target on the first MoE layer
+    (one stream still), the unquantized capture is also the router's input: no fourth run."""
     import transformers as tf
     from transformers.models.qwen2_moe import modeling_qwen2_moe as M
 
@@ -70,13 +71,14 @@ def test_attention_and_router_run_at_most_three_times_per_layer(tmp_path, monkey
     monkeypatch.setenv("MOECOMPRESS_WORKSPACE", str(3 * 4 * 128 * 128 * 4))
     monkeypatch.setattr(q, "GPTQ_BUDGET", 1)  # one expert per GPTQ unit, so the budget decides the chunks
     calls = _count_calls(monkeypatch, M, {"Qwen2MoeAttention": "attention", "Qwen2MoeTopKRouter": "router"})
-    config = _cfg(nsamples=16, seqlen=32, router_bits=router_bits)
+    config = _cfg(nsamples=16, seqlen=32, router_bits=router_bits, fp_target=fp_target)
     quantize(str(src), str(tmp_path / "q"), config, progress=False, device="cpu")
     want = 3 if router_bits else 2
     assert calls == {"attention": want, "router": want}, calls
     m = json.load(open(tmp_path / "q" / "run" / "metrics.json"))
     assert m["layer_forwards_per_layer"] == [want] and m["layer_forwards"] == want
-    assert m["memory"]["hessian_bytes_peak"] == 4 * 128 * 128 * 4  # the budget's chunk of 4 experts, no more
+    # the budget's chunk of 4 experts' Hessians, no more; with --fp-target 3 experts' Hessians and cross terms
+    assert m["memory"]["hessian_bytes_peak"] == (6 if fp_target else 4) * 128 * 128 * 4
     p = predict_run(str(src), config, "cpu")
     assert p.forwards_per_layer == [want]
 

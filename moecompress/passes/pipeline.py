@@ -232,7 +232,7 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
                 shared_paths = [p for p, _, _ in found]
                 scores = (arch, arch.router_score) if config.all_tokens > 0 and config.method != "rtn" else None
                 fp_cache = None
-                if fp_on and acts_fp is acts and not config.router_bits:  # one stream still: one capture
+                if fp_on and acts_fp is acts:  # one stream still: one capture (with --router-bits, also its input)
                     cache, acts_fp_next = runner.capture(layer, i, acts, shared_paths, scores=scores, outputs=True)
                     fp_cache = cache
                 else:
@@ -244,7 +244,8 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
                     router_w, router_rec = quantize_router(
                         layer, cache, arch, config.router_bits,
                         resolve_group_size(config.group_size, [reader.expert_shapes(i)["gate"][1]]), gcfg)
-                    del cache
+                    if cache is not fp_cache:
+                        del cache
                     cache = runner.capture(layer, i, acts, shared_paths, scores=scores)
                 if fp_cache is not None:
                     cache.attach_fp(fp_cache)

@@ -62,7 +62,7 @@ def predict(reader, config, device) -> RunPrediction:
         n = sum(reader.tensors[t].numel for t in reader.layer_keys(i))
         weights = max(weights, n * F32)
         if i in reader.moe_layers:
-            per_layer.append((3 if config.router_bits else 2) + (1 if two_streams or (fp and config.router_bits) else 0))
+            per_layer.append((3 if config.router_bits else 2) + (1 if two_streams else 0))
             two_streams = fp
             if config.method != "rtn":
                 E = reader.layer_num_experts(i)
