@@ -181,11 +181,10 @@ def test_all_tokens_record(qwen):
 
 def test_bytes_do_not_depend_on_the_working_budget_with_all_tokens(qwen, tmp_path, monkeypatch):
     """One expert per GPTQ call and per Hessian chunk gives the bytes all experts at once give."""
-    import moecompress.passes.quantize as q
     from moecompress.api import quantize
     _, src, free = qwen
     monkeypatch.setenv("MOECOMPRESS_WORKSPACE", "1")  # one unit per chunk
-    monkeypatch.setattr(q, "GPTQ_BUDGET", 1)  # one expert per unit
+    monkeypatch.setattr("moecompress.passes.units.GPTQ_BUDGET", 1)  # one expert per unit
     quantize(src, str(tmp_path / "tight"), _cfg(all_tokens=0.5), progress=False, device="cpu")
     assert digest(str(tmp_path / "tight")) == free
 

@@ -128,11 +128,10 @@ def test_auto_strength_follows_the_width():
 
 def test_bytes_do_not_depend_on_the_working_budget(qwen, tmp_path, monkeypatch):
     """One expert per GPTQ call and per memory chunk (originals re-read chunk by chunk) gives the same bytes."""
-    import moecompress.passes.quantize as q
     from moecompress.api import quantize
     _, src, one = qwen
     monkeypatch.setenv("MOECOMPRESS_WORKSPACE", "1")
-    monkeypatch.setattr(q, "GPTQ_BUDGET", 1)
+    monkeypatch.setattr("moecompress.passes.units.GPTQ_BUDGET", 1)
     quantize(src, str(tmp_path / "tight"), _cfg(fp_target=1.0), progress=False, device="cpu")
     assert digest(str(tmp_path / "tight")) == one
 

@@ -67,9 +67,8 @@ def test_attention_and_router_run_at_most_three_times_per_layer(tmp_path, monkey
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(DEMO, f), src)
     # a working budget of a few experts' Hessians: the old pipeline re-ran the layer per expert chunk
-    import moecompress.passes.quantize as q
     monkeypatch.setenv("MOECOMPRESS_WORKSPACE", str(3 * 4 * 128 * 128 * 4))
-    monkeypatch.setattr(q, "GPTQ_BUDGET", 1)  # one expert per GPTQ unit, so the budget decides the chunks
+    monkeypatch.setattr("moecompress.passes.units.GPTQ_BUDGET", 1)  # one expert per GPTQ unit, so the budget decides the chunks
     calls = _count_calls(monkeypatch, M, {"Qwen2MoeAttention": "attention", "Qwen2MoeTopKRouter": "router"})
     config = _cfg(nsamples=16, seqlen=32, router_bits=router_bits, fp_target=fp_target)
     quantize(str(src), str(tmp_path / "q"), config, progress=False, device="cpu")
@@ -91,13 +90,12 @@ def _quantize_digest(out, src, config, **kw):
 
 def test_bytes_do_not_depend_on_the_working_budget(tmp_path, monkeypatch):
     """One expert per GPTQ call and per Hessian chunk gives the bytes that all experts at once give."""
-    import moecompress.passes.quantize as q
     src = str(tmp_path / "qwen")
     write_tiny(src, "Qwen2Moe")  # 8 routed experts and a shared expert per layer
     config = _cfg(bits=3, nsamples=8, seqlen=32, affinity=True, hessian_prior=1.0)
     free = _quantize_digest(tmp_path / "all", src, config)
     monkeypatch.setenv("MOECOMPRESS_WORKSPACE", "1")  # one unit per chunk
-    monkeypatch.setattr(q, "GPTQ_BUDGET", 1)  # one expert per unit
+    monkeypatch.setattr("moecompress.passes.units.GPTQ_BUDGET", 1)  # one expert per unit
     tight = _quantize_digest(tmp_path / "one", src, config)
     assert tight == free
 

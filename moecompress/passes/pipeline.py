@@ -158,6 +158,7 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
     from . import quantize as qpass
     from .outputs import finish_run, layer_record
     from .shared import shared_experts
+    from .units import layer_units, split_units
 
     t_start = time.time()
     writer = PackedWriter(out, resume=resume, fingerprints=fingerprints) if dist.main else None
@@ -217,7 +218,7 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
             own = None
             if i in reader.moe_layers:  # expert-parallel ranks read only the experts they quantize
                 layer_specs = {e: specs[(i, e)] for e in range(reader.layer_num_experts(i))}
-                mine = qpass.split_units(qpass.layer_units(layer_specs, reader.expert_shapes(i)), layer_specs, dist)
+                mine = split_units(layer_units(layer_specs, reader.expert_shapes(i)), layer_specs, dist)
                 own = None if mine is None else {e for u in mine for e in u}
                 if fp_on:  # the unquantized layer's outputs (the next layer's unquantized stream) need every expert
                     own = None

@@ -67,7 +67,7 @@ def predict(reader, config, device) -> RunPrediction:
             if config.method != "rtn":
                 E = reader.layer_num_experts(i)
                 for K in {reader.expert_shapes(i)["gate"][1], reader.expert_shapes(i)["down"][1]}:
-                    per = (2 + per_expert) * K * K * F32  # as passes.quantize.memory_chunks plans it
+                    per = (2 + per_expert) * K * K * F32  # as passes.units.memory_chunks plans it
                     n_chunk = max(1, min(E, budget // per))
                     hess = max(hess, n_chunk * per_expert * K * K * F32)
         else:

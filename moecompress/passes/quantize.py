@@ -1,15 +1,13 @@
-"""The quantize pass: calibrate and quantize a checkpoint one decoder layer at a time.
+"""The quantize pass over one MoE layer's experts, from the layer's MoE cache (passes/moe_cache.py).
 
-For each decoder layer (sequentially: layer i+1 sees layer i's quantized output):
-  1. run the calibration activations through the layer, collecting each expert's input Hessian and
-     routing statistics (tokens routed, summed gate weight);
-  2. quantize gate and up of every expert (batched GPTQ over experts that share a spec), put the
-     dequantized weights back;
-  3. run again to collect Hessians of the down projection's inputs, which now come from the quantized
-     gate/up (true-sequential), and quantize down;
-  4. run the quantized layer to produce the next layer's inputs; write the layer's shard.
-Experts with fewer than `min_tokens` routed tokens fall back to round-to-nearest (an identity Hessian);
-they are listed in a warning and in the manifest.
+  1. gate and up of every expert: Hessians of the cached expert inputs, batched GPTQ over units of experts
+     that share a spec (passes/units.py), in memory chunks that fit the working budget; the dequantized
+     weights go back into the layer;
+  2. down: Hessians of its inputs recomputed per expert from the cache through the already quantized
+     gate/up (true-sequential), then GPTQ the same way.
+With --fp-target each projection is aimed at the unquantized model's output (quant/target.py). Experts with
+fewer than `min_tokens` routed tokens fall back to round-to-nearest (an identity Hessian); they are listed
+in a warning and in the manifest.
 """
 from __future__ import annotations
 
@@ -26,6 +24,7 @@ from ..quant.grids import int_grid
 from ..quant.target import move_target
 from .calibrate import PRIOR_TOKENS, HessianCollector, all_token_scale, routing_stats, score_sums
 from .encoder import LayerEncoder, _Sizer
+from .units import gptq_units, memory_chunks, split_units
 
 log = logging.getLogger("moecompress")
 
@@ -58,15 +57,6 @@ def grid_for(spec: QuantSpec):
     from ..quant.ternary import TernaryGrid
     return TernaryGrid(threshold=float(spec.option("threshold", DEFAULT_THRESHOLD)),
                        fit_method=spec.option("fit", "minmax"))
-
-
-GPTQ_BUDGET = 256 << 20  # working memory of one batched GPTQ call
-
-
-def _unit_size(N: int, K: int) -> int:
-    """Experts per batched GPTQ call of (N, K) weights: as many as fit GPTQ_BUDGET with their working set
-    (~6 (N, K) float copies plus the Hessian, its factor and a copy), at least one."""
-    return max(1, GPTQ_BUDGET // (6 * N * K * 4 + 3 * K * K * 4))
 
 
 def _stack_float(parts: list[list[torch.Tensor]]) -> torch.Tensor:
@@ -142,53 +132,6 @@ def sweeps_apply(K: int) -> bool:
     GPTQ factors in place to save memory (quant/gptq.INPLACE_BYTES: K >= 4096) the sweeps are skipped, logged
     and recorded (LayerRecord.sweeps_skipped). By shape alone, so every device and rank does the same."""
     return K * K * 4 < INPLACE_BYTES
-
-
-def gptq_units(specs: dict, rows: dict[str, int], K: dict[str, int]) -> list[list[int]]:
-    """The fixed batches of experts that GPTQ quantizes together, from specs and shapes alone: experts
-    of one spec in index order, cut so one batch's working set fits GPTQ_BUDGET in both stages (gate/up:
-    rows 2I, width H; down: rows H, width I). Memory chunks and ranks take whole units, so neither the
-    machine's free memory nor the number of processes changes which experts share a GPTQ call."""
-    by_spec: dict[QuantSpec, list[int]] = {}
-    for e in sorted(specs):
-        by_spec.setdefault(specs[e], []).append(e)
-    units = []
-    for members in by_spec.values():
-        n = min(_unit_size(rows["gate"] + rows["up"], K["gate"]), _unit_size(rows["down"], K["down"]))
-        units += [members[i:i + n] for i in range(0, len(members), n)]
-    return units
-
-
-def split_units(units: list[list[int]], specs: dict, dist) -> list[list[int]] | None:
-    """This rank's GPTQ units when a layer's experts are split across ranks (integer codecs under several
-    ranks), else None (every rank quantizes every expert: one process, or ternary/sub1 experts, whose
-    dictionary is fitted to the whole layer's codes)."""
-    if dist is None or not dist.active or not all(s.codec == "int" for s in specs.values()):
-        return None
-    return [units[j] for j in dist.mine(len(units))]
-
-
-def layer_units(specs: dict, shapes: dict[str, tuple[int, int]]) -> list[list[int]]:
-    """`gptq_units` of a layer from its experts' specs and (out, in) projection shapes."""
-    return gptq_units(specs, {p: s[0] for p, s in shapes.items()}, {p: s[1] for p, s in shapes.items()})
-
-
-def memory_chunks(units: list[list[int]], K: int, budget: int, cross: bool = False) -> list[list[list[int]]]:
-    """Consecutive units whose Hessians (plus GPTQ's working copies, ~3x; with cross, --fp-target's cross terms
-    too, 4x) fit in `budget` bytes; at least one unit per chunk, so a budget smaller than one unit streams one
-    unit at a time."""
-    per = (4 if cross else 3) * K * K * 4
-    chunks, cur, used = [], [], 0
-    for u in units:
-        need = per * len(u)
-        if cur and used + need > budget:
-            chunks.append(cur)
-            cur, used = [], 0
-        cur.append(u)
-        used += need
-    if cur:
-        chunks.append(cur)
-    return chunks
 
 
 def layer_rotation(specs: dict, layer_idx: int, seed: int, shapes: dict[str, tuple[int, int]]) -> dict | None:
