@@ -96,9 +96,11 @@ def test_gptq_inplace_matches_torch_path(monkeypatch, act_order, ternary):
     assert torch.equal(H, H0)  # a plain tensor is left untouched
     assert got.codes.dtype == torch.int32
     assert ((got.codes != ref.codes).float().mean()) < 2e-3  # another LAPACK: a rare code flips at a tie
-    assert torch.allclose(got.loss, ref.loss, rtol=1e-4, atol=0)
+    # a flipped ternary code moves the loss by up to ~5e-4 (scipy 1.17's LAPACK: 2 of 32,768 codes, 5.2e-4)
+    assert torch.allclose(got.loss, ref.loss, rtol=2e-3, atol=0)
     assert torch.equal(got.scale, ref.scale) if act_order else torch.allclose(got.scale, ref.scale, rtol=1e-3)
-    assert float((got.deq - ref.deq).abs().mean()) < 1e-4 * float(ref.deq.abs().mean())
+    # as for the codes: a flip at a tie (ternary: the row's levels follow it) moves deq by 3e-4 of its mean there
+    assert float((got.deq - ref.deq).abs().mean()) < 2e-3 * float(ref.deq.abs().mean())
 
 
 def test_large_inverse_cholesky_peak_memory():
