@@ -135,6 +135,7 @@ def _classes():
                 if isinstance(m, MoEExperts):
                     m._sync()
                     _check_loaded(m)
+            cast_renamed_params(model)
             keep_rotary_float32(model)
             model.moecompress_manifest = self.manifest
             model._weight_conversions = []  # the packed names are ours: nothing to revert on save
@@ -189,6 +190,24 @@ def packed_state_dict(model) -> dict:
     sd.update(guard_tensors(getattr(model, "moecompress_manifest", {}).get("tensors", [])))
     return {k: t.contiguous().clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
             for k, t in sd.items()}
+
+
+def cast_renamed_params(model) -> None:
+    """Dense parameters left in their stored dtype: transformers before 5.23 loads a pre-quantized checkpoint's
+    *renamed* keys (Mixtral's `block_sparse_moe.gate` -> `mlp.gate`) as stored, so a bf16 router met float32
+    hidden states. Each such floating parameter is cast to the dtype the embeddings were loaded in, except
+    modules the model keeps in float32 (`_keep_in_fp32_modules`); packed tensors are buffers and untouched.
+    A no-op where transformers cast them already."""
+    emb = model.get_input_embeddings()
+    want = getattr(getattr(emb, "weight", None), "dtype", None)
+    if want is None or not want.is_floating_point:
+        return
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ()) + tuple(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.dtype != want and p.device.type != "meta" and not any(
+                f".{k}." in f".{name}." for k in keep):
+            p.data = p.data.to(want)
 
 
 def keep_rotary_float32(model) -> None:

@@ -108,6 +108,24 @@ def test_cast_leaves_packed_tensors_bit_identical(q4):
     assert (a - b).abs().max().item() <= 1e-5
 
 
+def test_renamed_params_left_in_their_stored_dtype_are_cast(q4):
+    """transformers before 5.23 (the lent GPU image has 5.17) loads a pre-quantized checkpoint's renamed keys as
+    stored: Mixtral's router came back bf16 beside float32 hidden states and the first forward failed. The
+    loader casts such parameters to the embeddings' dtype; packed tensors stay as stored."""
+    from moecompress.hf_quantizer import cast_renamed_params
+    m = moecompress.load(q4)
+    with torch.no_grad():
+        ref = m(X).logits
+    gate = m.model.layers[0].mlp.gate
+    gate.weight.data = gate.weight.data.to(torch.bfloat16)  # what transformers 5.17 leaves
+    packed = {k: t.clone() for k, t in _packed(m).items()}
+    cast_renamed_params(m)
+    assert gate.weight.dtype == torch.float32
+    assert all(torch.equal(t, packed[k]) and t.dtype == packed[k].dtype for k, t in _packed(m).items())
+    with torch.no_grad():  # the stored router is bf16: the round trip through bf16 loses nothing
+        assert torch.equal(m(X).logits, ref)
+
+
 def test_device_argument_forms_pick_the_same_dtype(q4):
     assert moecompress.load(q4, device=torch.device("cpu")).dtype == moecompress.load(q4, device="cpu").dtype == torch.float32
 
