@@ -245,8 +245,7 @@ def quantize_checkpoint(reader, out: str, config, specs: dict, windows: torch.Te
                     router_w, router_rec = quantize_router(
                         layer, cache, arch, config.router_bits,
                         resolve_group_size(config.group_size, [reader.expert_shapes(i)["gate"][1]]), gcfg)
-                    if cache is not fp_cache:
-                        del cache
+                    del cache  # (fp_cache, when it is the same cache, keeps it for attach_fp)
                     cache = runner.capture(layer, i, acts, shared_paths, scores=scores)
                 if fp_cache is not None:
                     cache.attach_fp(fp_cache)
