@@ -133,7 +133,8 @@ def add_quantize_args(q) -> None:
                         "own weights on the already-quantized inputs: the target moves by A (0-1) times the "
                         "least-squares correction for the input error. Costs one more forward of each layer and a "
                         "second (K, K) matrix per expert (default auto: 1 for experts of 2 bits or fewer with at least 8 calibration tokens per expert "
-                        "input on average, else 0)")
+                        "input on average, else 0). It fits the calibration text: pass 0 when that text is narrower "
+                        "than what the model will run")
     q.add_argument("--min-tokens", type=int, default=Q.min_tokens,
                    help=f"experts with fewer routed calibration tokens fall back to round-to-nearest, or with "
                         f"--hessian-prior to GPTQ on their few tokens plus the prior (default {Q.min_tokens})")
