@@ -82,7 +82,6 @@ def main() -> None:
         for i, m, q, o in layers:
             for (e, p) in q:
                 m.set_dense(e, p, q[(e, p)] if pick(i, p) else o[(e, p)])
-            m._prepared = None
         with torch.no_grad():
             return {n: perplexity(model, x, 256, 8)["perplexity"] for n, x in ids.items()}
 
